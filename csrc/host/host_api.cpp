@@ -1,0 +1,42 @@
+// C entry points to the host-compiled kernels (CMake target tfk_host), for
+// tests that call them through ctypes on CPU tensors' data_ptr().
+// Return 0 on success, nonzero on error; tfk_host_last_error() says why.
+#include <cstdint>
+#include <exception>
+#include <string>
+
+#include "merge/merge_lse.h"
+
+namespace {
+
+thread_local std::string g_last_error;
+
+int fail(int code, const char* what) {
+  g_last_error = what;
+  return code;
+}
+
+template <typename F>
+int guarded(F&& body) {
+  try {
+    body();
+  } catch (const std::exception& e) {
+    return fail(3, e.what());
+  }
+  g_last_error.clear();
+  return 0;
+}
+
+}  // namespace
+
+#define TFK_HOST_EXPORT extern "C" __attribute__((visibility("default")))
+
+TFK_HOST_EXPORT const char* tfk_host_last_error() { return g_last_error.c_str(); }
+
+TFK_HOST_EXPORT int tfk_host_merge_lse(float* out_acc, float* lse_acc, const float* out_i,
+                                       const float* lse_i, int64_t rows, int64_t dim) {
+  if (rows < 0 || dim < 0) return fail(1, "tfk_host_merge_lse: negative rows or dim");
+  if (rows > 0 && (!lse_acc || !lse_i || (dim > 0 && (!out_acc || !out_i))))
+    return fail(2, "tfk_host_merge_lse: null pointer");
+  return guarded([&] { tfk::merge_lse_launch(out_acc, lse_acc, out_i, lse_i, rows, dim, nullptr); });
+}

@@ -1,0 +1,29 @@
+"""Shared test set-up: NaN-poisoned outputs, the long tier, helpers."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tfk import backends  # noqa: E402
+
+LONG = os.environ.get("TFK_LONG_TESTS") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    # Every backend output starts as NaN: an unwritten element fails.
+    monkeypatch.setattr(backends, "POISON_OUTPUTS", True)
+
+
+def pytest_collection_modifyitems(config, items):
+    # The long tier is deselected, not skipped, unless TFK_LONG_TESTS=1.
+    if LONG:
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("slow") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -1,0 +1,89 @@
+"""Inputs, the float64 oracle and torch's same-dtype baseline for tests."""
+import torch
+
+import tfk
+from tfk.ops.attention import attention_reference, torch_sdpa
+from tolerances import assert_close
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def make_qkv(B, H, Hkv, Lq, Lk, D, Dv=None, seed=0):
+    """float64 leaves q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), and dout."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    return r(B, H, Lq, D), r(B, Hkv, Lk, D), r(B, Hkv, Lk, Dv or D), r(B, H, Lq, Dv or D)
+
+
+def forward_backward(fn, q, k, v, dout, dtype):
+    """Run fn on leaves cast to dtype; returns out, lse (or None) and grads."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    res = fn(*leaves)
+    out, lse = res if isinstance(res, tuple) else (res, None)
+    out.backward(dout.to(dtype))
+    return out.detach(), None if lse is None else lse.detach(), [t.grad for t in leaves]
+
+
+def check_against_reference(tfk_fn, q, k, v, dout, dtype, allowed=None, bias=None, scale=None):
+    """Compare tfk_fn (taking q, k, v in dtype) with the float64 reference, at a
+    tolerance set by torch SDPA's own error in dtype. ``allowed`` (bool) and
+    ``bias`` (float) broadcast to (B, H, Lq, Lk)."""
+    ref = lambda q_, k_, v_: attention_reference(q_, k_, v_, allowed, bias, scale)
+    r_out, r_lse, r_grads = forward_backward(ref, q, k, v, dout, torch.float64)
+
+    mask = allowed
+    if bias is not None:
+        mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+    gqa = q.shape[1] != k.shape[1]
+    t_fn = lambda q_, k_, v_: torch_sdpa(q_, k_, v_, attn_mask=None if mask is None else mask.to(
+        q_.dtype if mask.is_floating_point() else torch.bool), scale=scale, enable_gqa=gqa)
+    t_out, _, t_grads = forward_backward(t_fn, q, k, v, dout, dtype)
+    t_lse = None
+    if dtype != torch.float64:
+        # torch exposes no lse: its error is that of a same-dtype reference
+        _, t_lse, _ = forward_backward(lambda *a: attention_reference(*(x.float() for x in a), allowed, bias,
+                                                                        scale), q.to(dtype), k.to(dtype),
+                                       v.to(dtype), dout, torch.float32)
+
+    out, lse, grads = forward_backward(tfk_fn, q, k, v, dout, dtype)
+    assert out.dtype == dtype
+    assert_close("out", out, r_out, t_out, dtype)
+    if lse is not None:
+        assert_close("lse", lse, r_lse, t_lse, dtype)
+    for name, g, rg, tg in zip(("dq", "dk", "dv"), grads, r_grads, t_grads):
+        assert g is not None, f"{name}: no gradient"
+        assert_close(name, g, rg, tg, dtype)
+
+
+def pattern_mask(pattern, Lq, Lk):
+    """The pattern's dense mask, broadcastable to (B, H, Lq, Lk)."""
+    if pattern is None:
+        return None
+    m = pattern.dense_mask(Lq, Lk)
+    return m.unsqueeze(0) if m.dim() == 3 else m
+
+
+def patterns_for_tests(H, Lq, Lk):
+    """Every pattern kind, compositions included, keyed by a readable id."""
+    P = tfk.patterns
+    g = torch.Generator().manual_seed(7)
+    per_head = torch.rand(H, -(-Lq // 40), -(-Lk // 40), generator=g) < 0.4
+    return {
+        "dense": None,
+        "causal": P.causal(),
+        "causal_bottom_right": P.causal(bottom_right=True),
+        "window": P.sliding_window(37, 5),
+        "window_dilated": P.sliding_window(60, 10, dilation=3),
+        "global_first3": P.global_tokens(3),
+        "longformer": P.sliding_window(20, 20) | P.global_tokens(torch.tensor([0, 50, 96, 500])),
+        "dilated_global": P.sliding_window(40, 0, dilation=2) | P.global_tokens(2),
+        "strided": P.strided(16),
+        "fixed": P.fixed(32, 5),
+        "bigbird": P.bigbird(32, 3, 1, 2, seed=3),
+        "block_layout_per_head": P.block_layout(per_head, 40),
+        "strided_or_global": P.strided(9) | P.global_tokens(4),
+        "causal_and_window": P.causal() & P.sliding_window(50, 50),
+    }
+
+
+PATTERN_IDS = list(patterns_for_tests(1, 1, 1))

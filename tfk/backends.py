@@ -1,0 +1,104 @@
+"""Backend registry.
+
+Each backend declares what it supports through ``reasons(call)``: the list of
+reasons it cannot run a call, empty when it can. ``backend="auto"`` takes the
+highest-priority backend with no reasons (the environment variable
+``TFK_BACKEND`` replaces "auto" with a name); a named backend that cannot run
+raises with every reason.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .patterns import Pattern
+
+
+@dataclass
+class AttentionCall:
+    """A validated attention call in canonical form.
+
+    q: (B, H, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv) with H % Hkv == 0.
+    attn_mask: None, or bool/float broadcastable to (B, H, Lq, Lk).
+    """
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pattern: Pattern | None
+    attn_mask: torch.Tensor | None
+    scale: float
+    dropout_p: float
+    return_lse: bool
+
+
+class Backend:
+    name = "?"
+    priority = 0          # higher wins under "auto"
+    auto = True           # False: only runs when named
+
+    def reasons(self, call: AttentionCall) -> list[str]:
+        """Why this backend cannot run ``call``; empty when it can."""
+        raise NotImplementedError
+
+    def run(self, call: AttentionCall):
+        """Returns (out, lse): out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32
+        (float64 for float64 inputs), natural log."""
+        raise NotImplementedError
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+# Tests set this: outputs start as NaN, so an element a backend forgets to
+# write fails the comparison instead of passing as 0.
+POISON_OUTPUTS = os.environ.get("TFK_POISON_OUTPUTS") == "1"
+
+
+def new_output(shape, dtype, device):
+    """An output buffer every element of which the backend must write."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def register_backend(backend: Backend):
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names():
+    return sorted(_BACKENDS, key=lambda n: -_BACKENDS[n].priority)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {backend_names()}, got {name!r}")
+    return _BACKENDS[name]
+
+
+class BackendUnavailable(RuntimeError):
+    """A named backend cannot run this call; the message lists every reason."""
+
+
+def select_backend(name: str, call: AttentionCall) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name == "auto":
+        name = os.environ.get("TFK_BACKEND", "auto") or "auto"
+    if name != "auto":
+        backend = get_backend(name)
+        why = backend.reasons(call)
+        if why:
+            raise BackendUnavailable(f"backend {name!r} cannot run this call: " + "; ".join(why))
+        return backend
+    refused = []
+    for n in backend_names():
+        backend = _BACKENDS[n]
+        if not backend.auto:
+            continue
+        why = backend.reasons(call)
+        if not why:
+            return backend
+        refused.append(f"{n}: " + "; ".join(why))
+    raise BackendUnavailable("no backend can run this call: " + " | ".join(refused))

@@ -1,0 +1,196 @@
+"""Public attention entry points: validation, canonical form, dispatch."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from ...backends import AttentionCall, Backend, register_backend, select_backend
+from ...patterns import Pattern, causal
+from ... import dropout as drop
+from .reference import attention_reference
+
+# torch's own function, kept before anyone (tfk.patch_torch included) replaces it.
+torch_sdpa = F.scaled_dot_product_attention
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensors(q, k, v):
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"query must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("key", k), ("value", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected query's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, expected query's device {q.device}")
+
+
+def _check_shapes(q, k, v, gqa):
+    """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)."""
+    if q.shape[-1] == 0:
+        raise ValueError("query's head dim must be > 0")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"key's head dim {k.shape[-1]} does not match query's {q.shape[-1]}")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"value has {v.shape[-2]} positions, expected key's {k.shape[-2]}")
+    if q.shape[0] != k.shape[0] or v.shape[0] != k.shape[0]:
+        raise ValueError(f"batch sizes differ: query {q.shape[0]}, key {k.shape[0]}, value {v.shape[0]}")
+    H, Hkv = q.shape[1], k.shape[1]
+    if v.shape[1] != Hkv:
+        raise ValueError(f"value has {v.shape[1]} heads, expected key's {Hkv}")
+    if gqa:
+        if Hkv == 0 or H % Hkv:
+            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    elif H != Hkv:
+        raise ValueError(f"query has {H} heads and key {Hkv}: pass enable_gqa=True for grouped-query attention")
+
+
+def _check_common(scale, dropout_p, D):
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _run(call, backend, return_lse):
+    out, lse = select_backend(backend, call).run(call)
+    return (out, lse) if return_lse else out
+
+
+def attention(query, key, value, pattern=None, *, scale=None, dropout_p=0.0, backend="auto", return_lse=False):
+    """Attention under a pattern.
+
+    Args:
+        query: (B, H, Lq, D); key: (B, Hkv, Lk, D); value: (B, Hkv, Lk, Dv),
+            with H a multiple of Hkv (grouped-query attention).
+        pattern: a ``tfk.patterns`` pattern, or None for dense attention.
+        scale: defaults to 1/sqrt(D).
+        dropout_p: dropout on the attention probabilities, from a counter-based
+            RNG seeded by torch's generator.
+        backend: "auto", or a name from ``tfk.backend_names()``.
+        return_lse: also return lse (B, H, Lq), the natural log of each row's
+            softmax denominator (float32; float64 for float64 inputs).
+    Returns:
+        out (B, H, Lq, Dv), or (out, lse). A query that may attend to no key
+        gets out = 0 and lse = -inf.
+    """
+    _check_tensors(query, key, value)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got {t.dim()}-D of shape {tuple(t.shape)}")
+    _check_shapes(query, key, value, gqa=True)
+    if pattern is not None:
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a tfk.patterns pattern or None, got {type(pattern).__name__}")
+        if pattern.heads not in (None, 1, query.shape[1]):
+            raise ValueError(f"pattern has {pattern.heads} heads but query has {query.shape[1]}")
+        pattern.check_lengths(query.shape[2], key.shape[2])
+    scale = _check_common(scale, dropout_p, query.shape[-1])
+    call = AttentionCall(query, key, value, pattern, None, scale, float(dropout_p), bool(return_lse))
+    return _run(call, backend, return_lse)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, backend="auto"):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Shapes as torch's: query (N, ..., H, L, E), key (N, ..., Hkv, S, E),
+    value (N, ..., Hkv, S, Ev) -> (N, ..., H, L, Ev); 3-D inputs are (N, L, E).
+    ``attn_mask`` is bool (True = may attend) or float (added to the scores),
+    broadcastable to (N, ..., H, L, S). ``is_causal`` is top-left aligned
+    (key j for query i when j <= i) and excludes ``attn_mask``. A query with
+    no allowed key gets 0, as with torch. ``backend`` picks the
+    implementation ("auto" by default).
+    """
+    _check_tensors(query, key, value)
+    rank = query.dim()
+    if rank < 3 or key.dim() != rank or value.dim() != rank:
+        raise ValueError("query, key and value must have the same rank, at least 3: got "
+                         f"{query.dim()}, {key.dim()} and {value.dim()}")
+    batch = query.shape[:-3] if rank > 3 else query.shape[:1]
+    for name, t in (("key", key), ("value", value)):
+        if (t.shape[:-3] if rank > 3 else t.shape[:1]) != batch:
+            raise ValueError(f"{name} has batch dims {tuple(t.shape[:-3] if rank > 3 else t.shape[:1])}, "
+                             f"expected query's {tuple(batch)}")
+    to4 = lambda t: t.unsqueeze(1) if rank == 3 else t.reshape(math.prod(batch), *t.shape[-3:])
+    q, k, v = to4(query), to4(key), to4(value)
+    _check_shapes(q, k, v, gqa=bool(enable_gqa))
+    mask = None
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
+        mask = _canonical_mask(attn_mask, query, key, rank)
+    scale = _check_common(scale, dropout_p, q.shape[-1])
+    call = AttentionCall(q, k, v, causal() if is_causal else None, mask, scale, float(dropout_p), False)
+    out = _run(call, backend, False)
+    return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def _canonical_mask(attn_mask, query, key, rank):
+    """attn_mask as a 4-D tensor broadcastable to (B, H, L, S), without copying
+    where a view will do."""
+    if not torch.is_tensor(attn_mask):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, expected query's device {query.device}")
+    full = (*query.shape[:-1], key.shape[-2])
+    try:
+        torch.broadcast_shapes(attn_mask.shape, full)
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(..., L, S) = {full}") from None
+    if attn_mask.dim() > len(full):
+        raise ValueError(f"attn_mask has {attn_mask.dim()} dims, more than the {len(full)} of (..., L, S)")
+    m = attn_mask.reshape((1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape))
+    if rank == 3:
+        return m.unsqueeze(1)
+    lead = m.shape[:-3]
+    if all(s == 1 for s in lead):
+        return m.reshape(1, *m.shape[-3:])
+    return m.expand(*full[:-3], *m.shape[-3:]).reshape(math.prod(full[:-3]), *m.shape[-3:])
+
+
+class ReferenceBackend(Backend):
+    """Dense masked attention with torch autograd: simple and slow, O(Lq * Lk)
+    memory. Chosen by "auto" only when nothing else can run."""
+    name = "reference"
+    priority = 0
+
+    def reasons(self, call):
+        return []
+
+    def run(self, call: AttentionCall):
+        q, k, v = call.q, call.k, call.v
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        allowed = None
+        if call.pattern is not None:
+            allowed = call.pattern.dense_mask(Lq, Lk, device=q.device)
+            allowed = allowed.unsqueeze(0) if allowed.dim() == 3 else allowed
+        bias = None
+        if call.attn_mask is not None:
+            if call.attn_mask.dtype == torch.bool:
+                allowed = call.attn_mask if allowed is None else allowed & call.attn_mask
+            else:
+                bias = call.attn_mask
+        keep = None
+        if call.dropout_p > 0:
+            keep = drop.dense_keep_mask(drop.draw_seed(), B, H, Lq, Lk, call.dropout_p, device=q.device)
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out, lse = attention_reference(q.to(dtype), k.to(dtype), v.to(dtype), allowed, bias,
+                                       call.scale, call.dropout_p, keep)
+        return out.to(q.dtype), lse
+
+
+register_backend(ReferenceBackend())

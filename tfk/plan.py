@@ -1,0 +1,202 @@
+"""Execution plans: the one contract between the API and every backend.
+
+A plan is a list of sub-passes. Each sub-pass works in a token layout (the
+query and key positions it covers, in the order that makes its piece of the
+pattern dense in blocks) and carries a block schedule in the manner of
+FlexAttention's BlockMask: for every query block, the key blocks to visit,
+each marked full (no mask needed) or partial (with its tile mask). Sub-passes
+cover disjoint (query, key) pairs whose union is the pattern, so their
+results merge exactly by log-sum-exp.
+
+No backend visits a tile its plan does not list, and a plan lists only tiles
+that hold at least one allowed pair: work follows the pattern's density.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .patterns import DENSE, IDENTITY, Pattern, causal
+
+# Elements of mask evaluated at once while compiling a plan.
+_EVAL_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class SubPass:
+    """One block schedule over one token layout.
+
+    Shapes: ``Hp`` is 1, or the number of heads for a per-head pattern;
+    ``nqb = ceil(len(q_index) / block_q)``; ``nb`` is the largest number of key
+    blocks any query block visits.
+    """
+    q_index: torch.Tensor | None   # (Lq',) original query positions in layout order; None = all, in order
+    kv_index: torch.Tensor | None  # (Lk',) original key positions in layout order; None = all, in order
+    kv_count: torch.Tensor         # int32 (Hp, nqb): key blocks visited by each query block
+    kv_blocks: torch.Tensor        # int32 (Hp, nqb, nb): their indices, ascending; padding repeats the last
+    kv_partial: torch.Tensor       # int32 (Hp, nqb, nb): row of partial_masks, or -1 for a full tile
+    partial_masks: torch.Tensor    # bool (n_partial, block_q, block_k); False outside the sequence
+    lq: int                        # len(q_index)
+    lk: int                        # len(kv_index)
+
+    @property
+    def num_tiles(self):
+        """Tiles visited, summed over the schedule's heads."""
+        return int(self.kv_count.sum())
+
+    @property
+    def num_partial(self):
+        return int(self.partial_masks.shape[0])
+
+
+@dataclass(frozen=True)
+class Plan:
+    subpasses: tuple
+    lq: int
+    lk: int
+    block_q: int
+    block_k: int
+    heads: int          # Hp: 1, or the pattern's number of heads
+    dense: bool         # no pattern: every pair allowed
+    causal_top_left: bool  # exactly torch's is_causal
+
+    @property
+    def num_tiles(self):
+        return sum(s.num_tiles for s in self.subpasses)
+
+    @property
+    def dense_tiles(self):
+        return self.heads * math.ceil(self.lq / self.block_q) * math.ceil(self.lk / self.block_k)
+
+    @property
+    def tile_density(self):
+        return self.num_tiles / max(self.dense_tiles, 1)
+
+
+def _compile_region(region, heads, lq, lk, bq, bk, device):
+    q_index = region.q_layout.indices(lq, device)
+    kv_index = region.kv_layout.indices(lk, device)
+    lq2, lk2 = q_index.numel(), kv_index.numel()
+    if lq2 == 0 or lk2 == 0:
+        return None
+    nqb, nkb = math.ceil(lq2 / bq), math.ceil(lk2 / bk)
+    # Padding positions get -1 and are never allowed.
+    qpad = torch.full((nqb * bq,), -1, dtype=torch.int64, device=device)
+    qpad[:lq2] = q_index
+    kpad = torch.full((nkb * bk,), -1, dtype=torch.int64, device=device)
+    kpad[:lk2] = kv_index
+    hp = heads or 1
+    h = torch.arange(hp, device=device).view(-1, 1, 1) if heads else 0
+    kvalid = (kpad >= 0).view(1, 1, -1)
+    kpos32 = kpad.clamp(min=0).int().view(1, 1, -1)
+    # in-range pairs per tile: a tile is full when all of them are allowed
+    rows_in = (lq2 - torch.arange(nqb, device=device) * bq).clamp(max=bq)
+    cols_in = (lk2 - torch.arange(nkb, device=device) * bk).clamp(max=bk)
+    in_range = (rows_in.view(-1, 1) * cols_in.view(1, -1)).to(torch.int32)
+    rows_per_chunk = max(1, _EVAL_CHUNK // (hp * nkb * bk * bq))
+    anys, fulls, partial_rows = [], [], []
+    for c0 in range(0, nqb, rows_per_chunk):
+        c1 = min(nqb, c0 + rows_per_chunk)
+        i = qpad[c0 * bq:c1 * bq].view(1, -1, 1)
+        # int32 positions halve the memory traffic of evaluating the mask
+        m = region.mask(h, i.clamp(min=0).int(), kpos32, lq, lk)
+        m = (m & (i >= 0) & kvalid).expand(hp, -1, -1).reshape(hp, c1 - c0, bq, nkb, bk)
+        count = m.sum(dim=(2, 4), dtype=torch.int32)
+        anys.append(count > 0)
+        full = count == in_range[c0:c1]
+        fulls.append(full)
+        part = (count > 0) & ~full
+        # tile masks of partial tiles, in (head, qblock, kblock) order
+        partial_rows.append(m.permute(0, 1, 3, 2, 4)[part])
+    any_ = torch.cat(anys, 1)
+    if not bool(any_.any()):
+        return None
+    full = torch.cat(fulls, 1) & any_
+    partial = any_ & ~full
+    partial_masks = torch.cat(partial_rows, 0)
+    kv_count = any_.sum(-1).to(torch.int32)
+    nb = int(kv_count.max())
+    # Ascending visited block ids first: sort key puts unvisited blocks last.
+    blk = torch.arange(nkb, device=device).expand(hp, nqb, nkb)
+    order = torch.argsort((~any_).to(torch.int64) * nkb + blk, dim=-1, stable=True)[..., :nb]
+    kv_blocks = blk.gather(-1, order)
+    # partial ids follow the (head, qblock, kblock) order of partial_masks
+    pid = torch.full(partial.shape, -1, dtype=torch.int64, device=device)
+    pid[partial] = torch.arange(int(partial.sum()), device=device)
+    kv_partial = pid.gather(-1, order)
+    # padding slots repeat the last visited block (loads stay in bounds) and are never used
+    slot = torch.arange(nb, device=device).view(1, 1, -1)
+    used = slot < kv_count.unsqueeze(-1)
+    last = kv_blocks.gather(-1, (kv_count.long() - 1).clamp(min=0).unsqueeze(-1))
+    kv_blocks = torch.where(used, kv_blocks, last)
+    kv_partial = torch.where(used, kv_partial, torch.full_like(kv_partial, -1))
+    natural_q = region.q_layout == IDENTITY
+    natural_k = region.kv_layout == IDENTITY
+    return SubPass(
+        q_index=None if natural_q else q_index,
+        kv_index=None if natural_k else kv_index,
+        kv_count=kv_count,
+        kv_blocks=kv_blocks.to(torch.int32),
+        kv_partial=kv_partial.to(torch.int32),
+        partial_masks=partial_masks,
+        lq=lq2,
+        lk=lk2,
+    )
+
+
+def compile_plan(pattern: Pattern | None, lq: int, lk: int, block_q: int, block_k: int, device="cpu") -> Plan:
+    """Compile ``pattern`` (None = dense) for these lengths and tile sizes.
+
+    Evaluates the pattern's mask tile by tile, O(lq * lk) once; plans are
+    cached by ``get_plan``.
+    """
+    device = torch.device(device)
+    pattern = DENSE if pattern is None else pattern
+    pattern.check_lengths(lq, lk)
+    subs = []
+    if lq > 0 and lk > 0:
+        for region in pattern.regions():
+            sp = _compile_region(region, pattern.heads, lq, lk, block_q, block_k, device)
+            if sp is not None:
+                subs.append(sp)
+    return Plan(tuple(subs), lq, lk, block_q, block_k, pattern.heads or 1,
+                dense=pattern == DENSE, causal_top_left=pattern == causal())
+
+
+class _PlanCache:
+    """Least-recently-used cache of plans keyed by (pattern, shapes, tiles, device)."""
+
+    def __init__(self, capacity=64):
+        self.capacity = capacity
+        self.entries = OrderedDict()
+
+    def get(self, pattern, lq, lk, block_q, block_k, device):
+        device = torch.device(device)
+        key = (None if pattern is None else pattern.key, lq, lk, block_q, block_k, str(device))
+        plan = self.entries.get(key)
+        if plan is None:
+            plan = compile_plan(pattern, lq, lk, block_q, block_k, device)
+            self.entries[key] = plan
+            if len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        return plan
+
+    def clear(self):
+        self.entries.clear()
+
+
+_CACHE = _PlanCache()
+
+
+def get_plan(pattern, lq, lk, block_q, block_k, device="cpu") -> Plan:
+    """The cached plan for these arguments (see ``compile_plan``)."""
+    return _CACHE.get(pattern, lq, lk, block_q, block_k, device)
+
+
+def clear_plan_cache():
+    _CACHE.clear()

@@ -1,0 +1,1 @@
+"""Triton kernels of tfk; installed as tfk.triton_kernels."""
