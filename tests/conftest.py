@@ -3,8 +3,14 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors.
+# It must be set before any @triton.jit function is defined (before tfk).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tfk import backends  # noqa: E402
 

@@ -15,7 +15,7 @@ LONG_SHAPES = {
     "1025_d64": (1, 2, 2, 1025, 1025, 64, 64),
     "gqa_300x257_d128": (2, 8, 2, 300, 257, 128, 128),
 }
-BACKENDS = ["torch", "reference"]
+BACKENDS = ["triton", "torch", "reference"]
 
 
 def _case(backend, pattern_id, shape, dtype):

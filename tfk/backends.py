@@ -36,11 +36,15 @@ class AttentionCall:
 class Backend:
     name = "?"
     priority = 0          # higher wins under "auto"
-    auto = True           # False: only runs when named
 
     def reasons(self, call: AttentionCall) -> list[str]:
         """Why this backend cannot run ``call``; empty when it can."""
         raise NotImplementedError
+
+    def auto_for(self, call: AttentionCall) -> bool:
+        """Whether "auto" may pick this backend for ``call`` (a backend that can
+        run it may still be the wrong default, e.g. an interpreter on CPU)."""
+        return True
 
     def run(self, call: AttentionCall):
         """Returns (out, lse): out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32
@@ -95,7 +99,7 @@ def select_backend(name: str, call: AttentionCall) -> Backend:
     refused = []
     for n in backend_names():
         backend = _BACKENDS[n]
-        if not backend.auto:
+        if not backend.auto_for(call):
             continue
         why = backend.reasons(call)
         if not why:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .patterns import DENSE, IDENTITY, Pattern, causal
+from .patterns import DENSE, IDENTITY, Pattern, Region
 
 # Elements of mask evaluated at once while compiling a plan.
 _EVAL_CHUNK = 1 << 24
@@ -30,14 +30,18 @@ class SubPass:
     """One block schedule over one token layout.
 
     Shapes: ``Hp`` is 1, or the number of heads for a per-head pattern;
-    ``nqb = ceil(len(q_index) / block_q)``; ``nb`` is the largest number of key
-    blocks any query block visits.
+    ``nqb = ceil(len(q_index) / block_q)``, ``nkb`` likewise; ``nb`` is the
+    largest number of key blocks any query block visits, ``nbq`` the largest
+    number of query blocks visiting a key block.
     """
     q_index: torch.Tensor | None   # (Lq',) original query positions in layout order; None = all, in order
     kv_index: torch.Tensor | None  # (Lk',) original key positions in layout order; None = all, in order
     kv_count: torch.Tensor         # int32 (Hp, nqb): key blocks visited by each query block
     kv_blocks: torch.Tensor        # int32 (Hp, nqb, nb): their indices, ascending; padding repeats the last
     kv_partial: torch.Tensor       # int32 (Hp, nqb, nb): row of partial_masks, or -1 for a full tile
+    q_count: torch.Tensor          # int32 (Hp, nkb): the transposed schedule, per key block
+    q_blocks: torch.Tensor         # int32 (Hp, nkb, nbq): the query blocks visiting it
+    q_partial: torch.Tensor        # int32 (Hp, nkb, nbq)
     partial_masks: torch.Tensor    # bool (n_partial, block_q, block_k); False outside the sequence
     lq: int                        # len(q_index)
     lk: int                        # len(kv_index)
@@ -60,8 +64,6 @@ class Plan:
     block_q: int
     block_k: int
     heads: int          # Hp: 1, or the pattern's number of heads
-    dense: bool         # no pattern: every pair allowed
-    causal_top_left: bool  # exactly torch's is_causal
 
     @property
     def num_tiles(self):
@@ -74,6 +76,25 @@ class Plan:
     @property
     def tile_density(self):
         return self.num_tiles / max(self.dense_tiles, 1)
+
+
+def _schedule(visit, pid):
+    """CSR-like schedule from a (Hp, rows, cols) bool ``visit``: per row, the
+    count, the visited column ids ascending (padding repeats the last, so loads
+    stay in bounds) and their partial-mask ids (-1: full tile or padding)."""
+    hp, rows, cols = visit.shape
+    count = visit.sum(-1).to(torch.int32)
+    nb = max(int(count.max()), 1)
+    col = torch.arange(cols, device=visit.device).expand(hp, rows, cols)
+    # visited columns first, ascending: the sort key puts unvisited ones last
+    order = torch.argsort((~visit).to(torch.int64) * cols + col, dim=-1, stable=True)[..., :nb]
+    blocks = col.gather(-1, order)
+    part = pid.gather(-1, order)
+    used = torch.arange(nb, device=visit.device).view(1, 1, -1) < count.unsqueeze(-1)
+    last = blocks.gather(-1, (count.long() - 1).clamp(min=0).unsqueeze(-1))
+    blocks = torch.where(used, blocks, last)
+    part = torch.where(used, part, torch.full_like(part, -1))
+    return count, blocks.to(torch.int32), part.to(torch.int32)
 
 
 def _compile_region(region, heads, lq, lk, bq, bk, device):
@@ -114,33 +135,25 @@ def _compile_region(region, heads, lq, lk, bq, bk, device):
     any_ = torch.cat(anys, 1)
     if not bool(any_.any()):
         return None
-    full = torch.cat(fulls, 1) & any_
-    partial = any_ & ~full
+    partial = any_ & ~torch.cat(fulls, 1)
     partial_masks = torch.cat(partial_rows, 0)
-    kv_count = any_.sum(-1).to(torch.int32)
-    nb = int(kv_count.max())
-    # Ascending visited block ids first: sort key puts unvisited blocks last.
-    blk = torch.arange(nkb, device=device).expand(hp, nqb, nkb)
-    order = torch.argsort((~any_).to(torch.int64) * nkb + blk, dim=-1, stable=True)[..., :nb]
-    kv_blocks = blk.gather(-1, order)
     # partial ids follow the (head, qblock, kblock) order of partial_masks
-    pid = torch.full(partial.shape, -1, dtype=torch.int64, device=device)
-    pid[partial] = torch.arange(int(partial.sum()), device=device)
-    kv_partial = pid.gather(-1, order)
-    # padding slots repeat the last visited block (loads stay in bounds) and are never used
-    slot = torch.arange(nb, device=device).view(1, 1, -1)
-    used = slot < kv_count.unsqueeze(-1)
-    last = kv_blocks.gather(-1, (kv_count.long() - 1).clamp(min=0).unsqueeze(-1))
-    kv_blocks = torch.where(used, kv_blocks, last)
-    kv_partial = torch.where(used, kv_partial, torch.full_like(kv_partial, -1))
+    pid = torch.full(partial.shape, -1, dtype=torch.int32, device=device)
+    pid[partial] = torch.arange(int(partial.sum()), dtype=torch.int32, device=device)
+    kv_count, kv_blocks, kv_partial = _schedule(any_, pid)
+    # the transposed schedule (per key block, the query blocks) serves dK/dV kernels
+    q_count, q_blocks, q_partial = _schedule(any_.transpose(1, 2), pid.transpose(1, 2))
     natural_q = region.q_layout == IDENTITY
     natural_k = region.kv_layout == IDENTITY
     return SubPass(
         q_index=None if natural_q else q_index,
         kv_index=None if natural_k else kv_index,
         kv_count=kv_count,
-        kv_blocks=kv_blocks.to(torch.int32),
-        kv_partial=kv_partial.to(torch.int32),
+        kv_blocks=kv_blocks,
+        kv_partial=kv_partial,
+        q_count=q_count,
+        q_blocks=q_blocks,
+        q_partial=q_partial,
         partial_masks=partial_masks,
         lq=lq2,
         lk=lk2,
@@ -150,20 +163,25 @@ def _compile_region(region, heads, lq, lk, bq, bk, device):
 def compile_plan(pattern: Pattern | None, lq: int, lk: int, block_q: int, block_k: int, device="cpu") -> Plan:
     """Compile ``pattern`` (None = dense) for these lengths and tile sizes.
 
-    Evaluates the pattern's mask tile by tile, O(lq * lk) once; plans are
-    cached by ``get_plan``.
+    Evaluates the pattern's mask tile by tile, O(lq * lk) once (twice for a
+    pattern with layouts); plans are cached by ``get_plan``.
     """
     device = torch.device(device)
     pattern = DENSE if pattern is None else pattern
     pattern.check_lengths(lq, lk)
-    subs = []
-    if lq > 0 and lk > 0:
-        for region in pattern.regions():
-            sp = _compile_region(region, pattern.heads, lq, lk, block_q, block_k, device)
-            if sp is not None:
-                subs.append(sp)
-    return Plan(tuple(subs), lq, lk, block_q, block_k, pattern.heads or 1,
-                dense=pattern == DENSE, causal_top_left=pattern == causal())
+
+    def build(regions):
+        subs = (_compile_region(r, pattern.heads, lq, lk, block_q, block_k, device) for r in regions)
+        return tuple(sp for sp in subs if sp is not None) if lq > 0 and lk > 0 else ()
+
+    subs = build(pattern.regions())
+    if len(subs) > 1 or any(sp.q_index is not None or sp.kv_index is not None for sp in subs):
+        # Layouts pay off at scale; on short sequences the whole pattern in
+        # natural order can need fewer tiles. Take whichever needs fewer.
+        plain = build([Region(IDENTITY, IDENTITY, pattern.mask)])
+        if sum(sp.num_tiles for sp in plain) < sum(sp.num_tiles for sp in subs):
+            subs = plain
+    return Plan(subs, lq, lk, block_q, block_k, pattern.heads or 1)
 
 
 class _PlanCache:

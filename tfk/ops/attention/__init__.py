@@ -1,4 +1,4 @@
-"""Attention: the public functions, the reference and the torch backend."""
+"""Attention: the public functions, the reference and the backends."""
 from .api import attention, scaled_dot_product_attention, torch_sdpa  # noqa: F401
 from .reference import attention_reference  # noqa: F401
-from . import torch_blocks  # noqa: F401  (registers backend "torch")
+from . import torch_blocks, triton_backend  # noqa: F401  (register backends "torch", "triton")

@@ -16,6 +16,9 @@ from .reference import attention_reference
 torch_sdpa = F.scaled_dot_product_attention
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Built once, outside any torch.compile trace (a pattern built while tracing
+# cannot be handed to the plan cache as a constant).
+_CAUSAL = causal()
 
 
 def _check_tensors(q, k, v):
@@ -130,7 +133,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
         mask = _canonical_mask(attn_mask, query, key, rank)
     scale = _check_common(scale, dropout_p, q.shape[-1])
-    call = AttentionCall(q, k, v, causal() if is_causal else None, mask, scale, float(dropout_p), False)
+    call = AttentionCall(q, k, v, _CAUSAL if is_causal else None, mask, scale, float(dropout_p), False)
     out = _run(call, backend, False)
     return out.reshape(*query.shape[:-1], value.shape[-1])
 
