@@ -1,0 +1,69 @@
+"""A real client: tiny Hugging Face models with random weights give the same
+logits and gradients through tfk ("triton" backend, in the interpreter
+without a GPU) as with torch's own attention."""
+import pytest
+import torch
+
+import tfk
+from tfk import backends
+
+transformers = pytest.importorskip("transformers")
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _mistral():
+    # GQA (4 query heads on 2 key/value heads) and a sliding window shorter than the sequence
+    config = transformers.MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=7,
+                                        max_position_embeddings=64)
+    return transformers.MistralForCausalLM(config)
+
+
+MODELS = {"gpt2": _gpt2, "mistral_gqa_window": _mistral}
+
+
+def _logits_and_grads(model, ids, mask):
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _spy(monkeypatch):
+    calls = []
+    backend = backends.get_backend("triton")
+    run = backend.run
+    monkeypatch.setattr(backend, "run", lambda call: calls.append(1) or run(call))
+    return calls
+
+
+@pytest.mark.parametrize("route", ["attn_implementation", "patch_torch"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_matches_torch_attention(name, route, monkeypatch):
+    torch.manual_seed(0)
+    model = MODELS[name]().float()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 101, (2, 21))
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    want_logits, want_grads = _logits_and_grads(model, ids, mask)
+
+    calls = _spy(monkeypatch)
+    if route == "patch_torch":
+        with tfk.patch_torch(backend="triton"):
+            got_logits, got_grads = _logits_and_grads(model, ids, mask)
+    else:
+        tfk.patch_torch().undo()  # registers "tfk" with transformers
+        monkeypatch.setenv("TFK_BACKEND", "triton")
+        model.set_attn_implementation("tfk")
+        got_logits, got_grads = _logits_and_grads(model, ids, mask)
+    assert len(calls) == 2, "each layer's attention ran through tfk's triton backend"
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
