@@ -5,7 +5,6 @@ host-compiled merge kernel against merge_partials; (c) ptxas reports;
 (d) the torch extension; (e) packaging of triton_kernels/ as tfk.triton_kernels.
 """
 import ctypes
-import importlib.util
 import json
 import os
 import shutil

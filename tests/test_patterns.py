@@ -1,5 +1,4 @@
 """Each pattern's dense_mask against its definition, written out by hand."""
-import math
 
 import pytest
 import torch

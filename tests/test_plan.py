@@ -1,6 +1,5 @@
 """Plans: every allowed pair covered exactly once, no tile without work, tile
 counts as the pattern needs them, and the engine visits exactly those tiles."""
-import math
 
 import pytest
 import torch

@@ -28,12 +28,21 @@ def draw_seed(generator=None):
     return int(torch.randint(0, 2**62, (), generator=generator))
 
 
+def seed_key(seed):
+    """The 32-bit hash key of a 64-bit seed (kernels take it precomputed)."""
+    return _mix32((seed & _M32) ^ _mix32(seed >> 32))
+
+
+def threshold(p):
+    """Bits below this are dropped: P(drop) = p."""
+    return int(p * 2**32)
+
+
 def keep(seed, counter, p):
     """Bool tensor: True where an element with this int64 ``counter`` is kept
     under dropout probability ``p``."""
-    key = _mix32((seed & _M32) ^ _mix32(seed >> 32))
-    bits = _mix32((counter & _M32) ^ _mix32((counter >> 32) ^ key))
-    return bits >= int(p * 2**32)
+    bits = _mix32((counter & _M32) ^ _mix32((counter >> 32) ^ seed_key(seed)))
+    return bits >= threshold(p)
 
 
 def counter(b, h, i, j, H, Lq, Lk):

@@ -17,11 +17,14 @@ File grammar: configs -> kernels -> host forward/backward.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
+
+from tfk import dropout as drop
+from tfk.backends import new_output
+from tfk.ops.attention.merge import merge_partials
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -287,14 +290,6 @@ def _attn_bwd_dkdv(
 # Host side
 # -----------------------------------------------------------------------------
 
-def _mix32(x):
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
-    return x ^ (x >> 16)
-
-
 # Tiles visited by the kernels (forward, dQ, dK/dV), counted in the kernels
 # themselves when COUNT_TILES is set: lets tests prove no tile outside the
 # plan is touched. Off by default (an atomic per tile).
@@ -314,8 +309,7 @@ class _Launch:
         assert (plan.block_q, plan.block_k) == (block_m, block_n), "plan compiled for other tiles"
         self.tiles = torch.zeros(3, dtype=torch.int32, device=q.device)
         # dropout: the hash key of tfk.dropout.keep, and its threshold
-        self.dropout = (_mix32((seed & 0xFFFFFFFF) ^ _mix32(seed >> 32)), int(dropout_p * 2**32),
-                        1.0 / (1.0 - dropout_p))
+        self.dropout = (drop.seed_key(seed), drop.threshold(dropout_p), 1.0 / (1.0 - dropout_p))
         # a user mask is read through broadcast strides: a stride of 0 repeats
         if mask is None:
             self.mask, self.mask_strides, mask_kind = q, (0, 0, 0, 0), 0
@@ -358,9 +352,6 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
     q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), contiguous;
     mask None, or bool/float broadcastable to (B, H, Lq, Lk).
     """
-    from tfk.backends import new_output
-    from tfk.ops.attention.merge import merge_partials
-
     a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed)
     shape = (a.B, a.H, a.Lq)
     out = lse = None

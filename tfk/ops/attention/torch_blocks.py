@@ -9,7 +9,6 @@ flash attention does.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
