@@ -8,6 +8,7 @@ raises with every reason.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -85,7 +86,29 @@ class BackendUnavailable(RuntimeError):
     """A named backend cannot run this call; the message lists every reason."""
 
 
+_RECORDERS: list = []
+
+
+@contextlib.contextmanager
+def record_choices():
+    """Collects, in a list, the name of the backend each call inside the
+    block runs on (for reports and debugging)."""
+    names = []
+    _RECORDERS.append(names)
+    try:
+        yield names
+    finally:
+        _RECORDERS.remove(names)
+
+
 def select_backend(name: str, call: AttentionCall) -> Backend:
+    backend = _select(name, call)
+    for names in _RECORDERS:
+        names.append(backend.name)
+    return backend
+
+
+def _select(name: str, call: AttentionCall) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name == "auto":

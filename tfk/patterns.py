@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from dataclasses import dataclass
 from typing import Callable
 
@@ -503,13 +504,13 @@ class BigBird(BlockPattern):
         g = self.global_blocks
         fixed_part = fixed_part | (qb < g) | (kb < g)
         layout = fixed_part.clone()
-        gen = torch.Generator().manual_seed(self.seed)
-        for row in range(nq):
+        # Python's RNG, not torch's: the layout may first be built inside a
+        # traced or vmapped mask function, where torch's random ops are refused.
+        rng = random.Random(self.seed)
+        for row in range(g, nq):
             # random key blocks among those the window and globals leave out
-            free = (~fixed_part[row]).nonzero().flatten()
-            if free.numel() and not row < g:
-                pick = free[torch.randperm(free.numel(), generator=gen)[: self.random_blocks]]
-                layout[row, pick] = True
+            free = (~fixed_part[row]).nonzero().flatten().tolist()
+            layout[row, rng.sample(free, min(self.random_blocks, len(free)))] = True
         return layout.unsqueeze(0)
 
     @property

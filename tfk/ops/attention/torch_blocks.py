@@ -21,7 +21,7 @@ from .merge import merge_partials
 BLOCK_Q = 64
 BLOCK_K = 64
 # Scores per chunk (B * H * rows * keys); bounds the working set.
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 22
 
 # Tiles processed by the last forward and backward (schedule tiles, as the
 # plan counts them): lets tests check that no tile outside the plan is touched.

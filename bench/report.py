@@ -1,0 +1,356 @@
+"""The project's report: every op tfk ships, on the hardware present.
+
+    python -m bench.report [--only NAME ...] [--backend NAME] [--repeat N] [--json PATH]
+
+For each op (the SDPA drop-in: dense, causal, bool mask, float mask, GQA,
+3-D input, dropout; ``tfk.attention`` with each pattern kind, a union, an
+intersection, a per-head block layout, GQA, dropout), at a moderate size with
+awkward lengths (197, 263, 1025; head dims 40 and 80), it prints the backend
+``backend="auto"`` chooses, the error of out, dq, dk and dv against the
+float64 reference (for dropout: the reference given the keep mask the call
+drew), and the time of the forward and of forward+backward.
+
+Errors are relative: max |tfk - ref| / max |ref|, per tensor. The tolerance
+is 1e-4 for float32; for float16/bfloat16 (GPU only) it is twice the error
+of the same reference computed in that dtype plus a floor. Exit code 1 when
+any error exceeds its tolerance (or anything fails), so the report is also a
+check. CUDA tensors when a GPU is present (float16, bfloat16, float32), CPU
+float32 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import tfk
+from tfk import dropout as drop
+from tfk import patterns as P
+from tfk.ops.attention import attention_reference
+
+# Relative tolerance per dtype: fp32 is absolute-relative; fp16/bf16 add this
+# floor to 2x the error of the reference computed in that dtype.
+TOL_FP32 = 1e-4
+FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DROPOUT_SEED = 20240611
+
+
+@dataclass(frozen=True)
+class Op:
+    """One shipped op at one size.
+
+    kind "sdpa": ``tfk.scaled_dot_product_attention``; ``mask`` is None, "bool"
+    (per batch, broadcast over heads, with two empty rows) or "float" (per
+    head: an ALiBi-like bias with some -inf). kind "attention":
+    ``tfk.attention`` with ``pattern()``. ``rank3``: (N, L, E) inputs.
+    """
+    name: str
+    kind: str
+    B: int
+    H: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    pattern: Callable | None = field(default=None, compare=False)
+    mask: str | None = None
+    is_causal: bool = False
+    dropout_p: float = 0.0
+    rank3: bool = False
+
+    def describe(self):
+        if self.kind == "sdpa":
+            bits = [f"mask={self.mask}"] if self.mask else []
+            bits += ["is_causal"] if self.is_causal else []
+            bits += [f"enable_gqa ({self.H}/{self.Hkv})"] if self.H != self.Hkv else []
+            bits += [f"dropout_p={self.dropout_p}"] if self.dropout_p else []
+            bits += ["3-D (N, L, E)"] if self.rank3 else []
+            return "sdpa(" + ", ".join(bits) + ")"
+        p = self.pattern()
+        extra = f", dropout_p={self.dropout_p}" if self.dropout_p else ""
+        gqa = f", GQA {self.H}/{self.Hkv}" if self.H != self.Hkv else ""
+        return f"attention({p!r}{gqa}{extra})"
+
+
+def _per_head_layout():
+    g = torch.Generator().manual_seed(7)
+    nb = math.ceil(1025 / 64)
+    layout = torch.rand(4, nb, nb, generator=g) < 0.3
+    layout |= torch.eye(nb, dtype=torch.bool)  # no empty rows
+    return P.block_layout(layout, 64)
+
+
+OPS = [
+    Op("sdpa_dense", "sdpa", 2, 3, 3, 197, 197, 80),
+    Op("sdpa_causal", "sdpa", 1, 4, 4, 1025, 1025, 40, is_causal=True),
+    Op("sdpa_causal_lq<lk", "sdpa", 1, 4, 4, 197, 1025, 40, is_causal=True),
+    Op("sdpa_bool_mask", "sdpa", 2, 3, 3, 197, 263, 80, mask="bool"),
+    Op("sdpa_float_mask", "sdpa", 2, 3, 3, 197, 263, 80, mask="float"),
+    Op("sdpa_gqa", "sdpa", 1, 8, 2, 1025, 1025, 40),
+    Op("sdpa_3d", "sdpa", 4, 1, 1, 197, 263, 80, rank3=True),
+    Op("sdpa_dropout", "sdpa", 2, 3, 3, 197, 263, 80, dropout_p=0.1),
+    Op("causal_bottom_right", "attention", 1, 4, 4, 197, 1025, 80, pattern=lambda: P.causal(bottom_right=True)),
+    Op("sliding_window", "attention", 1, 4, 4, 1025, 1025, 80, pattern=lambda: P.sliding_window(128)),
+    Op("dilated_window", "attention", 1, 4, 4, 1025, 1025, 40, pattern=lambda: P.sliding_window(96, 96, dilation=3)),
+    Op("global_tokens_n", "attention", 1, 4, 4, 1025, 1025, 40, pattern=lambda: P.global_tokens(7)),
+    Op("global_tokens_idx", "attention", 1, 4, 4, 1025, 1025, 40,
+       pattern=lambda: P.global_tokens(torch.tensor([0, 333, 700, 1024]))),
+    Op("strided", "attention", 1, 4, 4, 1025, 1025, 80, pattern=lambda: P.strided(32)),
+    Op("fixed", "attention", 1, 4, 4, 1025, 1025, 80, pattern=lambda: P.fixed(64, 8)),
+    Op("bigbird", "attention", 1, 4, 4, 1025, 1025, 80, pattern=lambda: P.bigbird(64, 3, 1, 2, seed=3)),
+    Op("block_layout_per_head", "attention", 1, 4, 4, 1025, 1025, 40, pattern=_per_head_layout),
+    Op("union_window|global", "attention", 1, 4, 4, 1025, 1025, 80,
+       pattern=lambda: P.sliding_window(64, 64) | P.global_tokens(torch.tensor([0, 512, 1000]))),
+    Op("intersect_strided&window", "attention", 1, 4, 4, 1025, 1025, 40,
+       pattern=lambda: P.strided(16) & P.sliding_window(300)),
+    Op("gqa_window", "attention", 1, 8, 2, 1025, 1025, 40, pattern=lambda: P.sliding_window(100, 100)),
+    Op("window_dropout", "attention", 1, 4, 4, 1025, 1025, 40, pattern=lambda: P.sliding_window(64),
+       dropout_p=0.1),
+]
+
+
+# ---------------------------------------------------------------------------
+# Building a case: inputs, the tfk call, the reference
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    inputs: tuple            # q, k, v in the op's dtype (the shapes the call takes)
+    dout: torch.Tensor
+    call: Callable           # call(q, k, v, backend) -> out
+    reference: Callable      # reference(q, k, v) -> out, in the inputs' dtype
+
+
+def _seed_of(name):
+    return sum(ord(c) * 31 ** i for i, c in enumerate(name)) % (2**31)
+
+
+def build_case(op: Op, device, dtype) -> Case:
+    g = torch.Generator().manual_seed(_seed_of(op.name))
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    B, H, Hkv, Lq, Lk, D = op.B, op.H, op.Hkv, op.Lq, op.Lk, op.D
+    if op.rank3:
+        shapes = [(B, Lq, D), (B, Lk, D), (B, Lk, D), (B, Lq, D)]
+    else:
+        shapes = [(B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), (B, H, Lq, D)]
+    q, k, v, dout = (rn(*s).to(device=device, dtype=dtype) for s in shapes)
+
+    allowed = bias = None   # for the reference, (B or 1, H or 1, Lq, Lk)
+    mask = None
+    if op.kind == "sdpa":
+        if op.mask == "bool":
+            m = torch.rand(B, 1, Lq, Lk, generator=g) < 0.7
+            m[:, :, 3] = False          # empty rows: out = 0 by tfk's (and the reference's) convention
+            m[:, :, Lq - 1] = False
+            mask = m.to(device)
+            allowed = mask
+        elif op.mask == "float":
+            slopes = 2.0 ** (-torch.arange(1, H + 1, dtype=torch.float32))
+            dist = (torch.arange(Lq).view(-1, 1) - torch.arange(Lk).view(1, -1)).abs().float()
+            m = -slopes.view(1, H, 1, 1) * dist
+            m = m.masked_fill(torch.rand(1, H, Lq, Lk, generator=g) < 0.1, float("-inf"))
+            mask = m.to(device=device, dtype=dtype)
+            bias = mask
+        if op.is_causal:
+            allowed = (torch.arange(Lk).view(1, -1) <= torch.arange(Lq).view(-1, 1)).to(device)
+        if op.rank3 and mask is not None:
+            mask = mask[:, 0]
+
+        def call(q, k, v, backend):
+            return tfk.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=op.dropout_p,
+                                                    is_causal=op.is_causal, enable_gqa=H != Hkv,
+                                                    backend=backend)
+    else:
+        pattern = op.pattern()
+        dense = pattern.dense_mask(Lq, Lk, device=device)
+        allowed = dense.unsqueeze(0) if dense.dim() == 3 else dense
+
+        def call(q, k, v, backend):
+            return tfk.attention(q, k, v, pattern, dropout_p=op.dropout_p, backend=backend)
+
+    def reference(q, k, v):
+        if op.rank3:
+            q, k, v = (t.unsqueeze(1) for t in (q, k, v))
+        keep = None
+        if op.dropout_p:
+            torch.manual_seed(DROPOUT_SEED)
+            seed = drop.draw_seed()
+            keep = drop.dense_keep_mask(seed, q.shape[0], q.shape[1], Lq, Lk, op.dropout_p, device=q.device)
+        out, _ = attention_reference(q, k, v, allowed, None if bias is None else bias.to(q.dtype),
+                                     dropout_p=op.dropout_p, keep=keep)
+        return out.squeeze(1) if op.rank3 else out
+
+    return Case((q, k, v), dout, call, reference)
+
+
+def _fwd_bwd(fn, inputs, dout):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _rel_err(x, ref):
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (x.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    if not math.isfinite(err) or not bool(torch.isfinite(x).all()):
+        return float("inf")
+    return err / max(scale, 1e-30) if scale else err
+
+
+def _timed_ms(fn, repeat, device):
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, return_mode="median")
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def check_op(op: Op, device="cpu", dtype=torch.float32, *, backend="auto", repeat=3, time_it=True):
+    """Run one op with ``backend``, against the float64 reference.
+
+    Returns a dict: backend (the one chosen), err_out/err_dq/err_dk/err_dv
+    (relative), tol, ok, fwd_ms, fwdbwd_ms (None unless time_it).
+    """
+    device = torch.device(device)
+    case = build_case(op, device, dtype)
+    fn = lambda q, k, v: case.call(q, k, v, backend)  # noqa: E731
+    torch.manual_seed(DROPOUT_SEED)
+    with tfk.backends.record_choices() as names:
+        out, grads = _fwd_bwd(fn, case.inputs, case.dout)
+    row = {"op": op.name, "what": op.describe(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+           "backend": names[0] if names else "?"}
+
+    ref64 = [t.double() for t in case.inputs]
+    ref_out, ref_grads = _fwd_bwd(case.reference, ref64, case.dout.double())
+    errs = [_rel_err(out, ref_out)] + [_rel_err(g, r) for g, r in zip(grads, ref_grads)]
+    if dtype in (torch.float32, torch.float64):
+        tols = [TOL_FP32] * 4
+    else:  # 2x the error of the reference computed in this dtype, plus a floor
+        low_out, low_grads = _fwd_bwd(case.reference, case.inputs, case.dout)
+        torch_errs = [_rel_err(low_out, ref_out)] + [_rel_err(g, r) for g, r in zip(low_grads, ref_grads)]
+        tols = [2 * e + FLOOR[dtype] for e in torch_errs]
+    row.update(err_out=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3], tol=max(tols),
+               tols=tols, ok=all(e <= t for e, t in zip(errs, tols)), fwd_ms=None, fwdbwd_ms=None)
+
+    if time_it:
+        q, k, v = case.inputs
+        leaves = [t.detach().clone().requires_grad_(True) for t in case.inputs]
+
+        def fwd():
+            with torch.no_grad():
+                fn(q, k, v)
+
+        def fwdbwd():
+            for t in leaves:
+                t.grad = None
+            fn(*leaves).backward(case.dout)
+
+        fwd()
+        fwdbwd()
+        row["fwd_ms"] = _timed_ms(fwd, repeat, device)
+        row["fwdbwd_ms"] = _timed_ms(fwdbwd, repeat, device)
+    return row
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+def header(device):
+    import triton
+    if device.type == "cuda":
+        dev = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    else:
+        dev = f"CPU, {torch.get_num_threads()} torch threads (no GPU)"
+    return (f"tfk {tfk.__version__} report -- device: {dev}; torch {torch.__version__}; "
+            f"triton {triton.__version__}; backends registered: {', '.join(tfk.backend_names())}")
+
+
+def _fmt_err(e):
+    return "inf" if e == float("inf") else f"{e:.1e}"
+
+
+def format_rows(rows):
+    cols = ["op", "dtype", "backend", "err out", "err dq", "err dk", "err dv", "fwd ms", "f+b ms", "check"]
+    lines = []
+    for r in rows:
+        if r.get("error"):
+            lines.append([r["op"], r.get("dtype", ""), "ERROR: " + r["error"].strip().splitlines()[-1][:110]])
+            continue
+        lines.append([r["op"], r["dtype"], r["backend"], _fmt_err(r["err_out"]), _fmt_err(r["err_dq"]),
+                      _fmt_err(r["err_dk"]), _fmt_err(r["err_dv"]),
+                      "-" if r["fwd_ms"] is None else f"{r['fwd_ms']:.1f}",
+                      "-" if r["fwdbwd_ms"] is None else f"{r['fwdbwd_ms']:.1f}",
+                      "ok" if r["ok"] else f"FAIL (tol {r['tol']:.1e})"])
+    full = [l for l in lines if len(l) == len(cols)]
+    w = [max([len(c)] + [len(l[i]) for l in full]) for i, c in enumerate(cols)]
+    just = lambda cells: "  ".join(c.ljust(w[i]) if i < 3 or i == 9 else c.rjust(w[i])  # noqa: E731
+                                   for i, c in enumerate(cells)).rstrip()
+    out = [just(cols), "  ".join("-" * x for x in w)]
+    for l in lines:
+        out.append(just(l) if len(l) == len(cols) else f"{l[0].ljust(w[0])}  {l[1].ljust(w[1])}  {l[2]}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", metavar="OP", help=f"ops to run, from: {', '.join(o.name for o in OPS)}")
+    ap.add_argument("--backend", default="auto", help="backend to check (default: auto)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed calls per measurement on CPU (median)")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    ops = OPS
+    if args.only:
+        known = {o.name: o for o in OPS}
+        missing = [n for n in args.only if n not in known]
+        if missing:
+            ap.error(f"unknown op(s) {missing}; known: {', '.join(known)}")
+        ops = [known[n] for n in args.only]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+
+    t0 = time.perf_counter()
+    print(header(device), flush=True)
+    print(f"errors: max|tfk - ref| / max|ref| against the float64 reference; tolerance fp32 {TOL_FP32:g}"
+          + ("; fp16/bf16: 2x the reference's own error in that dtype + floor" if device.type == "cuda" else "")
+          + "; times: median, fwd under no_grad\n")
+    rows = []
+    for op in ops:
+        for dtype in dtypes:
+            try:
+                row = check_op(op, device, dtype, backend=args.backend, repeat=args.repeat)
+            except Exception:  # noqa: BLE001 -- a failure is a row, and a non-zero exit
+                row = {"op": op.name, "what": op.describe(), "dtype": str(dtype).replace("torch.", ""),
+                       "error": traceback.format_exc(limit=8), "ok": False}
+            rows.append(row)
+    print(format_rows(rows))
+    print()
+    for op in ops:
+        print(f"  {op.name:<26} B={op.B} H={op.H} Lq={op.Lq} Lk={op.Lk} D={op.D}: {op.describe()}")
+    for r in rows:
+        if r.get("error"):
+            print(f"\n{r['op']} ({r['dtype']}) failed:\n{r['error']}")
+    bad = [r for r in rows if not r.get("ok")]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} ok in {time.perf_counter() - t0:.0f} s"
+          + (f"; FAILED: {', '.join(r['op'] + ' ' + r['dtype'] for r in bad)}" if bad else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header(device), "rows": rows}, f, indent=1, default=str)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

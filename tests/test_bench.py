@@ -1,0 +1,111 @@
+"""Smoke tests of bench/: the registry, the runner and the report (fast:
+tiny shapes, no FlexAttention compile)."""
+import functools
+import math
+
+import pytest
+import torch
+
+import tfk
+from tfk import patterns as P
+from bench import registry, report, run
+
+
+def test_acceptance_shape_is_registered_exactly():
+    s = registry.get_shape("sliding_window_8k")
+    assert (s.B, s.H, s.Hkv, s.Lq, s.Lk, s.D) == (1, 8, 8, 8192, 8192, 64)
+    assert s.dtype == "fp32" and s.torch_dtype == torch.float32
+    assert s.in_tier("cpu") and s.backward and not s.causal
+    p = s.make_pattern()
+    assert p == P.sliding_window(256, 0)
+    assert (p.left, p.right, p.dilation) == (256, 0, 1)
+
+
+def test_registry_tiers_and_anchor_shapes():
+    cpu = registry.shapes_for("cpu")
+    assert len(cpu) >= 6 and all(s.dtype == "fp32" for s in cpu)
+    gpu = {(s.B, s.H, s.Lq, s.D, s.causal, s.dtype) for s in registry.shapes_for("gpu")}
+    assert (1, 16, 16384, 128, False, "fp16") in gpu and (1, 16, 16384, 128, True, "bf16") in gpu
+    for L in (1024, 2048, 4096, 8192, 16384):
+        assert (4, 32, L, 64, True, "fp16") in gpu and (4, 32, L, 64, False, "fp16") in gpu
+    natten = [s for s in registry.shapes_for("gpu") if s.Lq == 32768]
+    assert natten and all(s.make_pattern().left + s.make_pattern().right + 1 == 2048 for s in natten)
+    for s in registry.REGISTRY.values():  # every factory builds a pattern that applies to the shape
+        p = s.make_pattern()
+        if p is not None:
+            p.check_lengths(s.Lq, s.Lk)
+
+
+def test_registry_inputs_are_deterministic():
+    s = registry.Shape("tiny", B=1, H=2, Hkv=1, Lq=5, Lk=7, D=4)
+    a, b = s.make_inputs(), s.make_inputs()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[0].shape == (1, 2, 5, 4) and a[1].shape == (1, 1, 7, 4)
+
+
+def test_run_shapes_tfk_matches_sdpa():
+    shape = registry.Shape("tiny_window_gqa", B=1, H=4, Hkv=2, Lq=197, Lk=197, D=40,
+                           pattern=functools.partial(P.sliding_window, 48, 3))
+    rows = run.run_shapes([shape], ("tfk", "sdpa"), repeat=1, isolate=False, log=None)
+    by = {r["impl"]: r for r in rows}
+    assert set(by) == {"tfk", "sdpa"}
+    for r in rows:
+        assert r.get("error") is None, r.get("error")
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
+        assert r["tile_density"] > 0 and 0 < r["pair_density"] < 1
+    assert by["tfk"]["backend"] == "torch"
+    assert by["tfk"]["out_diff"] < 1e-5 and by["tfk"]["grad_diff"] < 1e-5
+    assert not by["tfk"]["mismatch"]
+    assert by["sdpa"]["ratio_fwdbwd"] == pytest.approx(1.0)
+    assert by["tfk"]["ratio_fwd"] == pytest.approx(by["sdpa"]["fwd_ms"] / by["tfk"]["fwd_ms"])
+    assert "|dout|" in run.format_table(rows)
+
+
+def test_run_compare_flags_a_wrong_answer():
+    rows = {"tfk": {}, "sdpa": {}}
+    good = {"out": torch.ones(2, 3), "grads": (torch.ones(2), torch.ones(2), torch.ones(2))}
+    bad = {"out": torch.ones(2, 3) + 1e-2, "grads": good["grads"]}
+    run._compare(rows, {"tfk": bad, "sdpa": good}, torch.float32)
+    assert rows["tfk"]["mismatch"] and rows["tfk"]["out_diff"] == pytest.approx(1e-2)
+    assert not rows["sdpa"]["mismatch"]
+
+
+def test_pair_density():
+    assert run.pair_density(None, 10, 10) == 1.0
+    assert run.pair_density(P.causal(), 64, 64) == pytest.approx(64 * 65 / 2 / 64**2)
+    p = P.sliding_window(5, 2, dilation=2)
+    assert run.pair_density(p, 100, 90, rows=7) == pytest.approx(p.dense_mask(100, 90).float().mean().item())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_run_gpu_mode_without_gpu_exits_zero(capsys):
+    assert run.main(["--mode", "gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "no GPU" in out and "bench.compile_report" in out
+
+
+TINY = report.Op("tiny_union_dropout", "attention", 1, 2, 1, 67, 131, 40,
+                 pattern=lambda: P.sliding_window(16, 8) | P.global_tokens(2), dropout_p=0.2)
+
+
+def test_report_check_op_within_tolerance():
+    row = report.check_op(TINY, "cpu", torch.float32, repeat=1)
+    errs = [row[k] for k in ("err_out", "err_dq", "err_dk", "err_dv")]
+    assert all(math.isfinite(e) for e in errs)
+    assert max(errs) <= row["tol"] == report.TOL_FP32
+    assert row["ok"] and row["backend"] in tfk.backend_names()
+    assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
+    assert "FAIL" not in report.format_rows([row])
+
+
+def test_report_sdpa_mask_op_within_tolerance():
+    op = report.Op("tiny_bool_mask", "sdpa", 2, 2, 2, 33, 45, 40, mask="bool")
+    row = report.check_op(op, "cpu", torch.float32, time_it=False)
+    assert row["ok"], row
+
+
+def test_report_check_op_catches_a_wrong_output(monkeypatch):
+    right = tfk.attention
+    monkeypatch.setattr(tfk, "attention", lambda *a, **kw: right(*a, **kw) * 1.001)
+    row = report.check_op(TINY, "cpu", torch.float32, time_it=False)
+    assert not row["ok"] and row["err_out"] > report.TOL_FP32
