@@ -2,9 +2,11 @@
 function of (seed, b, h, i, j), so a backward pass regenerates exactly the
 mask its forward used, and every backend draws the same mask.
 
-The hash uses 32-bit words held in int64 with multipliers below 2**31, so no
-intermediate product overflows int64; kernels compute the same bits with
-wrapping uint32 arithmetic.
+The bits are a 32-bit hash chain: a per-row word from (seed, b * H + h, i),
+then one mix per element with j, which keeps the per-element cost in a
+kernel to a handful of uint32 operations. Words are held in int64 here with
+multipliers below 2**31, so no product overflows; kernels compute the same
+bits with wrapping uint32 arithmetic.
 """
 import torch
 
@@ -38,22 +40,17 @@ def threshold(p):
     return int(p * 2**32)
 
 
-def keep(seed, counter, p):
-    """Bool tensor: True where an element with this int64 ``counter`` is kept
-    under dropout probability ``p``."""
-    bits = _mix32((counter & _M32) ^ _mix32((counter >> 32) ^ seed_key(seed)))
-    return bits >= threshold(p)
-
-
-def counter(b, h, i, j, H, Lq, Lk):
-    """Linear index of score (b, h, i, j) in a (B, H, Lq, Lk) grid, int64."""
-    return ((b * H + h) * Lq + i) * Lk + j
+def keep(seed, b, h, i, j, H, p):
+    """Bool tensor, broadcast over int64 tensors b, h, i, j (positions in a
+    (B, H, Lq, Lk) score grid): True where the score is kept under dropout
+    probability ``p``."""
+    row = _mix32(i ^ _mix32((b * H + h) ^ seed_key(seed)))
+    return _mix32(j ^ row) >= threshold(p)
 
 
 def dense_keep_mask(seed, B, H, Lq, Lk, p, device=None):
     """The (B, H, Lq, Lk) keep mask a call with this seed uses (for tests and
     the reference)."""
     ar = lambda n: torch.arange(n, device=device, dtype=torch.int64)
-    c = counter(ar(B).view(-1, 1, 1, 1), ar(H).view(1, -1, 1, 1), ar(Lq).view(1, 1, -1, 1),
-                ar(Lk).view(1, 1, 1, -1), H, Lq, Lk)
-    return keep(seed, c, p)
+    return keep(seed, ar(B).view(-1, 1, 1, 1), ar(H).view(1, -1, 1, 1), ar(Lq).view(1, 1, -1, 1),
+                ar(Lk).view(1, 1, 1, -1), H, p)

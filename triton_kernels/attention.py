@@ -33,21 +33,43 @@ LN2 = 0.6931471805599453
 # Configs
 # -----------------------------------------------------------------------------
 
-# fp32 dot precision: "ieee" (exact fp32, torch's default for matmul) or
-# "tf32" (tensor cores, ~1e-3 relative error). A documented module setting.
-FP32_PRECISION = "ieee"
-
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MAX_HEAD_DIM = 256
+KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
 
 
-def block_config(head_dim):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim (the larger of D
-    and Dv). One config serves forward and backward, so a call needs one plan."""
-    if head_dim <= 64:
-        return 64, 64, 4, 3
-    if head_dim <= 128:
-        return 64, 64, 4, 2
-    return 64, 32, 8, 2
+def dot_precision(dtype):
+    """fp32 inputs use tf32 tensor-core dots (about 1e-3 relative error), as
+    torch does under ``torch.backends.cuda.matmul.allow_tf32``: exact fp32
+    dots do not fit in registers (the compile report shows them spilling).
+    Triton's interpreter computes them exactly."""
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+
+def tile_config(head_dim, dtype):
+    """(BLOCK_M, BLOCK_N): the plan's tiles, shared by the forward and backward
+    kernels of a call. ``head_dim`` is the larger of D and Dv."""
+    if dtype == torch.float32:
+        return (32, 32) if head_dim <= 128 else (16, 32)
+    return (64, 64) if head_dim <= 128 else (64, 32)
+
+
+def launch_config(kernel, head_dim, dtype, heavy):
+    """Launch options of one kernel: num_warps, num_stages, and for the
+    backward kernels SPLIT_N, the column slices a key tile is taken in.
+    ``heavy``: a user mask or dropout is on (more live registers). Chosen with
+    the compile report (python -m bench.compile_report) so that no shipped
+    config spills on sm_80 or sm_90."""
+    block_n = tile_config(head_dim, dtype)[1]
+    if kernel == "_attn_fwd":
+        return dict(num_warps=4, num_stages=3) if head_dim <= 64 else dict(num_warps=8, num_stages=2)
+    if kernel == "_attn_bwd_dq":
+        if head_dim <= 64 and heavy:
+            return dict(num_warps=8, num_stages=1, SPLIT_N=min(2, block_n // 16))
+        # fp32 beyond 128 runs 16-row tiles: four warps suffice
+        return dict(num_warps=4 if tile_config(head_dim, dtype)[0] == 16 else 8, num_stages=2, SPLIT_N=1)
+    # dK/dV: the accumulators grow with the head dim; slices of >= 16 keys
+    split = 2 if head_dim <= 64 else 4
+    return dict(num_warps=8, num_stages=1 if head_dim > 128 else 2, SPLIT_N=min(split, block_n // 16))
 
 
 # -----------------------------------------------------------------------------
@@ -65,30 +87,31 @@ def _mix32(x):
 
 
 @triton.jit
-def _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H, Lq, Lk):
-    """Dropout keep bits for tile (q_pos x k_pos), as tfk.dropout.keep."""
-    counter = ((b * H + h) * Lq + q_pos[:, None]) * Lk + k_pos[None, :]
-    lo = (counter & 0xFFFFFFFF).to(tl.uint32)
-    hi = (counter >> 32).to(tl.uint32)
-    bits = _mix32(lo ^ _mix32(hi ^ drop_key.to(tl.uint32)))
-    return bits.to(tl.int64) >= drop_threshold
+def _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H):
+    """Dropout keep bits for tile (q_pos x k_pos), as tfk.dropout.keep: one
+    hash per row, then one mix per element."""
+    row = _mix32(q_pos.to(tl.uint32) ^ _mix32((b * H + h).to(tl.uint32) ^ drop_key.to(tl.uint32)))
+    bits = _mix32(k_pos.to(tl.uint32)[None, :] ^ row[:, None])
+    return bits >= drop_threshold.to(tl.uint32)
 
 
 @triton.jit
 def _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
-                 smb, smh, smm, smn, qk_scale,
+                 smb, smh, smm, smn, qk_scale, c0,
                  MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """Scores of one tile in the log2 domain, -inf where not allowed."""
+                 COLS: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of a BLOCK_M x COLS tile (columns c0.. of a plan tile BLOCK_N
+    wide) in the log2 domain, -inf where not allowed."""
     s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
     allowed = row_ok[:, None] & col_ok[None, :]
     # a partial tile's bit mask; full tiles (pid < 0) skip the load
-    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + (c0 + tl.arange(0, COLS))[None, :]
     bits = tl.load(PMasks + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tile, mask=(pid >= 0) & allowed, other=1)
     allowed = allowed & (bits != 0)
     if MASK_KIND != 0:
+        # the user mask is indexed by original positions
         m = tl.load(Mask + b * smb + h * smh + q_pos[:, None] * smm + k_pos[None, :] * smn,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0)
+                    mask=allowed, other=0)
         if MASK_KIND == 1:
             allowed = allowed & (m != 0)
         else:
@@ -98,15 +121,15 @@ def _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
 
 @triton.jit
 def _positions(Idx, start, n, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr):
-    """Layout positions start..start+BLOCK, their validity, and their original
-    positions (int64)."""
+    """Layout positions start..start+BLOCK (where the tensors are read), their
+    validity, and their original positions (for masks and dropout)."""
     lay = start + tl.arange(0, BLOCK)
     ok = lay < n
     if HAS_IDX:
         pos = tl.load(Idx + lay, mask=ok, other=0).to(tl.int64)
     else:
         pos = lay.to(tl.int64)
-    return pos, ok
+    return lay, ok, pos
 
 
 @triton.jit
@@ -114,20 +137,23 @@ def _attn_fwd(
     Q, K, V, Out, Lse, Mask, QIdx, KIdx, Count, Blocks, Partial, PMasks, Tiles,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
     smb, smh, smm, smn, sch, scm, sbh, sbm,
-    H, G, Lq, Lk, lq2, lk2, D, DV, qk_scale, drop_key, drop_threshold, drop_scale,
+    H, G, lq2, lk2, D, DV, qk_scale, drop_key, drop_threshold, drop_scale,
     HAS_QIDX: tl.constexpr, HAS_KIDX: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
 ):
+    """Out, Lse of one query block of a sub-pass. Q, Out, Lse are in the
+    sub-pass's query layout, K, V in its key layout (gathered by the host)."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // G
-    q_pos, row_ok = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
+    rows, row_ok, q_pos = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
+    rows = rows.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqm + d[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -139,11 +165,12 @@ def _attn_fwd(
         pid = tl.load(Partial + sched + n)
         if COUNT_TILES:
             tl.atomic_add(Tiles + 0, 1)
-        k_pos, col_ok = _positions(KIdx, kb * BLOCK_N, lk2, BLOCK_N, HAS_KIDX)
-        kT = tl.load(K + b * skb + hk * skh + k_pos[None, :] * skn + d[:, None],
+        cols, col_ok, k_pos = _positions(KIdx, kb * BLOCK_N, lk2, BLOCK_N, HAS_KIDX)
+        cols = cols.to(tl.int64)
+        kT = tl.load(K + b * skb + hk * skh + cols[None, :] * skn + d[:, None],
                      mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
         s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
-                         smb, smh, smm, smn, qk_scale, MASK_KIND, BLOCK_M, BLOCK_N, PRECISION)
+                         smb, smh, smm, smn, qk_scale, 0, MASK_KIND, BLOCK_M, BLOCK_N, BLOCK_N, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing allowed yet keep m = -inf: subtract 0 instead
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -151,9 +178,9 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H, Lq, Lk)
+            keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H)
             p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(V + b * svb + hk * svh + k_pos[:, None] * svn + dv[None, :],
+        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svn + dv[None, :],
                     mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -161,9 +188,9 @@ def _attn_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(Out + b * sob + h * soh + q_pos[:, None] * som + dv[None, :], out.to(Out.dtype.element_ty),
+    tl.store(Out + b * sob + h * soh + rows[:, None] * som + dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (dv[None, :] < DV))
-    tl.store(Lse + b * slb + h * slh + q_pos, lse, mask=row_ok)
+    tl.store(Lse + b * slb + h * slh + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -171,29 +198,32 @@ def _attn_bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ, Mask, QIdx, KIdx, Count, Blocks, Partial, PMasks, Tiles,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
     smb, smh, smm, smn, sch, scm, sbh, sbm,
-    H, G, Lq, Lk, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale,
+    H, G, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale,
     HAS_QIDX: tl.constexpr, HAS_KIDX: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, SPLIT_N: tl.constexpr,
 ):
-    """dQ += scale * dS @ K over this sub-pass. DO shares Out's strides; DQ
-    (float32) shares Q's; Delta shares Lse's."""
+    """dQ = scale * dS @ K for one query block of a sub-pass, in its layout;
+    each key tile is taken in SPLIT_N column slices (fewer live registers).
+    DO shares Out's strides, DQ (float32) Q's, Delta Lse's."""
+    SUB_N: tl.constexpr = BLOCK_N // SPLIT_N
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // G
-    q_pos, row_ok = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
+    rows, row_ok, q_pos = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
+    rows = rows.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqm + d[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sob + h * soh + q_pos[:, None] * som + dv[None, :],
+    do = tl.load(DO + b * sob + h * soh + rows[:, None] * som + dv[None, :],
                  mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    lse = tl.load(Lse + b * slb + h * slh + q_pos, mask=row_ok, other=float("-inf"))
+    lse = tl.load(Lse + b * slb + h * slh + rows, mask=row_ok, other=float("-inf"))
     # rows that saw no key: +inf makes every probability exp2(s - inf) = 0
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + b * slb + h * slh + q_pos, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + b * slb + h * slh + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.load(Count + h * sch + qb * scm)
     sched = h * sbh + qb * sbm
@@ -202,24 +232,24 @@ def _attn_bwd_dq(
         pid = tl.load(Partial + sched + n)
         if COUNT_TILES:
             tl.atomic_add(Tiles + 1, 1)
-        k_pos, col_ok = _positions(KIdx, kb * BLOCK_N, lk2, BLOCK_N, HAS_KIDX)
-        kT = tl.load(K + b * skb + hk * skh + k_pos[None, :] * skn + d[:, None],
-                     mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
-        vT = tl.load(V + b * svb + hk * svh + k_pos[None, :] * svn + dv[:, None],
-                     mask=col_ok[None, :] & (dv[:, None] < DV), other=0.0)
-        s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
-                         smb, smh, smm, smn, qk_scale, MASK_KIND, BLOCK_M, BLOCK_N, PRECISION)
-        p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        if DROPOUT:
-            keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H, Lq, Lk)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
-    ptrs = DQ + b * sqb + h * sqh + q_pos[:, None] * sqm + d[None, :]
-    ok = row_ok[:, None] & (d[None, :] < D)
-    # sub-passes run one after another: accumulate across them
-    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + dq * scale, mask=ok)
+        for c0 in tl.static_range(0, BLOCK_N, SUB_N):
+            cols, col_ok, k_pos = _positions(KIdx, kb * BLOCK_N + c0, lk2, SUB_N, HAS_KIDX)
+            cols = cols.to(tl.int64)
+            kT = tl.load(K + b * skb + hk * skh + cols[None, :] * skn + d[:, None],
+                         mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
+            vT = tl.load(V + b * svb + hk * svh + cols[None, :] * svn + dv[:, None],
+                         mask=col_ok[None, :] & (dv[:, None] < DV), other=0.0)
+            s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
+                             smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION)
+            p = tl.exp2(s - lse2[:, None])
+            dp = tl.dot(do, vT, input_precision=PRECISION)
+            if DROPOUT:
+                keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], dq * scale,
+             mask=row_ok[:, None] & (d[None, :] < D))
 
 
 @triton.jit
@@ -227,27 +257,31 @@ def _attn_bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV_, Mask, QIdx, KIdx, Count, Blocks, Partial, PMasks, Tiles,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
     smb, smh, smm, smn, sch, scm, sbh, sbm,
-    H, Hkv, G, Lq, Lk, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale,
+    H, Hkv, G, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale,
     HAS_QIDX: tl.constexpr, HAS_KIDX: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, SPLIT_N: tl.constexpr,
 ):
     """dK, dV of one key block of key head hk, summed over the G query heads of
-    its group. Count/Blocks/Partial are the transposed schedule. DK and DV_
-    (float32) share K's and V's strides."""
-    kb = tl.program_id(0)
+    its group, walking the transposed schedule (Count/Blocks/Partial). Each
+    plan tile's keys are split over SPLIT_N programs, which keeps the dK/dV
+    accumulators in registers. DK and DV_ (float32) share K's and V's strides."""
+    SUB_N: tl.constexpr = BLOCK_N // SPLIT_N
+    kb = tl.program_id(0) // SPLIT_N
+    c0 = (tl.program_id(0) % SPLIT_N) * SUB_N
     bhk = tl.program_id(1)
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
-    k_pos, col_ok = _positions(KIdx, kb * BLOCK_N, lk2, BLOCK_N, HAS_KIDX)
+    cols, col_ok, k_pos = _positions(KIdx, kb * BLOCK_N + c0, lk2, SUB_N, HAS_KIDX)
+    cols = cols.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    kT = tl.load(K + b * skb + hk * skh + k_pos[None, :] * skn + d[:, None],
+    kT = tl.load(K + b * skb + hk * skh + cols[None, :] * skn + d[:, None],
                  mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
-    vT = tl.load(V + b * svb + hk * svh + k_pos[None, :] * svn + dv[:, None],
+    vT = tl.load(V + b * svb + hk * svh + cols[None, :] * svn + dv[:, None],
                  mask=col_ok[None, :] & (dv[:, None] < DV), other=0.0)
-    dkT = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    dvT = tl.zeros([BLOCK_DV, BLOCK_N], tl.float32)
+    dkT = tl.zeros([BLOCK_D, SUB_N], tl.float32)
+    dvT = tl.zeros([BLOCK_DV, SUB_N], tl.float32)
     for g in range(0, G):
         h = hk * G + g
         count = tl.load(Count + h * sch + kb * scm)
@@ -256,21 +290,23 @@ def _attn_bwd_dkdv(
             qb = tl.load(Blocks + sched + n)
             pid = tl.load(Partial + sched + n)
             if COUNT_TILES:
-                tl.atomic_add(Tiles + 2, 1)
-            q_pos, row_ok = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
-            q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqm + d[None, :],
+                if c0 == 0:
+                    tl.atomic_add(Tiles + 2, 1)
+            rows, row_ok, q_pos = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
+            rows = rows.to(tl.int64)
+            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :],
                         mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sob + h * soh + q_pos[:, None] * som + dv[None, :],
+            do = tl.load(DO + b * sob + h * soh + rows[:, None] * som + dv[None, :],
                          mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
-            lse = tl.load(Lse + b * slb + h * slh + q_pos, mask=row_ok, other=float("-inf"))
+            lse = tl.load(Lse + b * slb + h * slh + rows, mask=row_ok, other=float("-inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(Delta + b * slb + h * slh + q_pos, mask=row_ok, other=0.0)
+            delta = tl.load(Delta + b * slb + h * slh + rows, mask=row_ok, other=0.0)
             s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
-                             smb, smh, smm, smn, qk_scale, MASK_KIND, BLOCK_M, BLOCK_N, PRECISION)
+                             smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION)
             p = tl.exp2(s - lse2[:, None])
             dp = tl.dot(do, vT, input_precision=PRECISION)
             if DROPOUT:
-                keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H, Lq, Lk)
+                keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H)
                 pd = tl.where(keep, p * drop_scale, 0.0)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             else:
@@ -278,12 +314,10 @@ def _attn_bwd_dkdv(
             dvT += tl.dot(tl.trans(do), pd.to(do.dtype), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dkT += tl.dot(tl.trans(q), ds.to(q.dtype), input_precision=PRECISION)
-    ok_k = col_ok[None, :] & (d[:, None] < D)
-    ptrs = DK + b * skb + hk * skh + k_pos[None, :] * skn + d[:, None]
-    tl.store(ptrs, tl.load(ptrs, mask=ok_k, other=0.0) + dkT * scale, mask=ok_k)
-    ok_v = col_ok[None, :] & (dv[:, None] < DV)
-    ptrs = DV_ + b * svb + hk * svh + k_pos[None, :] * svn + dv[:, None]
-    tl.store(ptrs, tl.load(ptrs, mask=ok_v, other=0.0) + dvT, mask=ok_v)
+    tl.store(DK + b * skb + hk * skh + cols[None, :] * skn + d[:, None], dkT * scale,
+             mask=col_ok[None, :] & (d[:, None] < D))
+    tl.store(DV_ + b * svb + hk * svh + cols[None, :] * svn + dv[:, None], dvT,
+             mask=col_ok[None, :] & (dv[:, None] < DV))
 
 
 # -----------------------------------------------------------------------------
@@ -305,7 +339,7 @@ class _Launch:
         self.Hkv, self.Lk, self.DV = k.shape[1], k.shape[2], v.shape[-1]
         self.G = self.H // self.Hkv
         self.scale, self.qk_scale = scale, scale * LOG2E
-        block_m, block_n, num_warps, num_stages = block_config(max(self.D, self.DV))
+        block_m, block_n = tile_config(max(self.D, self.DV), q.dtype)
         assert (plan.block_q, plan.block_k) == (block_m, block_n), "plan compiled for other tiles"
         self.tiles = torch.zeros(3, dtype=torch.int32, device=q.device)
         # dropout: the hash key of tfk.dropout.keep, and its threshold
@@ -318,16 +352,18 @@ class _Launch:
             mask_kind = 1 if m.dtype == torch.bool else 2
             self.mask = m.view(torch.uint8) if mask_kind == 1 else m
             self.mask_strides = self.mask.stride()
+        heavy = mask_kind != 0 or dropout_p > 0
+        self.launch = {name: launch_config(name, max(self.D, self.DV), q.dtype, heavy) for name in KERNELS}
         self.meta = dict(MASK_KIND=mask_kind, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_D=max(16, triton.next_power_of_2(self.D)),
                          BLOCK_DV=max(16, triton.next_power_of_2(self.DV)),
-                         PRECISION=FP32_PRECISION if q.dtype == torch.float32 else "ieee",
-                         COUNT_TILES=COUNT_TILES, num_warps=num_warps, num_stages=num_stages)
+                         PRECISION=dot_precision(q.dtype), COUNT_TILES=COUNT_TILES)
 
-    def subpass(self, sp, transposed):
+    def subpass(self, sp, kernel):
         """Plan arguments of one sub-pass: indices, schedule, tile masks,
         schedule strides (0 across heads for a shared schedule)."""
-        count, blocks, partial = ((sp.q_count, sp.q_blocks, sp.q_partial) if transposed
+        # dK/dV kernels walk the transposed schedule
+        count, blocks, partial = ((sp.q_count, sp.q_blocks, sp.q_partial) if kernel == "_attn_bwd_dkdv"
                                   else (sp.kv_count, sp.kv_blocks, sp.kv_partial))
         # kernels never read an absent index or mask table: any tensor fills the slot
         fill = sp.kv_count
@@ -338,7 +374,8 @@ class _Launch:
                 sp.partial_masks.view(torch.uint8) if sp.num_partial else fill, self.tiles)
         strides = (count.stride(0) if per_head else 0, count.stride(1),
                    blocks.stride(0) if per_head else 0, blocks.stride(1))
-        meta = dict(self.meta, HAS_QIDX=sp.q_index is not None, HAS_KIDX=sp.kv_index is not None)
+        meta = dict(self.meta, HAS_QIDX=sp.q_index is not None, HAS_KIDX=sp.kv_index is not None,
+                    **self.launch[kernel])
         return args, strides, meta
 
     def finish(self):
@@ -346,55 +383,76 @@ class _Launch:
             tiles_visited.add_(self.tiles.cpu().long())
 
 
+def _layout(x, index):
+    """x (B, heads, L, ...) in a sub-pass's layout: rows gathered by index."""
+    return x if index is None else x.index_select(2, index)
+
+
+def _from_layout(x_l, index, length, fill):
+    """Layout rows back at their original positions; rows outside get fill."""
+    if index is None:
+        return x_l
+    out = torch.full(x_l.shape[:2] + (length,) + x_l.shape[3:], fill, dtype=x_l.dtype, device=x_l.device)
+    return out.index_copy_(2, index, x_l)
+
+
 def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
     """out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 over ``plan``.
 
     q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), contiguous;
-    mask None, or bool/float broadcastable to (B, H, Lq, Lk).
+    mask None, or bool/float broadcastable to (B, H, Lq, Lk). Each sub-pass
+    gathers its layout (NATTEN's way: the kernels then read contiguous tiles),
+    and sub-passes merge by log-sum-exp.
     """
     a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed)
-    shape = (a.B, a.H, a.Lq)
+    single = len(plan.subpasses) == 1 and plan.subpasses[0].q_index is None
     out = lse = None
     for sp in plan.subpasses:
-        if sp.q_index is None:  # the kernel writes every row
-            single = len(plan.subpasses) == 1
-            o = new_output(shape + (a.DV,), q.dtype if single else torch.float32, q.device)
-            l = new_output(shape, torch.float32, q.device)
-        else:  # rows outside the sub-pass saw none of its keys
-            o = torch.zeros(shape + (a.DV,), dtype=torch.float32, device=q.device)
-            l = torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
-        args, strides, meta = a.subpass(sp, transposed=False)
+        q_l, k_l, v_l = _layout(q, sp.q_index), _layout(k, sp.kv_index), _layout(v, sp.kv_index)
+        o = new_output((a.B, a.H, sp.lq, a.DV), q.dtype if single else torch.float32, q.device)
+        l = new_output((a.B, a.H, sp.lq), torch.float32, q.device)
+        args, strides, meta = a.subpass(sp, "_attn_fwd")
         _attn_fwd[(sp.kv_count.shape[1], a.B * a.H)](
-            q, k, v, o, l, a.mask, *args,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *l.stride()[:2],
+            q_l, k_l, v_l, o, l, a.mask, *args,
+            *q_l.stride()[:3], *k_l.stride()[:3], *v_l.stride()[:3], *o.stride()[:3], *l.stride()[:2],
             *a.mask_strides, *strides,
-            a.H, a.G, a.Lq, a.Lk, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, *a.dropout, **meta)
-        out, lse = (o, l) if out is None else merge_partials(out, lse, o.float(), l)
+            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, *a.dropout, **meta)
+        o, l = _from_layout(o, sp.q_index, a.Lq, 0.0), _from_layout(l, sp.q_index, a.Lq, float("-inf"))
+        out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
     a.finish()
     if out is None:  # nothing allowed anywhere
-        return (torch.zeros(shape + (a.DV,), dtype=q.dtype, device=q.device),
-                torch.full(shape, float("-inf"), device=q.device))
+        return (torch.zeros(a.B, a.H, a.Lq, a.DV, dtype=q.dtype, device=q.device),
+                torch.full((a.B, a.H, a.Lq), float("-inf"), device=q.device))
     return out.to(q.dtype), lse
 
 
 def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed):
     """dq, dk, dv for ``attention_forward``'s result, given dout and lse's
-    gradient dlse."""
+    gradient dlse. Every sub-pass recomputes its tiles with the merged lse."""
     a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed)
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1) - dlse.float()
-    # float32 accumulators sharing the inputs' strides (inputs are contiguous)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
-               *a.mask_strides)
+    dq = dk = dv = None
     for sp in plan.subpasses:
-        args, sched, meta = a.subpass(sp, transposed=False)
+        q_l, do_l, lse_l, delta_l = (_layout(x, sp.q_index) for x in (q, dout, lse, delta))
+        k_l, v_l = _layout(k, sp.kv_index), _layout(v, sp.kv_index)
+        # float32 results in the layouts, sharing the inputs' (contiguous) strides
+        dq_l, dk_l, dv_l = (new_output(x.shape, torch.float32, x.device) for x in (q_l, k_l, v_l))
+        strides = (*q_l.stride()[:3], *k_l.stride()[:3], *v_l.stride()[:3], *do_l.stride()[:3],
+                   *lse_l.stride()[:2], *a.mask_strides)
+        args, sched, meta = a.subpass(sp, "_attn_bwd_dq")
         _attn_bwd_dq[(sp.kv_count.shape[1], a.B * a.H)](
-            q, k, v, dout, lse, delta, dq, a.mask, *args, *strides, *sched,
-            a.H, a.G, a.Lq, a.Lk, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, **meta)
-        args, sched, meta = a.subpass(sp, transposed=True)
-        _attn_bwd_dkdv[(sp.q_count.shape[1], a.B * a.Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, a.mask, *args, *strides, *sched,
-            a.H, a.Hkv, a.G, a.Lq, a.Lk, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, **meta)
+            q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, a.mask, *args, *strides, *sched,
+            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, **meta)
+        args, sched, meta = a.subpass(sp, "_attn_bwd_dkdv")
+        _attn_bwd_dkdv[(sp.q_count.shape[1] * meta["SPLIT_N"], a.B * a.Hkv)](
+            q_l, k_l, v_l, do_l, lse_l, delta_l, dk_l, dv_l, a.mask, *args, *strides, *sched,
+            a.H, a.Hkv, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, **meta)
+        if dq is None:
+            dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+        for full, part, index in ((dq, dq_l, sp.q_index), (dk, dk_l, sp.kv_index), (dv, dv_l, sp.kv_index)):
+            full.add_(part) if index is None else full.index_add_(2, index, part)
     a.finish()
+    if dq is None:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -3,15 +3,41 @@
 // how kernels are tested on machines without a GPU.
 //
 // Include it from .cu files only. Bindings (.cpp compiled with torch and CUDA
-// headers) must not include it: in host mode it defines dim3 and __global__.
+// headers) must not include it: in host mode it defines dim3, __half and
+// __global__.
+//
+// What kernels may use in both builds:
+//   * launches through tfk::launch(kernel, grid, block, smem, stream, args...)
+//   * threadIdx, blockIdx, blockDim, gridDim, warpSize
+//   * __shared__ (static shared memory) and tfk::dynamic_smem<T>() (the
+//     launch's dynamic shared memory; do not declare `extern __shared__`)
+//   * __syncthreads (+ _count/_and/_or), __syncwarp, __shfl_sync,
+//     __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync, __ballot_sync,
+//     __any_sync, __all_sync, atomicAdd/Sub/Max/Min/CAS/Exch/And/Or/Xor
+//   * __half, __nv_bfloat16 (+ 2-vectors) with explicit conversions
+//     (__float2half_rn, __half2float, __float2bfloat16_rn, ...)
+//   * tensor-core and async-copy primitives through common/warp_primitives.h
+//     (mma.sync, ldmatrix, cp.async), never raw inline asm in kernels.
+// In host mode (common/host_exec.h) the threads of a block run as fibers that
+// switch at barriers and warp collectives; see that file for the model.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <utility>
 
+#define TFK_PRAGMA(x) _Pragma(#x)
+
 #if defined(__CUDACC__)
 
+// Loop unrolling hints: `#pragma unroll` is nvcc's; g++ 12 warns about it
+// under -Wall whatever the diagnostic pragmas say (GCC bug 53431), so kernels
+// write TFK_UNROLL / TFK_UNROLL_N(n) before a loop.
+#define TFK_UNROLL TFK_PRAGMA(unroll)
+#define TFK_UNROLL_N(n) TFK_PRAGMA(unroll n)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 namespace tfk {
@@ -19,22 +45,32 @@ namespace tfk {
 using stream_t = cudaStream_t;
 
 // The one way kernels are launched, so host mode can replace it.
+// More than 48 KiB of dynamic shared memory needs the kernel's opt-in first.
 template <typename Kernel, typename... Args>
 inline void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, stream_t stream,
                    Args&&... args) {
+  if (smem > 48 * 1024) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  }
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+}
+
+// The launch's dynamic shared memory (its `smem` bytes), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char tfk_dynamic_smem_[];
+  return reinterpret_cast<T*>(tfk_dynamic_smem_);
+}
+
+__device__ __forceinline__ unsigned dynamic_smem_size() {
+  unsigned n;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+  return n;
 }
 
 }  // namespace tfk
 
 #else  // host mode: kernels run on the CPU
-
-#include <cmath>  // expf, logf, log1pf, fmaxf, fabsf, INFINITY: same names as CUDA's
-#include <stdexcept>
-
-// CUDA has unqualified isinf/isnan in device code; <cmath> only has std:: ones.
-using std::isinf;
-using std::isnan;
 
 #define TFK_HOST_MODE 1
 
@@ -43,57 +79,43 @@ using std::isnan;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __constant__
+// One copy per OS thread, shared by the fibers (threads) of the block running
+// on it; a template kernel's copy is an STB_GNU_UNIQUE symbol (see host_exec.h).
+#define __shared__ static thread_local
 
-// Deliberately NOT defined here: __syncthreads, __shfl_*_sync, __shared__,
-// atomics. Threads of a block run one after another to completion, so a
-// barrier cannot be honoured; a kernel that needs one must fail to compile in
-// host mode instead of computing garbage. (A later layer runs threads as
-// fibers that switch at barriers.)
+#include "common/host_exec.h"
 
-struct uint3 {
-  unsigned int x, y, z;
-};
-
-struct dim3 {
-  unsigned int x, y, z;
-  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1)
-      : x(vx), y(vy), z(vz) {}
-};
-
-// Per OS thread, so separate host launches on separate threads do not collide.
-inline thread_local uint3 blockIdx{0, 0, 0};
-inline thread_local uint3 threadIdx{0, 0, 0};
-inline thread_local dim3 blockDim{1, 1, 1};
-inline thread_local dim3 gridDim{1, 1, 1};
+#define TFK_UNROLL
+#define TFK_UNROLL_N(n)
+// CUDA's `#pragma unroll` means nothing to the host compiler (g++ >= 13 then
+// stays quiet; g++ 12 warns regardless: use TFK_UNROLL).
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
 
 namespace tfk {
 
 using stream_t = void*;  // opaque: there is no stream on the host
 
+// Runs the grid to completion before returning (host mode is synchronous).
+// Errors (bad configuration, deadlock, refused collectives, races found by
+// the race check) are thrown as std::exception.
 template <typename Kernel, typename... Args>
 inline void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, stream_t /*stream*/,
                    Args&&... args) {
-  if (smem != 0) {
-    throw std::invalid_argument("tfk host mode: dynamic shared memory is not supported");
-  }
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x == 0 || block.y == 0 ||
-      block.z == 0) {
-    throw std::invalid_argument("tfk host mode: empty grid or block");
-  }
-  gridDim = grid;
-  blockDim = block;
-  for (unsigned int bz = 0; bz < grid.z; ++bz)
-    for (unsigned int by = 0; by < grid.y; ++by)
-      for (unsigned int bx = 0; bx < grid.x; ++bx) {
-        blockIdx = {bx, by, bz};
-        for (unsigned int tz = 0; tz < block.z; ++tz)
-          for (unsigned int ty = 0; ty < block.y; ++ty)
-            for (unsigned int tx = 0; tx < block.x; ++tx) {
-              threadIdx = {tx, ty, tz};
-              kernel(args...);  // not forwarded: every thread gets the same arguments
-            }
-      }
+  // Every thread calls kernel(args...) with the same arguments (not forwarded).
+  auto body = [&]() { kernel(args...); };
+  const void* id = nullptr;
+  if constexpr (std::is_pointer<Kernel>::value) id = reinterpret_cast<const void*>(kernel);
+  host::run_grid(id, &host::invoke<decltype(body)>, &body, grid, block, smem);
 }
+
+template <typename T>
+inline T* dynamic_smem() {
+  return static_cast<T*>(host::dynamic_smem_base());
+}
+
+inline unsigned dynamic_smem_size() { return static_cast<unsigned>(host::dynamic_smem_size()); }
 
 }  // namespace tfk
 

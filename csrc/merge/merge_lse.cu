@@ -64,7 +64,7 @@ void merge_lse_launch(float* out_acc, float* lse_acc, const float* out_i, const 
   }
   // lse_acc is overwritten by a second launch: every thread of a row reads the
   // old value, so one kernel would need a barrier between those reads and the
-  // write, and host mode has no barrier. Stream order does the job.
+  // write. Stream order does the job.
   const dim3 grid(static_cast<unsigned>((rows + kThreadsLse - 1) / kThreadsLse));
   launch(merge_lse_lse_kernel, grid, dim3(kThreadsLse), 0, s, lse_acc, lse_i, rows);
 }

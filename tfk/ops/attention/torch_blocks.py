@@ -108,10 +108,10 @@ class _Engine:
         mult = None
         if self.dropout_p > 0:
             ar = lambda n: torch.arange(n, device=s.device)
-            c = drop.counter(ar(self.B).view(-1, 1, 1, 1, 1), ar(self.H).view(1, -1, 1, 1, 1),
-                             t.q_orig.view(1, 1, cq, bq, 1), t.k_orig.unsqueeze(0).unsqueeze(-2),
-                             self.H, self.Lq, self.Lk)
-            mult = drop.keep(self.seed, c, self.dropout_p).to(s.dtype) / (1.0 - self.dropout_p)
+            kept = drop.keep(self.seed, ar(self.B).view(-1, 1, 1, 1, 1), ar(self.H).view(1, -1, 1, 1, 1),
+                             t.q_orig.view(1, 1, cq, bq, 1), t.k_orig.unsqueeze(0).unsqueeze(-2), self.H,
+                             self.dropout_p)
+            mult = kept.to(s.dtype) / (1.0 - self.dropout_p)
         return s, qc, kc, mult
 
     @staticmethod

@@ -35,9 +35,9 @@ _PLAN_ARGS: list = []
 
 
 @torch.compiler.assume_constant_result
-def _plan_id(pattern, lq, lk, head_dim, device):
+def _plan_id(pattern, lq, lk, head_dim, dtype, device):
     """The id of the plan for this call; a constant to torch.compile."""
-    block_m, block_n, _, _ = _kernels().block_config(head_dim)
+    block_m, block_n = _kernels().tile_config(head_dim, dtype)
     args = (pattern, lq, lk, block_m, block_n, str(device))
     key = (None if pattern is None else pattern.key,) + args[1:]
     if key not in _PLAN_IDS:
@@ -111,6 +111,9 @@ class TritonBackend(Backend):
             why.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
         elif q.dtype == torch.bfloat16 and not q.is_cuda:
             why.append("bfloat16 arithmetic is wrong in Triton's interpreter: bf16 runs on GPU only")
+        elif q.dtype == torch.float32 and q.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
+            why.append("float32 runs with tf32 dots on GPU: set torch.backends.cuda.matmul.allow_tf32 = True "
+                       "to allow them, or use backend='torch' for exact float32")
         kernels_max = 256
         for name, d in (("head dim", q.shape[-1]), ("value head dim", call.v.shape[-1])):
             if d > kernels_max:
@@ -125,7 +128,7 @@ class TritonBackend(Backend):
     def run(self, call: AttentionCall):
         # gradients share their inputs' strides: contiguous keeps that simple
         q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
-        plan_id = _plan_id(call.pattern, q.shape[2], k.shape[2], max(q.shape[-1], v.shape[-1]), q.device)
+        plan_id = _plan_id(call.pattern, q.shape[2], k.shape[2], max(q.shape[-1], v.shape[-1]), q.dtype, q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
         return attention_fwd(q, k, v, call.attn_mask, plan_id, call.scale, call.dropout_p, seed)
 
