@@ -36,6 +36,7 @@ answer shows in the ``|dout|``/``|dgrad|`` columns and makes the exit code 1.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import contextlib
 import ctypes
 import gc
@@ -60,6 +61,9 @@ from tfk.ops.attention.api import torch_sdpa
 from .registry import Shape, get_shape, shapes_for
 
 IMPLS = ("tfk", "sdpa", "flex")
+# flash-attn, where installed, joins in GPU mode for the shapes it can express
+# (dense, causal, an undilated causal window).
+FLASH = importlib.util.find_spec("flash_attn") is not None
 PLAN_BLOCK = 64  # tile size used for the reported plan density (the torch backend's)
 
 # Output agreement with SDPA: max |diff| <= TOL * max(1, max |sdpa|), per dtype.
@@ -219,6 +223,15 @@ class _Impl:
                 mask = _dense_mask4(pattern, Lq, Lk, device)
                 self.fn = lambda q, k, v: torch_sdpa(q, k, v, attn_mask=mask, enable_gqa=gqa)
                 self.notes.append(f"dense bool mask {tuple(mask.shape)}")
+        elif impl == "flash":
+            from flash_attn import flash_attn_func
+            if not flash_expresses(shape, pattern):
+                raise ValueError(f"flash-attn cannot express {pattern!r}")
+            window = (pattern.left, pattern.right) if isinstance(pattern, tfk.patterns.SlidingWindow) else (-1, -1)
+            causal = shape.causal
+            # flash-attn takes (B, L, H, D)
+            self.fn = lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      causal=causal, window_size=window).transpose(1, 2)
         elif impl == "flex":
             self.backward = torch.device(device).type != "cpu"
             self.flex = _flex_compiled()
@@ -248,6 +261,16 @@ class _Impl:
             self.notes.append(f"mask_mod: {how}")
             self.notes.append(f"pattern.mask failed under torch.compile ({self.fallback_reason})")
             return self.fn(q, k, v)
+
+
+def flash_expresses(shape, pattern):
+    """Whether flash-attn computes this shape's pattern: dense, causal, or an
+    undilated causal window (flash-attn's windows are bottom-right aligned,
+    which equals top-left when Lq == Lk)."""
+    if pattern is None or shape.causal:
+        return True
+    window = isinstance(pattern, tfk.patterns.SlidingWindow) and pattern.dilation == 1
+    return window and pattern.right == 0 and shape.Lq == shape.Lk
 
 
 def _tfk_backend_name(shape, pattern, device, backend):
@@ -453,6 +476,8 @@ def run_shapes(shapes, impls=IMPLS, *, device="cpu", repeat=3, backend="torch", 
             density = pair_density(pattern, shape.Lq, shape.Lk)
             by_impl, tens = {}, {}
             for impl in impls:
+                if impl == "flash" and not flash_expresses(shape, pattern):
+                    continue
                 t0 = time.perf_counter()
                 if isolate:
                     row, t = _run_isolated(shape, impl, device, repeat, backend, tmpdir, timeout, threads)
@@ -617,8 +642,10 @@ def main(argv=None):
         mode = "gpu" if torch.cuda.is_available() else "cpu"
     if mode == "gpu" and not torch.cuda.is_available():
         print("bench.run --mode gpu: no GPU is present (torch.cuda.is_available() is False); nothing timed.")
-        print("The GPU-free check of the kernels is the compile report: python -m bench.compile_report")
-        return 0
+        print("Running the GPU-free check of the kernels instead (python -m bench.compile_report):\n",
+              flush=True)
+        from bench import compile_report
+        return compile_report.main([])
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
     try:
@@ -626,6 +653,8 @@ def main(argv=None):
     except KeyError as e:
         ap.error(str(e.args[0]))
     impls = [i for i in IMPLS if not (args.no_flex and i == "flex")]
+    if mode == "gpu" and FLASH:
+        impls.append("flash")
     device = "cuda" if mode == "gpu" else "cpu"
     backend = args.backend or ("auto" if mode == "gpu" else "torch")
 

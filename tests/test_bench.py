@@ -78,10 +78,14 @@ def test_pair_density():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
-def test_run_gpu_mode_without_gpu_exits_zero(capsys):
+def test_run_gpu_mode_without_gpu_runs_the_compile_report(capsys, monkeypatch):
+    from bench import compile_report
+    calls = []
+    monkeypatch.setattr(compile_report, "main", lambda argv: calls.append(argv) or 0)
     assert run.main(["--mode", "gpu"]) == 0
     out = capsys.readouterr().out
     assert "no GPU" in out and "bench.compile_report" in out
+    assert calls == [[]], "the compile report ran in place of the GPU timings"
 
 
 TINY = report.Op("tiny_union_dropout", "attention", 1, 2, 1, 67, 131, 40,

@@ -1,8 +1,11 @@
 """Flash attention over a tfk plan's block schedule, in Triton.
 
-Forward: one program per (query block, batch * head) of a sub-pass walks the
-key blocks its schedule lists, with an online softmax in the log2 domain, and
-writes out and lse at the queries' original positions. Backward: a dK/dV
+Each sub-pass runs in its own token layout, gathered by the host so that the
+kernels read contiguous tiles (original positions serve masks and dropout
+only); the host scatters the results back and merges sub-passes by
+log-sum-exp. Forward: one program per (query block, batch * head) walks the
+key blocks its schedule lists, with an online softmax in the log2 domain.
+Backward: a dK/dV
 program per (key block, batch * key head) walks the transposed schedule over
 every query head of its group (no atomics, no repeated K/V for GQA); a dQ
 program per query block walks the forward schedule. Both recompute the tile
@@ -17,7 +20,6 @@ File grammar: configs -> kernels -> host forward/backward.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,6 @@ from tfk.backends import new_output
 from tfk.ops.attention.merge import merge_partials
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # -----------------------------------------------------------------------------
 # Configs

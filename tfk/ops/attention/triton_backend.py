@@ -114,10 +114,10 @@ class TritonBackend(Backend):
         elif q.dtype == torch.float32 and q.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
             why.append("float32 runs with tf32 dots on GPU: set torch.backends.cuda.matmul.allow_tf32 = True "
                        "to allow them, or use backend='torch' for exact float32")
-        kernels_max = 256
+        limit = _kernels().MAX_HEAD_DIM
         for name, d in (("head dim", q.shape[-1]), ("value head dim", call.v.shape[-1])):
-            if d > kernels_max:
-                why.append(f"{name} {d} > {kernels_max}")
+            if d > limit:
+                why.append(f"{name} {d} > {limit}")
         if call.attn_mask is not None and call.attn_mask.requires_grad and torch.is_grad_enabled():
             why.append("no gradient with respect to attn_mask (detach it, or use backend='reference')")
         return why
