@@ -15,13 +15,13 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from bench import compile_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -52,14 +52,10 @@ WARP_OPS = 13  # kWarpOps in host_exec_tests.h
 
 
 def _tool(name: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
-        cand = Path(d) / name
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return str(cand)
-    pytest.skip(f"`{name}` not found")
+    try:
+        return compile_report._tool(name)
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 class Lib:

@@ -134,6 +134,31 @@ def _positions(Idx, start, n, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(Ptr, b, h, sb, sh, sr, pos, ok, d, D):
+    """Rows ``pos`` (valid where ``ok``) of a (B, heads, L, D) tensor, columns
+    ``d`` < D: a (rows, d) tile, zeros outside."""
+    return tl.load(Ptr + b * sb + h * sh + pos[:, None] * sr + d[None, :],
+                   mask=ok[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _load_rows_t(Ptr, b, h, sb, sh, sr, pos, ok, d, D):
+    """The transpose of _load_rows: a (d, rows) tile."""
+    return tl.load(Ptr + b * sb + h * sh + pos[None, :] * sr + d[:, None],
+                   mask=ok[None, :] & (d[:, None] < D), other=0.0)
+
+
+@triton.jit
+def _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok):
+    """The merged lse (log2 domain) and delta of rows, for the backward. Rows
+    that saw no key get lse +inf, so every probability exp2(s - inf) is 0."""
+    lse = tl.load(Lse + b * slb + h * slh + rows, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + b * slb + h * slh + rows, mask=row_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, Out, Lse, Mask, QIdx, KIdx, Count, Blocks, Partial, PMasks, Tiles,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
@@ -154,8 +179,7 @@ def _attn_fwd(
     rows = rows.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :],
-                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    q = _load_rows(Q, b, h, sqb, sqh, sqm, rows, row_ok, d, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -168,8 +192,7 @@ def _attn_fwd(
             tl.atomic_add(Tiles + 0, 1)
         cols, col_ok, k_pos = _positions(KIdx, kb * BLOCK_N, lk2, BLOCK_N, HAS_KIDX)
         cols = cols.to(tl.int64)
-        kT = tl.load(K + b * skb + hk * skh + cols[None, :] * skn + d[:, None],
-                     mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
+        kT = _load_rows_t(K, b, hk, skb, skh, skn, cols, col_ok, d, D)
         s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
                          smb, smh, smm, smn, qk_scale, 0, MASK_KIND, BLOCK_M, BLOCK_N, BLOCK_N, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -181,8 +204,7 @@ def _attn_fwd(
         if DROPOUT:
             keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H)
             p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svn + dv[None, :],
-                    mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        v = _load_rows(V, b, hk, svb, svh, svn, cols, col_ok, dv, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0
@@ -217,14 +239,9 @@ def _attn_bwd_dq(
     rows = rows.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :],
-                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sob + h * soh + rows[:, None] * som + dv[None, :],
-                 mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    lse = tl.load(Lse + b * slb + h * slh + rows, mask=row_ok, other=float("-inf"))
-    # rows that saw no key: +inf makes every probability exp2(s - inf) = 0
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + b * slb + h * slh + rows, mask=row_ok, other=0.0)
+    q = _load_rows(Q, b, h, sqb, sqh, sqm, rows, row_ok, d, D)
+    do = _load_rows(DO, b, h, sob, soh, som, rows, row_ok, dv, DV)
+    lse2, delta = _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.load(Count + h * sch + qb * scm)
     sched = h * sbh + qb * sbm
@@ -236,10 +253,8 @@ def _attn_bwd_dq(
         for c0 in tl.static_range(0, BLOCK_N, SUB_N):
             cols, col_ok, k_pos = _positions(KIdx, kb * BLOCK_N + c0, lk2, SUB_N, HAS_KIDX)
             cols = cols.to(tl.int64)
-            kT = tl.load(K + b * skb + hk * skh + cols[None, :] * skn + d[:, None],
-                         mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
-            vT = tl.load(V + b * svb + hk * svh + cols[None, :] * svn + dv[:, None],
-                         mask=col_ok[None, :] & (dv[:, None] < DV), other=0.0)
+            kT = _load_rows_t(K, b, hk, skb, skh, skn, cols, col_ok, d, D)
+            vT = _load_rows_t(V, b, hk, svb, svh, svn, cols, col_ok, dv, DV)
             s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
                              smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION)
             p = tl.exp2(s - lse2[:, None])
@@ -277,10 +292,8 @@ def _attn_bwd_dkdv(
     cols = cols.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    kT = tl.load(K + b * skb + hk * skh + cols[None, :] * skn + d[:, None],
-                 mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
-    vT = tl.load(V + b * svb + hk * svh + cols[None, :] * svn + dv[:, None],
-                 mask=col_ok[None, :] & (dv[:, None] < DV), other=0.0)
+    kT = _load_rows_t(K, b, hk, skb, skh, skn, cols, col_ok, d, D)
+    vT = _load_rows_t(V, b, hk, svb, svh, svn, cols, col_ok, dv, DV)
     dkT = tl.zeros([BLOCK_D, SUB_N], tl.float32)
     dvT = tl.zeros([BLOCK_DV, SUB_N], tl.float32)
     for g in range(0, G):
@@ -295,13 +308,9 @@ def _attn_bwd_dkdv(
                     tl.atomic_add(Tiles + 2, 1)
             rows, row_ok, q_pos = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
             rows = rows.to(tl.int64)
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :],
-                        mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sob + h * soh + rows[:, None] * som + dv[None, :],
-                         mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
-            lse = tl.load(Lse + b * slb + h * slh + rows, mask=row_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(Delta + b * slb + h * slh + rows, mask=row_ok, other=0.0)
+            q = _load_rows(Q, b, h, sqb, sqh, sqm, rows, row_ok, d, D)
+            do = _load_rows(DO, b, h, sob, soh, som, rows, row_ok, dv, DV)
+            lse2, delta = _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok)
             s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
                              smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION)
             p = tl.exp2(s - lse2[:, None])

@@ -2,36 +2,14 @@
 // tests that call them through ctypes on CPU tensors' data_ptr().
 // Return 0 on success, nonzero on error; tfk_host_last_error() says why.
 #include <cstdint>
-#include <exception>
-#include <string>
 
+#include "host/host_api_guard.h"
 #include "merge/merge_lse.h"
 
-namespace {
+using tfk::host_api::fail;
+using tfk::host_api::guarded;
 
-thread_local std::string g_last_error;
-
-int fail(int code, const char* what) {
-  g_last_error = what;
-  return code;
-}
-
-template <typename F>
-int guarded(F&& body) {
-  try {
-    body();
-  } catch (const std::exception& e) {
-    return fail(3, e.what());
-  }
-  g_last_error.clear();
-  return 0;
-}
-
-}  // namespace
-
-#define TFK_HOST_EXPORT extern "C" __attribute__((visibility("default")))
-
-TFK_HOST_EXPORT const char* tfk_host_last_error() { return g_last_error.c_str(); }
+TFK_HOST_EXPORT const char* tfk_host_last_error() { return tfk::host_api::last_error.c_str(); }
 
 TFK_HOST_EXPORT int tfk_host_merge_lse(float* out_acc, float* lse_acc, const float* out_i,
                                        const float* lse_i, int64_t rows, int64_t dim) {

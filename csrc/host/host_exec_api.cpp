@@ -6,38 +6,16 @@
 // Plain C++ (no CUDA, no torch headers, no common/tfk_cuda.h): the layer's
 // settings and counters are reached through host_exec_control().
 #include <cstdint>
-#include <exception>
-#include <string>
 
+#include "host/host_api_guard.h"
 #include "host_exec_tests/host_exec_tests.h"
 
-namespace {
-
-thread_local std::string g_last_error;
-
-int fail(int code, const char* what) {
-  g_last_error = what;
-  return code;
-}
-
-template <typename F>
-int guarded(F&& body) {
-  try {
-    body();
-  } catch (const std::exception& e) {
-    return fail(3, e.what());
-  }
-  g_last_error.clear();
-  return 0;
-}
-
-}  // namespace
+using tfk::host_api::fail;
+using tfk::host_api::guarded;
 
 namespace hx = tfk::host_exec_tests;
 
-#define TFK_HOST_EXPORT extern "C" __attribute__((visibility("default")))
-
-TFK_HOST_EXPORT const char* tfk_host_exec_last_error() { return g_last_error.c_str(); }
+TFK_HOST_EXPORT const char* tfk_host_exec_last_error() { return tfk::host_api::last_error.c_str(); }
 
 TFK_HOST_EXPORT int tfk_host_exec_set_workers(int n) {
   return guarded([&] { hx::host_exec_control(0, n, nullptr); });
