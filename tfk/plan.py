@@ -78,6 +78,21 @@ class Plan:
         return self.num_tiles / max(self.dense_tiles, 1)
 
 
+def to_layout(x, index):
+    """x (B, heads, L, ...) in a sub-pass's layout: its rows ``index``
+    (None: all, in order)."""
+    return x if index is None else x.index_select(2, index)
+
+
+def from_layout(x_l, index, length, fill):
+    """Layout rows back at their original positions along dim 2 (of
+    ``length``); positions outside the layout get ``fill``."""
+    if index is None:
+        return x_l
+    out = torch.full(x_l.shape[:2] + (length,) + x_l.shape[3:], fill, dtype=x_l.dtype, device=x_l.device)
+    return out.index_copy_(2, index, x_l)
+
+
 def _schedule(visit, pid):
     """CSR-like schedule from a (Hp, rows, cols) bool ``visit``: per row, the
     count, the visited column ids ascending (padding repeats the last, so loads

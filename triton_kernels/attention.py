@@ -27,6 +27,7 @@ import triton.language as tl
 from tfk import dropout as drop
 from tfk.backends import new_output
 from tfk.ops.attention.merge import merge_partials
+from tfk.plan import from_layout, to_layout
 
 LOG2E = 1.4426950408889634
 
@@ -393,19 +394,6 @@ class _Launch:
             tiles_visited.add_(self.tiles.cpu().long())
 
 
-def _layout(x, index):
-    """x (B, heads, L, ...) in a sub-pass's layout: rows gathered by index."""
-    return x if index is None else x.index_select(2, index)
-
-
-def _from_layout(x_l, index, length, fill):
-    """Layout rows back at their original positions; rows outside get fill."""
-    if index is None:
-        return x_l
-    out = torch.full(x_l.shape[:2] + (length,) + x_l.shape[3:], fill, dtype=x_l.dtype, device=x_l.device)
-    return out.index_copy_(2, index, x_l)
-
-
 def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
     """out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 over ``plan``.
 
@@ -418,7 +406,7 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
     single = len(plan.subpasses) == 1 and plan.subpasses[0].q_index is None
     out = lse = None
     for sp in plan.subpasses:
-        q_l, k_l, v_l = _layout(q, sp.q_index), _layout(k, sp.kv_index), _layout(v, sp.kv_index)
+        q_l, k_l, v_l = to_layout(q, sp.q_index), to_layout(k, sp.kv_index), to_layout(v, sp.kv_index)
         o = new_output((a.B, a.H, sp.lq, a.DV), q.dtype if single else torch.float32, q.device)
         l = new_output((a.B, a.H, sp.lq), torch.float32, q.device)
         args, strides, meta = a.subpass(sp, "_attn_fwd")
@@ -427,7 +415,7 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
             *q_l.stride()[:3], *k_l.stride()[:3], *v_l.stride()[:3], *o.stride()[:3], *l.stride()[:2],
             *a.mask_strides, *strides,
             a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, *a.dropout, **meta)
-        o, l = _from_layout(o, sp.q_index, a.Lq, 0.0), _from_layout(l, sp.q_index, a.Lq, float("-inf"))
+        o, l = from_layout(o, sp.q_index, a.Lq, 0.0), from_layout(l, sp.q_index, a.Lq, float("-inf"))
         out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
     a.finish()
     if out is None:  # nothing allowed anywhere
@@ -444,8 +432,8 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout
     delta = (dout.float() * out.float()).sum(-1) - dlse.float()
     dq = dk = dv = None
     for sp in plan.subpasses:
-        q_l, do_l, lse_l, delta_l = (_layout(x, sp.q_index) for x in (q, dout, lse, delta))
-        k_l, v_l = _layout(k, sp.kv_index), _layout(v, sp.kv_index)
+        q_l, do_l, lse_l, delta_l = (to_layout(x, sp.q_index) for x in (q, dout, lse, delta))
+        k_l, v_l = to_layout(k, sp.kv_index), to_layout(v, sp.kv_index)
         # float32 results in the layouts, sharing the inputs' (contiguous) strides
         dq_l, dk_l, dv_l = (new_output(x.shape, torch.float32, x.device) for x in (q_l, k_l, v_l))
         strides = (*q_l.stride()[:3], *k_l.stride()[:3], *v_l.stride()[:3], *do_l.stride()[:3],

@@ -15,7 +15,7 @@ import torch
 from ... import dropout as drop
 from ... import backends
 from ...backends import AttentionCall, Backend, register_backend
-from ...plan import get_plan
+from ...plan import from_layout, get_plan, to_layout
 from .merge import merge_partials
 
 BLOCK_Q = 64
@@ -74,10 +74,7 @@ class _Engine:
             self.mask = attn_mask.expand(self.B, self.H, self.Lq, self.Lk)
 
     def layouts(self, sp):
-        q = self.q if sp.q_index is None else self.q[:, :, sp.q_index]
-        k = self.k if sp.kv_index is None else self.k[:, :, sp.kv_index]
-        v = self.v if sp.kv_index is None else self.v[:, :, sp.kv_index]
-        return q, k, v
+        return to_layout(self.q, sp.q_index), to_layout(self.k, sp.kv_index), to_layout(self.v, sp.kv_index)
 
     def chunks(self, sp):
         bq, bk = self.plan.block_q, self.plan.block_k
@@ -120,14 +117,6 @@ class _Engine:
         empty = torch.isneginf(lse)
         return torch.where(empty, torch.zeros_like(s), torch.exp(s - lse.masked_fill(empty, 0)))
 
-    def to_original(self, sp, rows, fill):
-        """Place layout rows (B, H, lq', ...) at their original query positions."""
-        if sp.q_index is None:
-            return rows
-        out = torch.full((self.B, self.H, self.Lq) + rows.shape[3:], fill, dtype=rows.dtype, device=rows.device)
-        out[:, :, sp.q_index] = rows
-        return out
-
     # -- forward --------------------------------------------------------------
 
     def forward(self):
@@ -149,8 +138,8 @@ class _Engine:
                 o_l[:, :, t.r0:t.r1] = (p @ vc).flatten(2, 3)[:, :, :n]
                 lse_l[:, :, t.r0:t.r1] = lse_c.flatten(2, 3)[:, :, :n]
             # queries outside this sub-pass's layout saw none of its keys
-            o_sp = self.to_original(sp, o_l, 0.0)
-            lse_sp = self.to_original(sp, lse_l, float("-inf"))
+            o_sp = from_layout(o_l, sp.q_index, self.Lq, 0.0)
+            lse_sp = from_layout(lse_l, sp.q_index, self.Lq, float("-inf"))
             if out is None:
                 out, lse = o_sp, lse_sp
             else:
@@ -173,7 +162,7 @@ class _Engine:
         tiles = 0
         for sp in self.plan.subpasses:
             q_l, k_l, v_l = self.layouts(sp)
-            lse_l, do_l, delta_l = ((x if sp.q_index is None else x[:, :, sp.q_index]) for x in (lse, dout, delta))
+            lse_l, do_l, delta_l = (to_layout(x, sp.q_index) for x in (lse, dout, delta))
             dq_l = torch.zeros_like(q_l)
             # key gradients per query head, folded onto key heads at the end
             dk_h = torch.zeros(self.B, self.H * sp.lk, k_l.shape[-1], dtype=self.dtype, device=self.q.device)
