@@ -209,7 +209,6 @@ class _Impl:
         Lq, Lk, gqa = shape.Lq, shape.Lk, shape.gqa
         if impl == "tfk":
             self.backend_name = _tfk_backend_name(shape, pattern, device, backend)
-            tfk.get_plan(pattern, Lq, Lk, PLAN_BLOCK, PLAN_BLOCK, device)  # plan built (and cached) up front
             self.fn = lambda q, k, v: tfk.attention(q, k, v, pattern, backend=backend)
             if self.backend_name == "torch" and (pattern is None or shape.causal):
                 self.notes.append("plain dense/causal: the torch backend calls torch's own fused SDPA")
