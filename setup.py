@@ -1,8 +1,10 @@
-"""Build of tfk: the Python package, plus tfk._C (CUDA kernels) when possible.
+"""Build of tfk: the Python package, plus its C++ extensions when possible.
 
-tfk._C is built when torch is importable with CUDA support (torch.version.cuda)
-and a CUDA toolkit is found (tfk/_build_env.py). No GPU is needed. Otherwise
-the pure-Python package is installed and one line says why.
+tfk._C (the CUDA kernels) is built when torch is importable with CUDA support
+(torch.version.cuda) and a CUDA toolkit is found (tfk/_build_env.py). No GPU
+is needed. tfk._sim (the same kernels compiled for the host, run on CPU
+tensors by backend "cuda-sim") is built whenever torch is importable. An
+extension that cannot be built is skipped with one line saying why.
 
 Environment:
   TFK_BUILD_CUDA=1   the extension is required: a reason to skip is an error
@@ -63,8 +65,26 @@ def _cuda_skip_reason(build_env):
     return None
 
 
-def _extension(build_env):
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+def _sim_extension():
+    """tfk._sim, or None with a reason."""
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError as e:
+        print(f"tfk: skipping tfk._sim (the CUDA kernels on the CPU): torch is not importable ({e})",
+              file=sys.stderr)
+        return None
+    # kernels.cpp includes the .cu kernel sources: compiled as host C++, they
+    # run through the host-execution layer (csrc/common/host_exec.h).
+    return CppExtension(
+        name="tfk._sim",
+        sources=["csrc/sim/bindings.cpp", "csrc/sim/kernels.cpp"],
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O2"]},
+    )
+
+
+def _cuda_extension(build_env):
+    from torch.utils.cpp_extension import CUDAExtension
 
     # Kernels (.cu) have no torch headers; bindings.cpp has them. Relative paths:
     # setuptools rejects absolute source paths.
@@ -87,7 +107,7 @@ def _extension(build_env):
     print(f"tfk: building tfk._C with CUDA_HOME={os.environ['CUDA_HOME']} "
           f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
           f"(MAX_JOBS={os.environ['MAX_JOBS']})", file=sys.stderr)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return ext
 
 
 def main():
@@ -97,13 +117,20 @@ def main():
         reason = _cuda_skip_reason(build_env)
     except ValueError as e:  # a bad CUDA_HOME or TFK_CUDA_ARCHS: the user asked for something else
         raise SystemExit(f"tfk: {e}") from None
+    ext_modules = []
     if reason is None:
-        ext_modules, cmdclass = _extension(build_env)
+        ext_modules.append(_cuda_extension(build_env))
     else:
         if os.environ.get("TFK_BUILD_CUDA") == "1":
             raise SystemExit(f"tfk: TFK_BUILD_CUDA=1 but tfk._C cannot be built: {reason}")
         print(f"tfk: skipping the CUDA extension tfk._C: {reason}", file=sys.stderr)
-        ext_modules, cmdclass = [], {}
+    sim = _sim_extension()
+    if sim is not None:
+        ext_modules.append(sim)
+    cmdclass = {}
+    if ext_modules:
+        from torch.utils.cpp_extension import BuildExtension
+        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
     setup(
         packages=packages,
         package_dir=package_dir,

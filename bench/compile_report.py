@@ -21,6 +21,7 @@ needs more shared memory than its arch gives one block.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import os
 import re
@@ -147,8 +148,32 @@ def _demangle(names: list[str]) -> list[str]:
     return out if proc.returncode == 0 and len(out) == len(names) else names
 
 
+# Kernels launched with dynamic shared memory: (namespace, name) -> the last
+# template argument is the head dim. Their bytes come from the kernels' own
+# functions through the host library (tfk_host_dynamic_smem_bytes).
+_DYNAMIC_SMEM = re.compile(r"tfk::attention::\w+::(\w+)<[^>]*,\s*(\d+)>")
+
+
+def _add_dynamic_smem(rows: list[dict], build_dir: Path) -> None:
+    lib = None
+    for r in rows:
+        m = _DYNAMIC_SMEM.search(r["kernel"])
+        if not m:
+            continue
+        if lib is None:
+            lib = ctypes.CDLL(str(build_dir / "libtfk_host.so"))
+            lib.tfk_host_dynamic_smem_bytes.argtypes = [ctypes.c_char_p, ctypes.c_int]
+            lib.tfk_host_dynamic_smem_bytes.restype = ctypes.c_int64
+        n = lib.tfk_host_dynamic_smem_bytes(m.group(1).encode(), int(m.group(2)))
+        if n < 0:
+            raise RuntimeError(f"compile_report: no dynamic shared memory figure for {r['kernel']}")
+        r["smem"] += n
+
+
 def cuda_rows(build_dir: str | os.PathLike, archs: list[str]) -> list[dict]:
-    """Rows from the ptxas logs of the current sources; a missing log is an error."""
+    """Rows from the ptxas logs of the current sources; a missing log is an
+    error. smem is static (ptxas) plus the dynamic shared memory a launch
+    requests."""
     log_dir = Path(build_dir) / "ptxas"
     rows = []
     for src in kernel_sources():
@@ -162,6 +187,7 @@ def cuda_rows(build_dir: str | os.PathLike, archs: list[str]) -> list[dict]:
             rows += found
     for r, name in zip(rows, _demangle([r["mangled"] for r in rows])):
         r["kernel"] = name
+    _add_dynamic_smem(rows, Path(build_dir))
     return rows
 
 

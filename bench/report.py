@@ -16,6 +16,12 @@ of the same reference computed in that dtype plus a floor. Exit code 1 when
 any error exceeds its tolerance (or anything fails), so the report is also a
 check. CUDA tensors when a GPU is present (float16, bfloat16, float32), CPU
 float32 otherwise.
+
+Without a GPU a second table runs the CUDA kernels (csrc/attention/) on the
+CPU through backend "cuda-sim" (tfk's host-execution layer) in float16 and
+bfloat16, for every op they support (all but dropout), checked the same way
+and not timed: the layer emulates a GPU, its speed says nothing about one.
+``--no-sim`` skips it.
 """
 from __future__ import annotations
 
@@ -305,12 +311,34 @@ def format_rows(rows):
     return "\n".join(out)
 
 
+SIM_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _sim_built():
+    from tfk.ops.attention import cuda_backend
+    return cuda_backend._import_error("_sim") is None
+
+
+def _check_all(ops, device, dtypes, **kw):
+    rows = []
+    for op in ops:
+        for dtype in dtypes:
+            try:
+                row = check_op(op, device, dtype, **kw)
+            except Exception:  # noqa: BLE001 -- a failure is a row, and a non-zero exit
+                row = {"op": op.name, "what": op.describe(), "dtype": str(dtype).replace("torch.", ""),
+                       "error": traceback.format_exc(limit=8), "ok": False}
+            rows.append(row)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", metavar="OP", help=f"ops to run, from: {', '.join(o.name for o in OPS)}")
     ap.add_argument("--backend", default="auto", help="backend to check (default: auto)")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per measurement on CPU (median)")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--no-sim", action="store_true", help="skip the CUDA kernels on the CPU (backend cuda-sim)")
     args = ap.parse_args(argv)
     ops = OPS
     if args.only:
@@ -327,16 +355,15 @@ def main(argv=None):
     print(f"errors: max|tfk - ref| / max|ref| against the float64 reference; tolerance fp32 {TOL_FP32:g}"
           + ("; fp16/bf16: 2x the reference's own error in that dtype + floor" if device.type == "cuda" else "")
           + "; times: median, fwd under no_grad\n")
-    rows = []
-    for op in ops:
-        for dtype in dtypes:
-            try:
-                row = check_op(op, device, dtype, backend=args.backend, repeat=args.repeat)
-            except Exception:  # noqa: BLE001 -- a failure is a row, and a non-zero exit
-                row = {"op": op.name, "what": op.describe(), "dtype": str(dtype).replace("torch.", ""),
-                       "error": traceback.format_exc(limit=8), "ok": False}
-            rows.append(row)
+    rows = _check_all(ops, device, dtypes, backend=args.backend, repeat=args.repeat)
     print(format_rows(rows))
+    if device.type == "cpu" and args.backend == "auto" and not args.no_sim and _sim_built():
+        print("\nThe CUDA kernels on the CPU: backend cuda-sim (the csrc/attention/ sources through tfk's "
+              "host-execution layer), untimed; ops without dropout:", flush=True)
+        sim = _check_all([op for op in ops if not op.dropout_p], device, SIM_DTYPES, backend="cuda-sim",
+                         time_it=False)
+        print(format_rows(sim))
+        rows += sim
     print()
     for op in ops:
         print(f"  {op.name:<26} B={op.B} H={op.H} Lq={op.Lq} Lk={op.Lk} D={op.D}: {op.describe()}")

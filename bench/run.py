@@ -212,6 +212,9 @@ class _Impl:
             self.fn = lambda q, k, v: tfk.attention(q, k, v, pattern, backend=backend)
             if self.backend_name == "torch" and (pattern is None or shape.causal):
                 self.notes.append("plain dense/causal: the torch backend calls torch's own fused SDPA")
+        elif impl == "tfk-cuda":
+            self.backend_name = "cuda"
+            self.fn = lambda q, k, v: tfk.attention(q, k, v, pattern, backend="cuda")
         elif impl == "sdpa":
             if shape.causal:
                 self.fn = lambda q, k, v: torch_sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -477,6 +480,8 @@ def run_shapes(shapes, impls=IMPLS, *, device="cpu", repeat=3, backend="torch", 
             for impl in impls:
                 if impl == "flash" and not flash_expresses(shape, pattern):
                     continue
+                if impl == "tfk-cuda" and shape.dtype not in ("fp16", "bf16"):
+                    continue  # the CUDA kernels take fp16 and bf16
                 t0 = time.perf_counter()
                 if isolate:
                     row, t = _run_isolated(shape, impl, device, repeat, backend, tmpdir, timeout, threads)
@@ -652,6 +657,8 @@ def main(argv=None):
     except KeyError as e:
         ap.error(str(e.args[0]))
     impls = [i for i in IMPLS if not (args.no_flex and i == "flex")]
+    if mode == "gpu":
+        impls.append("tfk-cuda")  # backend "cuda" beside "auto"'s choice
     if mode == "gpu" and FLASH:
         impls.append("flash")
     device = "cuda" if mode == "gpu" else "cpu"

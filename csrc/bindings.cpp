@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "attention/ops.h"
 #include "merge/merge_lse.h"
 
 namespace tfk {
@@ -59,15 +60,31 @@ void merge_lse_cuda(const at::Tensor& out_acc, const at::Tensor& lse_acc, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The attention ops on CUDA tensors (csrc/attention/ops.h).
+struct Cuda {
+  static constexpr const char* kFwdName = "tfk::attention_fwd_";
+  static constexpr const char* kBwdName = "tfk::attention_bwd_";
+  using Guard = c10::cuda::CUDAGuard;
+  static void* stream(const at::Tensor& q) {
+    TORCH_CHECK(q.is_cuda(), "tfk: tensors must be on a CUDA device, got ", q.device());
+    return c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  }
+  static void after_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+};
+
 }  // namespace
 }  // namespace tfk
 
 TORCH_LIBRARY(tfk, m) {
   m.def("merge_lse_(Tensor(a!) out_acc, Tensor(b!) lse_acc, Tensor out_i, Tensor lse_i) -> ()");
+  m.def(tfk::attention::kFwdSchema);
+  m.def(tfk::attention::kBwdSchema);
 }
 
 TORCH_LIBRARY_IMPL(tfk, CUDA, m) {
   m.impl("merge_lse_", &tfk::merge_lse_cuda);
+  m.impl("attention_fwd_", &tfk::attention::ops::attention_fwd<tfk::Cuda>);
+  m.impl("attention_bwd_", &tfk::attention::ops::attention_bwd<tfk::Cuda>);
 }
 
 // `import tfk._C` loads this library, which runs the registrations above; the

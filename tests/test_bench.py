@@ -108,6 +108,14 @@ def test_report_sdpa_mask_op_within_tolerance():
     assert row["ok"], row
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_report_cuda_sim_rows(dtype):
+    """The report's second table: the CUDA kernels on the CPU, fp16 and bf16."""
+    op = report.Op("tiny_gqa_window", "attention", 1, 4, 2, 70, 97, 40, pattern=lambda: P.sliding_window(20))
+    row = report.check_op(op, "cpu", dtype, backend="cuda-sim", time_it=False)
+    assert row["ok"] and row["backend"] == "cuda-sim", row
+
+
 def test_report_check_op_catches_a_wrong_output(monkeypatch):
     right = tfk.attention
     monkeypatch.setattr(tfk, "attention", lambda *a, **kw: right(*a, **kw) * 1.001)

@@ -264,6 +264,13 @@ def test_extension_registers_ops():
     x, lse = torch.zeros(3, 4), torch.zeros(3)
     with pytest.raises(NotImplementedError):  # CUDA only: CPU tensors have no kernel
         op(x, lse, x.clone(), lse.clone())
+    # the attention kernels, with the schemas tfk._sim shares (csrc/attention/ops.h)
+    import tfk._sim  # noqa: F401
+    for name in ("attention_fwd_", "attention_bwd_"):
+        cuda, sim = getattr(torch.ops.tfk, name).default, getattr(torch.ops.tfk_sim, name).default
+        assert str(cuda._schema).split("(", 1)[1] == str(sim._schema).split("(", 1)[1]
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(cuda.name(), "CUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(cuda.name(), "CPU")
 
 
 @pytest.mark.gpu

@@ -1,7 +1,9 @@
-"""The triton backend on a real GPU: forward and gradients of every pattern
-in fp16, bf16 and fp32 (tf32 dots) against the float64 reference, at a
-tolerance set by torch's own error in the same dtype. Skipped without a GPU
-(where Triton runs under its interpreter instead: test_attention.py)."""
+"""The triton and cuda backends on a real GPU: forward and gradients of every
+pattern in fp16, bf16 and (triton) fp32 with tf32 dots, against the float64
+reference, at a tolerance set by torch's own error in the same dtype. Skipped
+without a GPU (where Triton runs under its interpreter instead,
+test_attention.py, and the CUDA kernels under the host-execution layer,
+test_cuda_sim.py)."""
 import pytest
 import torch
 
@@ -27,7 +29,18 @@ def _grads(fn, leaves, dout):
 @pytest.mark.parametrize("pattern_id", PATTERN_IDS)
 def test_triton_on_gpu(pattern_id, dtype, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    B, H, Hkv, Lq, Lk, D = 2, 4, 2, 1025, 777, 80
+    _check_on_gpu("triton", pattern_id, dtype, D=80)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [64, 128, 80])
+@pytest.mark.parametrize("pattern_id", PATTERN_IDS)
+def test_cuda_on_gpu(pattern_id, D, dtype):
+    _check_on_gpu("cuda", pattern_id, dtype, D=D)
+
+
+def _check_on_gpu(backend, pattern_id, dtype, D):
+    B, H, Hkv, Lq, Lk = 2, 4, 2, 1025, 777
     pattern = patterns_for_tests(H, Lq, Lk)[pattern_id]
     q, k, v, dout = make_qkv(B, H, Hkv, Lq, Lk, D)
     allowed = pattern_mask(pattern, Lq, Lk)
@@ -36,7 +49,7 @@ def test_triton_on_gpu(pattern_id, dtype, monkeypatch):
     mask = None if allowed is None else allowed.cuda()
     base = _grads(lambda *a: torch_sdpa(*a, attn_mask=mask, enable_gqa=True), [cuda(t) for t in (q, k, v)],
                   cuda(dout))
-    got = _grads(lambda *a: tfk.attention(*a, pattern, backend="triton"), [cuda(t) for t in (q, k, v)], cuda(dout))
+    got = _grads(lambda *a: tfk.attention(*a, pattern, backend=backend), [cuda(t) for t in (q, k, v)], cuda(dout))
     # tf32 dots: torch's fp32 baseline is exact, so fp32 takes the fp16-class floor
     floor = FLOOR[torch.float16 if dtype == torch.float32 else dtype]
     for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, base, ref):

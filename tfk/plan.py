@@ -233,3 +233,25 @@ def get_plan(pattern, lq, lk, block_q, block_k, device="cpu") -> Plan:
 
 def clear_plan_cache():
     _CACHE.clear()
+
+
+# Plans reach custom ops as int ids (ops take tensors and scalars only): an id
+# names get_plan's arguments, so the plan itself stays in its cache.
+_PLAN_IDS: dict = {}
+_PLAN_ARGS: list = []
+
+
+@torch.compiler.assume_constant_result
+def plan_id(pattern, lq, lk, block_q, block_k, device) -> int:
+    """The id of ``get_plan(pattern, lq, lk, block_q, block_k, device)``; a
+    constant to torch.compile."""
+    args = (pattern, lq, lk, block_q, block_k, str(device))
+    key = (None if pattern is None else pattern.key,) + args[1:]
+    if key not in _PLAN_IDS:
+        _PLAN_IDS[key] = len(_PLAN_ARGS)
+        _PLAN_ARGS.append(args)
+    return _PLAN_IDS[key]
+
+
+def plan_by_id(plan_id) -> Plan:
+    return get_plan(*_PLAN_ARGS[plan_id])

@@ -25,9 +25,7 @@ import triton
 import triton.language as tl
 
 from tfk import dropout as drop
-from tfk.backends import new_output
-from tfk.ops.attention.merge import merge_partials
-from tfk.plan import from_layout, to_layout
+from tfk.ops.attention.engine import backward_over_plan, delta_of, forward_over_plan
 
 LOG2E = 1.4426950408889634
 
@@ -403,25 +401,18 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
     and sub-passes merge by log-sum-exp.
     """
     a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed)
-    single = len(plan.subpasses) == 1 and plan.subpasses[0].q_index is None
-    out = lse = None
-    for sp in plan.subpasses:
-        q_l, k_l, v_l = to_layout(q, sp.q_index), to_layout(k, sp.kv_index), to_layout(v, sp.kv_index)
-        o = new_output((a.B, a.H, sp.lq, a.DV), q.dtype if single else torch.float32, q.device)
-        l = new_output((a.B, a.H, sp.lq), torch.float32, q.device)
+
+    def run(sp, q_l, k_l, v_l, o, l):
         args, strides, meta = a.subpass(sp, "_attn_fwd")
         _attn_fwd[(sp.kv_count.shape[1], a.B * a.H)](
             q_l, k_l, v_l, o, l, a.mask, *args,
             *q_l.stride()[:3], *k_l.stride()[:3], *v_l.stride()[:3], *o.stride()[:3], *l.stride()[:2],
             *a.mask_strides, *strides,
             a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, *a.dropout, **meta)
-        o, l = from_layout(o, sp.q_index, a.Lq, 0.0), from_layout(l, sp.q_index, a.Lq, float("-inf"))
-        out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
+
+    result = forward_over_plan(plan, q, k, v, a.DV, run)
     a.finish()
-    if out is None:  # nothing allowed anywhere
-        return (torch.zeros(a.B, a.H, a.Lq, a.DV, dtype=q.dtype, device=q.device),
-                torch.full((a.B, a.H, a.Lq), float("-inf"), device=q.device))
-    return out.to(q.dtype), lse
+    return result
 
 
 def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed):
@@ -429,13 +420,8 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout
     gradient dlse. Every sub-pass recomputes its tiles with the merged lse."""
     a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed)
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1) - dlse.float()
-    dq = dk = dv = None
-    for sp in plan.subpasses:
-        q_l, do_l, lse_l, delta_l = (to_layout(x, sp.q_index) for x in (q, dout, lse, delta))
-        k_l, v_l = to_layout(k, sp.kv_index), to_layout(v, sp.kv_index)
-        # float32 results in the layouts, sharing the inputs' (contiguous) strides
-        dq_l, dk_l, dv_l = (new_output(x.shape, torch.float32, x.device) for x in (q_l, k_l, v_l))
+
+    def run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l):
         strides = (*q_l.stride()[:3], *k_l.stride()[:3], *v_l.stride()[:3], *do_l.stride()[:3],
                    *lse_l.stride()[:2], *a.mask_strides)
         args, sched, meta = a.subpass(sp, "_attn_bwd_dq")
@@ -446,11 +432,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout
         _attn_bwd_dkdv[(sp.q_count.shape[1] * meta["SPLIT_N"], a.B * a.Hkv)](
             q_l, k_l, v_l, do_l, lse_l, delta_l, dk_l, dv_l, a.mask, *args, *strides, *sched,
             a.H, a.Hkv, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, **meta)
-        if dq is None:
-            dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
-        for full, part, index in ((dq, dq_l, sp.q_index), (dk, dk_l, sp.kv_index), (dv, dv_l, sp.kv_index)):
-            full.add_(part) if index is None else full.index_add_(2, index, part)
+
+    dq, dk, dv = backward_over_plan(plan, q, k, v, dout, lse, delta_of(out, dout, dlse), run)
     a.finish()
-    if dq is None:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
 
 import torch
 
 from ... import dropout as drop
 from ...backends import AttentionCall, Backend, register_backend
-from ...plan import get_plan
+from ...plan import plan_id
+from .engine import attention_ops, kernel_reasons
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -28,71 +28,20 @@ def _kernels():
     return attention
 
 
-# Plans reach the custom ops as an int id (ops take tensors and scalars only):
-# the id names get_plan's arguments, so the plan itself stays in its cache.
-_PLAN_IDS: dict = {}
-_PLAN_ARGS: list = []
-
-
-@torch.compiler.assume_constant_result
 def _plan_id(pattern, lq, lk, head_dim, dtype, device):
-    """The id of the plan for this call; a constant to torch.compile."""
-    block_m, block_n = _kernels().tile_config(head_dim, dtype)
-    args = (pattern, lq, lk, block_m, block_n, str(device))
-    key = (None if pattern is None else pattern.key,) + args[1:]
-    if key not in _PLAN_IDS:
-        _PLAN_IDS[key] = len(_PLAN_ARGS)
-        _PLAN_ARGS.append(args)
-    return _PLAN_IDS[key]
+    return plan_id(pattern, lq, lk, *_kernels().tile_config(head_dim, dtype), device)
 
 
-def _plan(plan_id):
-    return get_plan(*_PLAN_ARGS[plan_id])
+def _forward(q, k, v, plan, mask, scale, dropout_p, seed):
+    return _kernels().attention_forward(q, k, v, plan, mask, scale, dropout_p, seed)
 
 
-@torch.library.custom_op("tfk::triton_attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                  plan_id: int, scale: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32."""
-    return _kernels().attention_forward(q, k, v, _plan(plan_id), mask, scale, dropout_p, seed)
+def _backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed):
+    return _kernels().attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed)
 
 
-@attention_fwd.register_fake
-def _(q, k, v, mask, plan_id, scale, dropout_p, seed):
-    B, H, Lq, _ = q.shape
-    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=torch.float32)
-
-
-@torch.library.custom_op("tfk::triton_attention_bwd", mutates_args=())
-def attention_bwd(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor], plan_id: int, scale: float,
-                  dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv."""
-    return _kernels().attention_backward(dout, dlse, q, k, v, out, lse, _plan(plan_id), mask, scale,
-                                         dropout_p, seed)
-
-
-@attention_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, mask, plan_id, scale, dropout_p, seed):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask, plan_id, scale, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.args = (plan_id, scale, dropout_p, seed)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    if dlse is None:
-        dlse = torch.zeros_like(lse)
-    dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, mask, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+# out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32; dq, dk, dv.
+attention_fwd = attention_ops("triton_attention", _forward, _backward)
 
 
 class TritonBackend(Backend):
@@ -114,13 +63,7 @@ class TritonBackend(Backend):
         elif q.dtype == torch.float32 and q.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
             why.append("float32 runs with tf32 dots on GPU: set torch.backends.cuda.matmul.allow_tf32 = True "
                        "to allow them, or use backend='torch' for exact float32")
-        limit = _kernels().MAX_HEAD_DIM
-        for name, d in (("head dim", q.shape[-1]), ("value head dim", call.v.shape[-1])):
-            if d > limit:
-                why.append(f"{name} {d} > {limit}")
-        if call.attn_mask is not None and call.attn_mask.requires_grad and torch.is_grad_enabled():
-            why.append("no gradient with respect to attn_mask (detach it, or use backend='reference')")
-        return why
+        return why + kernel_reasons(call, _kernels().MAX_HEAD_DIM)
 
     def auto_for(self, call):
         return call.q.is_cuda

@@ -1,0 +1,96 @@
+// Fused attention over one sub-pass of a plan (tfk/plan.py), FlashAttention-2
+// style: forward (out, lse) and backward (dq, dk, dv).
+//
+// Free of CUDA and torch headers: included by the kernels (nvcc, or the host
+// compiler in host mode), and by the torch bindings (csrc/attention/ops.h).
+//
+// Tensors are contiguous, in the sub-pass's token layout (the host gathers it):
+//   q, dout (B, H, Lq, head_dim)   k, v (B, Hkv, Lk, head_dim)
+// with head_dim 64 or 128 (the bindings pad other sizes with zeros, and Dv to
+// the same size as D). Key and value heads are shared by H / Hkv query heads.
+#pragma once
+
+#include <cstdint>
+
+namespace tfk {
+namespace attention {
+
+// The plan's tile, fixed: 4 warps of 16 query rows (or 16 keys in dK/dV).
+constexpr int kBlockM = 64;  // queries per tile
+constexpr int kBlockN = 64;  // keys per tile
+constexpr int kThreads = 128;
+// Kernels declare __launch_bounds__(kThreads, 1): their shared memory (40-97
+// KiB) allows only 1-3 blocks per SM anyway, and without the minimum ptxas
+// aims at more and spills at head dim 128.
+
+enum class Dtype : int { kHalf = 0, kBFloat16 = 1 };
+
+// A block schedule (plan.SubPass): per block of one side, the blocks of the
+// other side to visit, ascending, and for each a row of partial_masks or -1
+// for a full tile. int32 tables of shape (Hp, nblocks) and (Hp, nblocks, width).
+struct Schedule {
+  const int32_t* count = nullptr;
+  const int32_t* blocks = nullptr;
+  const int32_t* partial = nullptr;
+  bool per_head = false;    // tables per head (Hp = H), else one for every head
+  int64_t width = 0;        // blocks per row
+};
+
+// What the forward and backward kernels share.
+struct Params {
+  Dtype dtype = Dtype::kHalf;
+  int head_dim = 64;
+  int batch = 0, heads = 0, kv_heads = 0;
+  int lq = 0, lk = 0;          // layout lengths
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  float scale = 1.f;           // on q.k
+  // Original positions of the layout's rows (int64, length lq / lk), or null
+  // for the identity: user masks are indexed by original position.
+  const int64_t* q_index = nullptr;
+  const int64_t* kv_index = nullptr;
+  // User mask, read through broadcast strides (elements) over (B, H, Lq, Lk)
+  // in original positions: 0 none, 1 bool as uint8 (keep where nonzero),
+  // 2 float32, added to the scores.
+  int mask_kind = 0;
+  const void* mask = nullptr;
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  // (n_partial, kBlockM, kBlockN) uint8 tile masks of the partial tiles,
+  // indexed [query][key] within the tile; zero outside the sequence.
+  const uint8_t* partial_masks = nullptr;
+  Schedule kv_schedule;        // per query block: key blocks (forward, dQ)
+  // Optional int32[3]: tiles visited by the forward, dQ and dK/dV kernels,
+  // counted by the kernels (tests prove no tile outside the plan is touched).
+  int32_t* tiles = nullptr;
+};
+
+struct FwdParams : Params {
+  void* out = nullptr;         // (B, H, Lq, head_dim): float32 if out_f32, else q's dtype
+  bool out_f32 = false;
+  float* lse = nullptr;        // (B, H, Lq), natural log; -inf for a row with no key
+};
+
+struct BwdParams : Params {
+  const void* dout = nullptr;   // like q
+  const float* lse = nullptr;   // (B, H, Lq): the merged forward lse
+  const float* delta = nullptr; // (B, H, Lq): rowsum(dout * out) - dlse
+  float* dq = nullptr;          // like q, float32
+  float* dk = nullptr;          // like k, float32
+  float* dv = nullptr;          // like v, float32
+  Schedule q_schedule;          // per key block: query blocks (dK/dV)
+};
+
+// Dynamic shared memory of each kernel (bytes), for the bindings' checks.
+int64_t fwd_smem_bytes(int head_dim);
+int64_t bwd_dq_smem_bytes(int head_dim);
+int64_t bwd_dkdv_smem_bytes(int head_dim);
+
+// `stream` is a cudaStream_t (ignored in host mode). Errors surface through
+// cudaGetLastError() (CUDA) or exceptions (host mode); unsupported head dims
+// or dtypes throw std::invalid_argument before launching.
+void fwd_launch(const FwdParams& p, void* stream);
+void bwd_launch(const BwdParams& p, void* stream);
+
+}  // namespace attention
+}  // namespace tfk

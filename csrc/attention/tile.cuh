@@ -1,0 +1,306 @@
+// Device pieces shared by the attention kernels: element traits, shared-memory
+// tiles (cp.async in, ldmatrix out) and fragment conversions.
+//
+// Tiles are kBlockM (= kBlockN) rows of HD 16-bit elements in shared memory,
+// each row's 16-byte chunks XOR-swizzled by (row % 8) so that the eight rows
+// one ldmatrix phase reads fall in different banks.
+//
+// Fragment names follow common/warp_primitives.h: per warp, g = lane / 4 and
+// t = lane % 4; a C fragment (16x8 f32) holds rows g and g + 8, columns 2t and
+// 2t + 1.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "attention/attention.h"
+#include "common/tfk_cuda.h"
+#include "common/warp_primitives.h"
+
+namespace tfk {
+namespace attention {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__half> {
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return pack_half2(lo, hi); }
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t b0,
+                                             const uint32_t b1) {
+    const uint32_t b[2] = {b0, b1};
+    mma_m16n8k16_f16f32(d, a, b, d);
+  }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return pack_bfloat162(lo, hi); }
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t b0,
+                                             const uint32_t b1) {
+    const uint32_t b[2] = {b0, b1};
+    mma_m16n8k16_bf16f32(d, a, b, d);
+  }
+};
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled tile.
+template <int HD>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  return row * HD + ((chunk ^ (row & 7)) << 3);
+}
+
+// cp.async of rows [0, 64) of a row-major (row stride HD) global tile into a
+// swizzled shared tile; rows >= valid are zero-filled and not read. The
+// caller commits the group.
+template <int HD, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int valid) {
+  constexpr int kChunks = HD / 8;
+  for (int i = threadIdx.x; i < kBlockM * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const bool ok = r < valid;
+    cp_async_16(smem + tile_offset<HD>(r, c), ok ? gmem + static_cast<int64_t>(r) * HD + c * 8 : gmem,
+                ok ? 16u : 0u);
+  }
+}
+
+// cp.async of `valid` (<= 64) float32 row statistics; the rest zero-filled.
+__device__ __forceinline__ void load_rows_f32(float* smem, const float* gmem, int valid) {
+  if (threadIdx.x < kBlockM) {
+    const int r = threadIdx.x;
+    cp_async_4(smem + r, r < valid ? gmem + r : gmem, r < valid ? 4u : 0u);
+  }
+}
+
+// A fragment (16x16, row-major) of rows [row0, row0 + 16), columns [16kk, 16kk + 16).
+template <int HD, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int kk) {
+  const int l = lane_id();
+  ldmatrix_x4(a, tile + tile_offset<HD>(row0 + (l & 15), 2 * kk + (l >> 4)));
+}
+
+// B fragments of two n-tiles, [n0, n0 + 8) in b[0..1] and [n0 + 8, n0 + 16) in
+// b[2..3], k in [16kk, 16kk + 16), from a tile stored n-major (row = n, e.g.
+// K in Q K^T): B[k][n] = tile[n][k].
+template <int HD, typename T>
+__device__ __forceinline__ void load_b_nmajor(uint32_t (&b)[4], const T* tile, int n0, int kk) {
+  const int l = lane_id();
+  ldmatrix_x4(b, tile + tile_offset<HD>(n0 + (l & 7) + ((l >> 4) << 3), 2 * kk + ((l >> 3) & 1)));
+}
+
+// The same from a tile stored k-major (row = k, e.g. V in P V): B[k][n] =
+// tile[k][n], k in [k0, k0 + 16), n in [n0, n0 + 16) (n0 a multiple of 8).
+template <int HD, typename T>
+__device__ __forceinline__ void load_b_kmajor(uint32_t (&b)[4], const T* tile, int k0, int n0) {
+  const int l = lane_id();
+  ldmatrix_x4_trans(b, tile + tile_offset<HD>(k0 + (l & 15), (n0 >> 3) + (l >> 4)));
+}
+
+// The A fragment of k-step kk (columns [16kk, 16kk + 16)) of a 16 x 8N f32
+// accumulator held as C fragments c[N][4], rounded to T: how P (or dS) feeds
+// the next product without leaving registers.
+template <typename T, int N>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[N][4], int kk) {
+  a[0] = Elem<T>::pack(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = Elem<T>::pack(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = Elem<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = Elem<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// c[N][4] (16 rows x 8N columns) += A (16 x HD, shared, rows [a_row0, +16)) *
+// B^T, B n-major in shared memory with rows [b_row0, b_row0 + 8N): scores.
+template <int HD, int N, typename T>
+__device__ __forceinline__ void gemm_abt(float (&c)[N][4], const T* a_tile, int a_row0, const T* b_tile,
+                                         int b_row0) {
+  TFK_UNROLL
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    uint32_t a[4];
+    load_a<HD>(a, a_tile, a_row0, kk);
+    TFK_UNROLL
+    for (int n = 0; n < N; n += 2) {
+      uint32_t b[4];
+      load_b_nmajor<HD>(b, b_tile, b_row0 + 8 * n, kk);
+      Elem<T>::mma(c[n], a, b[0], b[1]);
+      Elem<T>::mma(c[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[HD / 8][4] (16 x HD) += P (16 x 16K, C fragments p[2K][4]) * B, B
+// k-major in shared memory with rows [b_row0, b_row0 + 16K): P V, dS K, ...
+template <int HD, int K, typename T>
+__device__ __forceinline__ void gemm_pb(float (&acc)[HD / 8][4], const float (&p)[2 * K][4], const T* b_tile,
+                                        int b_row0) {
+  TFK_UNROLL
+  for (int kk = 0; kk < K; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(a, p, kk);
+    TFK_UNROLL
+    for (int n = 0; n < HD / 8; n += 2) {
+      uint32_t b[4];
+      load_b_kmajor<HD>(b, b_tile, b_row0 + 16 * kk, 8 * n);
+      Elem<T>::mma(acc[n], a, b[0], b[1]);
+      Elem<T>::mma(acc[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Whether the user mask lets (query row, key col) of the layout through, and
+// what it adds to the score (log2 units); rows and cols inside the sequence.
+struct UserMask {
+  int kind;
+  const void* mask;
+  int64_t base;  // b * stride[0] + h * stride[1]
+  int64_t sm, sn;
+  const int64_t* q_index;
+  const int64_t* kv_index;
+
+  __device__ __forceinline__ float bias(int row, int col) const {
+    const int64_t i = q_index ? q_index[row] : row;
+    const int64_t j = kv_index ? kv_index[col] : col;
+    const int64_t off = base + i * sm + j * sn;
+    if (kind == 1) return static_cast<const uint8_t*>(mask)[off] ? 0.f : -INFINITY;
+    return static_cast<const float*>(mask)[off] * kLog2e;
+  }
+};
+
+__device__ __forceinline__ UserMask user_mask(const Params& p, int b, int h) {
+  return UserMask{p.mask_kind,        p.mask,          b * p.mask_stride[0] + h * p.mask_stride[1],
+                  p.mask_stride[2],   p.mask_stride[3], p.q_index,
+                  p.kv_index};
+}
+
+// Scores of one tile to log2 units (times scale_log2), with its masks: pairs
+// outside the sequence, outside the plan's tile mask (partial tile `pid`, or
+// -1 for a full one) or refused by the user mask become -inf; a float user
+// mask adds. Element (i of n-tile n) of the 16 x 8N fragment is at tile row
+// row0 + g + 8 * (i / 2), column col0 + 8n + 2t + i % 2; rows are queries and
+// columns keys, or the other way round when kTransposed (dK/dV).
+template <bool kTransposed, int N>
+__device__ __forceinline__ void scale_and_mask(float (&s)[N][4], const Params& p, const UserMask& user, int pid,
+                                               int q0, int k0, int row0, int col0, float scale_log2) {
+  // Interior full tiles without a user mask (most tiles) only scale. Full
+  // tiles may reach past the sequence's end: the plan only bounds-masks
+  // partial ones.
+  if (pid < 0 && p.mask_kind == 0 && q0 + kBlockM <= p.lq && k0 + kBlockN <= p.lk) {
+    TFK_UNROLL
+    for (int n = 0; n < N; ++n) {
+      TFK_UNROLL
+      for (int i = 0; i < 4; ++i) s[n][i] *= scale_log2;
+    }
+    return;
+  }
+  const uint8_t* pm = pid >= 0 ? p.partial_masks + static_cast<int64_t>(pid) * kBlockM * kBlockN : nullptr;
+  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+  TFK_UNROLL
+  for (int n = 0; n < N; ++n) {
+    TFK_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const int a = row0 + g + 8 * (i >> 1), c = col0 + n * 8 + 2 * t + (i & 1);
+      const int qr = kTransposed ? c : a, kr = kTransposed ? a : c;
+      float x = s[n][i] * scale_log2;
+      if (q0 + qr >= p.lq || k0 + kr >= p.lk || (pm && !pm[qr * kBlockN + kr])) {
+        x = -INFINITY;
+      } else if (p.mask_kind != 0) {
+        x += user.bias(q0 + qr, k0 + kr);
+      }
+      s[n][i] = x;
+    }
+  }
+}
+
+// Counts one visited tile in tiles[which] when the caller asked for counts.
+__device__ __forceinline__ void count_tile(const Params& p, int which) {
+  if (p.tiles && threadIdx.x == 0) atomicAdd(p.tiles + which, 1);
+}
+
+// Reduction over the four lanes (t = 0..3) that share a row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// The schedule row of block `blk` for head h.
+struct ScheduleRow {
+  int count;
+  const int32_t* blocks;
+  const int32_t* partial;
+};
+
+__device__ __forceinline__ ScheduleRow schedule_row(const Schedule& s, int h, int blk, int nblocks) {
+  const int64_t row = (s.per_head ? static_cast<int64_t>(h) * nblocks : 0) + blk;
+  return ScheduleRow{s.count[row], s.blocks + row * s.width, s.partial + row * s.width};
+}
+
+// What the forward and dQ kernels share: block (blockIdx.x, y, z) = (query
+// block, head, batch), its schedule row and its head's keys and values.
+template <typename T, int HD>
+struct QueryBlock {
+  int q0, h, b;
+  int q_valid;     // rows of the block inside the sequence
+  int64_t row0;    // its first row in (B, H, Lq) tensors
+  ScheduleRow sched;
+  const T* k;
+  const T* v;
+  int lk;
+
+  __device__ __forceinline__ explicit QueryBlock(const Params& p)
+      : q0(blockIdx.x * kBlockM), h(blockIdx.y), b(blockIdx.z), q_valid(min(kBlockM, p.lq - q0)),
+        row0(static_cast<int64_t>(b * p.heads + h) * p.lq + q0),
+        sched(schedule_row(p.kv_schedule, h, blockIdx.x, (p.lq + kBlockM - 1) / kBlockM)),
+        lk(p.lk) {
+    const int64_t kv_row0 = static_cast<int64_t>(b * p.kv_heads + h / (p.heads / p.kv_heads)) * p.lk;
+    k = static_cast<const T*>(p.k) + kv_row0 * HD;
+    v = static_cast<const T*>(p.v) + kv_row0 * HD;
+  }
+
+  // cp.async of the it-th scheduled key and value tiles into buffer it % 2 of
+  // sK and sV (two tiles each; not committed).
+  __device__ __forceinline__ void load_kv(T* sK, T* sV, int it) const {
+    const int64_t k0 = static_cast<int64_t>(sched.blocks[it]) * kBlockN;
+    const int valid = min(kBlockN, lk - static_cast<int>(k0));
+    const int buf = (it & 1) * kBlockN * HD;
+    load_tile<HD>(sK + buf, k + k0 * HD, valid);
+    load_tile<HD>(sV + buf, v + k0 * HD, valid);
+  }
+
+  // The double buffer's step before the math on tile it: starts the copy of
+  // tile it + 1 into the other buffer, then waits until tile it (and what
+  // was committed with it) has landed and is visible to the whole block.
+  __device__ __forceinline__ void await_kv(T* sK, T* sV, int it) const {
+    if (it + 1 < sched.count) {
+      load_kv(sK, sV, it + 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+  }
+};
+
+// Runs Launcher::run<T, HD>(p, stream) for p's dtype and head dim (the
+// instantiated ones: 64 and 128).
+template <typename Launcher, typename P>
+void dispatch(const P& p, void* stream) {
+  const bool bf16 = p.dtype == Dtype::kBFloat16;
+  if (p.head_dim == 64) {
+    bf16 ? Launcher::template run<__nv_bfloat16, 64>(p, stream) : Launcher::template run<__half, 64>(p, stream);
+  } else if (p.head_dim == 128) {
+    bf16 ? Launcher::template run<__nv_bfloat16, 128>(p, stream) : Launcher::template run<__half, 128>(p, stream);
+  } else {
+    throw std::invalid_argument("tfk attention: head_dim " + std::to_string(p.head_dim) +
+                                " (kernels take 64 or 128)");
+  }
+}
+
+}  // namespace attention
+}  // namespace tfk

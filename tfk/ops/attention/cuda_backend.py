@@ -1,0 +1,190 @@
+"""Backends "cuda" and "cuda-sim": the FlashAttention-2 style CUDA kernels of
+csrc/attention/ (ldmatrix + mma.sync, cp.async double buffering, online
+softmax) over the engine's plans.
+
+"cuda" runs them on a GPU through tfk._C (built for sm_80 and sm_90).
+"cuda-sim" runs the same sources, compiled for the host (tfk._sim), on CPU
+tensors through tfk's host-execution layer: for tests and debugging, never
+chosen by "auto", and slow (a 4-warp block's threads are fibers).
+
+Both take float16 and bfloat16, head dims up to 128 (the kernels are built for
+64 and 128; smaller head dims are padded with zeros), any D != Dv, GQA,
+Lq != Lk, every pattern and user masks. Tiles are 64 x 64.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from ...backends import AttentionCall, Backend, register_backend
+from ...plan import plan_id
+from .engine import attention_ops, backward_over_plan, delta_of, forward_over_plan, kernel_reasons
+
+BLOCK = 64            # kBlockM = kBlockN in csrc/attention/attention.h
+HEAD_DIMS = (64, 128)  # the instantiated kernels
+_DTYPES = (torch.float16, torch.bfloat16)
+
+# Tiles visited by the kernels (forward, dQ, dK/dV), counted in the kernels
+# themselves when COUNT_TILES is set: tests prove no tile outside the plan is
+# touched. Off by default (an atomic per tile).
+COUNT_TILES = False
+tiles_visited = torch.zeros(3, dtype=torch.int64)
+
+
+_IMPORT_ERRORS: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _import_error(module: str):
+    """Why tfk.<module> cannot be imported, or None (a constant to torch.compile)."""
+    if module not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(f"tfk.{module}")
+            _IMPORT_ERRORS[module] = None
+        except ImportError as e:
+            _IMPORT_ERRORS[module] = str(e)
+    return _IMPORT_ERRORS[module]
+
+
+def _ops(device):
+    """torch.ops.tfk (tfk._C) for CUDA tensors, torch.ops.tfk_sim (tfk._sim) for CPU tensors."""
+    if device.type == "cuda":
+        importlib.import_module("tfk._C")
+        return torch.ops.tfk
+    importlib.import_module("tfk._sim")
+    return torch.ops.tfk_sim
+
+
+def kernel_head_dim(d: int) -> int:
+    """The instantiated head dim that holds ``d`` (<= 128)."""
+    return next(h for h in HEAD_DIMS if d <= h)
+
+
+def _pad(x, hd):
+    """x with its last dim zero-padded to hd, contiguous (zeros change no dot product)."""
+    return x.contiguous() if x.shape[-1] == hd else F.pad(x, (0, hd - x.shape[-1]))
+
+
+def _kernel_mask(mask, shape):
+    """A (B, H, Lq, Lk) view the kernels read through strides: bool as uint8, else float32."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask.expand(shape).view(torch.uint8)
+    return mask.to(torch.float32).expand(shape)
+
+
+def _schedules(sp, backward):
+    """The sub-pass's schedule tensors in the ops' argument order."""
+    kv = (sp.kv_count, sp.kv_blocks, sp.kv_partial)
+    return kv + (sp.q_count, sp.q_blocks, sp.q_partial) if backward else kv
+
+
+def _prepare(q, k, v, mask):
+    """The kernels' head dim, the ops for q's device, the mask as they read
+    it, and the tile counters (None unless COUNT_TILES)."""
+    hd = kernel_head_dim(max(q.shape[-1], v.shape[-1]))
+    m = _kernel_mask(mask, (*q.shape[:3], k.shape[2]))
+    tiles = torch.zeros(3, dtype=torch.int32, device=q.device) if COUNT_TILES else None
+    return hd, _ops(q.device), m, tiles
+
+
+def _count(tiles):
+    if tiles is not None:
+        tiles_visited.add_(tiles.cpu().long())
+
+
+def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0):
+    """out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 over ``plan``
+    (64 x 64 tiles). q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv);
+    mask None, or bool/float broadcastable to (B, H, Lq, Lk). No dropout."""
+    assert dropout_p == 0.0, "the CUDA kernels have no dropout"
+    hd, ops, m, tiles = _prepare(q, k, v, mask)
+
+    def run(sp, q_l, k_l, v_l, o, l):
+        ops.attention_fwd_(q_l, k_l, v_l, m, sp.q_index, sp.kv_index, *_schedules(sp, False),
+                           sp.partial_masks.view(torch.uint8), scale, o, l, tiles=tiles)
+
+    out, lse = forward_over_plan(plan, _pad(q, hd), _pad(k, hd), _pad(v, hd), hd, run)
+    _count(tiles)
+    Dv = v.shape[-1]
+    return (out if Dv == hd else out[..., :Dv].contiguous()), lse
+
+
+def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p=0.0, seed=0):
+    """dq, dk, dv for ``attention_forward``'s result, given dout and lse's gradient dlse."""
+    assert dropout_p == 0.0, "the CUDA kernels have no dropout"
+    hd, ops, m, tiles = _prepare(q, k, v, mask)
+
+    def run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l):
+        ops.attention_bwd_(do_l, q_l, k_l, v_l, lse_l, delta_l, m, sp.q_index, sp.kv_index,
+                           *_schedules(sp, True), sp.partial_masks.view(torch.uint8), scale, dq_l, dk_l, dv_l,
+                           tiles=tiles)
+
+    dq, dk, dv = backward_over_plan(plan, _pad(q, hd), _pad(k, hd), _pad(v, hd), _pad(dout, hd), lse,
+                                    delta_of(out, dout, dlse), run)
+    _count(tiles)
+    D, Dv = q.shape[-1], v.shape[-1]
+    return dq[..., :D].to(q.dtype), dk[..., :D].to(k.dtype), dv[..., :Dv].to(v.dtype)
+
+
+# out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32; dq, dk, dv.
+attention_fwd = attention_ops("cuda_attention", attention_forward, attention_backward)
+
+
+class CudaBackend(Backend):
+    """The CUDA kernels on a GPU (tfk._C)."""
+    name = "cuda"
+    # Below "triton" under "auto" until the kernels are measured on a GPU.
+    priority = 15
+    module = "_C"
+
+    def device_reasons(self, q):
+        if not q.is_cuda:
+            return [f"tensors on {q.device}: needs CUDA tensors (backend 'cuda-sim' runs the kernels on CPU)"]
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            return [f"GPU sm_{major}{minor}: the kernels use sm_80 instructions (mma.sync bf16, cp.async)"]
+        return []
+
+    def reasons(self, call):
+        q = call.q
+        error = _import_error(self.module)
+        if error is not None:
+            return [f"tfk.{self.module} is not built ({error}); reinstall tfk with a C++ compiler"
+                    + (", nvcc and a CUDA build of torch" if self.module == "_C" else "")]
+        why = self.device_reasons(q)
+        if q.dtype not in _DTYPES:
+            why.append(f"dtype {q.dtype} (supports float16, bfloat16)")
+        if call.dropout_p > 0:
+            why.append("dropout is not implemented in the CUDA kernels (backends 'triton' and 'torch' have it)")
+        return why + kernel_reasons(call, HEAD_DIMS[-1])
+
+    def auto_for(self, call):
+        return call.q.is_cuda
+
+    def run(self, call: AttentionCall):
+        q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
+        pid = plan_id(call.pattern, q.shape[2], k.shape[2], BLOCK, BLOCK, q.device)
+        return attention_fwd(q, k, v, call.attn_mask, pid, call.scale, 0.0, 0)
+
+
+class CudaSimBackend(CudaBackend):
+    """The same kernels on CPU tensors through the host-execution layer (tfk._sim)."""
+    name = "cuda-sim"
+    priority = 0
+    module = "_sim"
+
+    def device_reasons(self, q):
+        if q.device.type != "cpu":
+            return [f"tensors on {q.device}: runs on CPU tensors (backend 'cuda' runs on the GPU)"]
+        return []
+
+    def auto_for(self, call):
+        return False
+
+
+register_backend(CudaBackend())
+register_backend(CudaSimBackend())

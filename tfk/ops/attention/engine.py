@@ -1,0 +1,126 @@
+"""Host side of the fused-attention engine, shared by the kernel backends
+("triton", "cuda", "cuda-sim"): sub-passes run in their token layouts and
+merge by log-sum-exp, and the custom ops that make a backend's forward and
+backward traceable by ``torch.compile``.
+
+A backend supplies per-sub-pass kernels; this module does the rest the same
+way for all of them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...backends import new_output
+from ...plan import from_layout, plan_by_id, to_layout
+from .merge import merge_partials
+
+
+def forward_over_plan(plan, q, k, v, dv, run):
+    """out (B, H, Lq, dv) in q's dtype and lse (B, H, Lq) float32, natural log.
+
+    q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, *). For each sub-pass,
+    ``run(sp, q_l, k_l, v_l, o, l)`` writes every element of o (B, H, sp.lq, dv)
+    and l (B, H, sp.lq) from the inputs gathered into the sub-pass's layout.
+    o is in q's dtype when a single sub-pass covers every query in order, else
+    float32 for the merge.
+    """
+    B, H, Lq = q.shape[:3]
+    single = len(plan.subpasses) == 1 and plan.subpasses[0].q_index is None
+    out = lse = None
+    for sp in plan.subpasses:
+        q_l, k_l, v_l = to_layout(q, sp.q_index), to_layout(k, sp.kv_index), to_layout(v, sp.kv_index)
+        o = new_output((B, H, sp.lq, dv), q.dtype if single else torch.float32, q.device)
+        l = new_output((B, H, sp.lq), torch.float32, q.device)
+        run(sp, q_l, k_l, v_l, o, l)
+        o, l = from_layout(o, sp.q_index, Lq, 0.0), from_layout(l, sp.q_index, Lq, float("-inf"))
+        out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
+    if out is None:  # nothing allowed anywhere
+        return (torch.zeros(B, H, Lq, dv, dtype=q.dtype, device=q.device),
+                torch.full((B, H, Lq), float("-inf"), device=q.device))
+    return out.to(q.dtype), lse
+
+
+def delta_of(out, dout, dlse):
+    """rowsum(dout * out) - dlse, float32 (B, H, Lq): the backward's row term."""
+    return (dout.float() * out.float()).sum(-1) - dlse.float()
+
+
+def backward_over_plan(plan, q, k, v, dout, lse, delta, run):
+    """dq, dk, dv in float32, shaped like q, k, v.
+
+    For each sub-pass, ``run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l,
+    dk_l, dv_l)`` writes every element of the float32 gradients dq_l, dk_l,
+    dv_l (shaped like the gathered inputs) of that sub-pass's tiles, using the
+    merged lse and delta; they add up at the original positions.
+    """
+    dq = dk = dv = None
+    for sp in plan.subpasses:
+        q_l, do_l, lse_l, delta_l = (to_layout(x, sp.q_index) for x in (q, dout, lse, delta))
+        k_l, v_l = to_layout(k, sp.kv_index), to_layout(v, sp.kv_index)
+        dq_l, dk_l, dv_l = (new_output(x.shape, torch.float32, x.device) for x in (q_l, k_l, v_l))
+        run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l)
+        if dq is None:
+            dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+        for full, part, index in ((dq, dq_l, sp.q_index), (dk, dk_l, sp.kv_index), (dv, dv_l, sp.kv_index)):
+            full.add_(part) if index is None else full.index_add_(2, index, part)
+    if dq is None:
+        return tuple(torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+    return dq, dk, dv
+
+
+def kernel_reasons(call, max_head_dim):
+    """Why fused kernels with head dims up to ``max_head_dim`` cannot run
+    ``call``, for what all kernel backends share."""
+    why = [f"{name} {d} > {max_head_dim}" for name, d in (("head dim", call.q.shape[-1]),
+                                                          ("value head dim", call.v.shape[-1])) if d > max_head_dim]
+    if call.attn_mask is not None and call.attn_mask.requires_grad and torch.is_grad_enabled():
+        why.append("no gradient with respect to attn_mask (detach it, or use backend='reference')")
+    return why
+
+
+def attention_ops(name, forward, backward):
+    """Custom ops ``tfk::{name}_fwd`` and ``tfk::{name}_bwd`` with fake
+    implementations and autograd, so ``torch.compile(fullgraph=True)`` traces
+    through a backend. Plans travel as ids (tfk.plan.plan_id).
+
+    forward(q, k, v, plan, mask, scale, dropout_p, seed) -> (out, lse)
+    backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed) -> (dq, dk, dv)
+    Returns the forward op: op(q, k, v, mask, plan_id, scale, dropout_p, seed).
+    """
+    @torch.library.custom_op(f"tfk::{name}_fwd", mutates_args=())
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], plan_id: int,
+            scale: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward(q, k, v, plan_by_id(plan_id), mask, scale, dropout_p, seed)
+
+    @fwd.register_fake
+    def _(q, k, v, mask, plan_id, scale, dropout_p, seed):
+        B, H, Lq, _ = q.shape
+        return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=torch.float32)
+
+    @torch.library.custom_op(f"tfk::{name}_bwd", mutates_args=())
+    def bwd(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor], plan_id: int, scale: float,
+            dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return backward(dout, dlse, q, k, v, out, lse, plan_by_id(plan_id), mask, scale, dropout_p, seed)
+
+    @bwd.register_fake
+    def _(dout, dlse, q, k, v, out, lse, mask, plan_id, scale, dropout_p, seed):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, plan_id, scale, dropout_p, seed = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.args = (plan_id, scale, dropout_p, seed)
+
+    def grad(ctx, dout, dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        if dlse is None:
+            dlse = torch.zeros_like(lse)
+        dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, mask, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+    fwd.register_autograd(grad, setup_context=setup_context)
+    return fwd
