@@ -87,3 +87,25 @@ def patterns_for_tests(H, Lq, Lk):
 
 
 PATTERN_IDS = list(patterns_for_tests(1, 1, 1))
+
+
+# Patterns for the tile-count tests: dense, per-head, permuted layouts, unions.
+VISIT_PATTERN_IDS = ["dense", "causal", "window_dilated", "longformer", "fixed", "bigbird",
+                     "block_layout_per_head", "strided_or_global"]
+
+
+def check_kernels_visit_the_plan(backend, counters, pattern_id, dtype, D, tiles, monkeypatch):
+    """Forward and backward on ``backend`` with its kernels counting the tiles
+    they visit (``counters``: the module holding COUNT_TILES and tiles_visited):
+    the forward, dQ and dK/dV kernels each visit exactly the plan's tiles
+    (compiled with ``tiles`` = (block_q, block_k)), for every head."""
+    B, H, Hkv, L = 2, 4, 2, 150
+    pattern = patterns_for_tests(H, L, L)[pattern_id]
+    monkeypatch.setattr(counters, "COUNT_TILES", True)
+    counters.tiles_visited.zero_()
+    q, k, v, _ = make_qkv(B, H, Hkv, L, L, D)
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    tfk.attention(*leaves, pattern, backend=backend).float().sum().backward()
+    plan = tfk.get_plan(pattern, L, L, *tiles)
+    per_call = B * (H if plan.heads == 1 else 1) * plan.num_tiles
+    assert counters.tiles_visited.tolist() == [per_call, per_call, per_call]

@@ -19,7 +19,8 @@ from tfk import patterns as P
 from tfk.backends import AttentionCall, select_backend
 from tfk.ops.attention import cuda_backend
 from tfk.plan import get_plan, plan_id
-from helpers import PATTERN_IDS, check_against_reference, make_qkv, pattern_mask, patterns_for_tests
+from helpers import (PATTERN_IDS, VISIT_PATTERN_IDS, check_against_reference, check_kernels_visit_the_plan,
+                     make_qkv, pattern_mask, patterns_for_tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float16, torch.bfloat16]
@@ -78,22 +79,11 @@ def test_many_tiles_and_gqa_groups(pattern_id):
     _check(patterns_for_tests(8, 300, 257)[pattern_id], shape, torch.float16)
 
 
-@pytest.mark.parametrize("pattern_id", ["dense", "causal", "window_dilated", "longformer", "fixed",
-                                        "bigbird", "block_layout_per_head", "strided_or_global"])
+@pytest.mark.parametrize("pattern_id", VISIT_PATTERN_IDS)
 def test_kernels_visit_exactly_the_plan(pattern_id, monkeypatch):
-    """Counted by the kernels themselves: the forward, dQ and dK/dV kernels
-    each visit exactly the plan's tiles, for every head."""
-    B, H, Hkv, L = 2, 4, 2, 150
-    pattern = patterns_for_tests(H, L, L)[pattern_id]
-    monkeypatch.setattr(cuda_backend, "COUNT_TILES", True)
-    cuda_backend.tiles_visited.zero_()
-    q, k, v, _ = make_qkv(B, H, Hkv, L, L, 64)
-    leaves = [t.half().requires_grad_() for t in (q, k, v)]
-    out = tfk.attention(*leaves, pattern, backend="cuda-sim")
-    out.float().sum().backward()
-    plan = get_plan(pattern, L, L, cuda_backend.BLOCK, cuda_backend.BLOCK)
-    per_call = B * (H if plan.heads == 1 else 1) * plan.num_tiles
-    assert cuda_backend.tiles_visited.tolist() == [per_call, per_call, per_call]
+    """Counted by the kernels themselves, as test_triton.py does for Triton's."""
+    check_kernels_visit_the_plan("cuda-sim", cuda_backend, pattern_id, torch.float16, 64,
+                                 (cuda_backend.BLOCK, cuda_backend.BLOCK), monkeypatch)
 
 
 def _mask_cases(B, H, Lq, Lk):

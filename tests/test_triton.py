@@ -7,26 +7,16 @@ import torch
 import tfk
 from tfk import patterns as P
 from tfk.ops.attention import triton_backend
-from tfk.plan import get_plan
 from tfk.triton_kernels import attention as kernels
-from helpers import check_against_reference, make_qkv, pattern_mask, patterns_for_tests
+from helpers import (VISIT_PATTERN_IDS, check_against_reference, check_kernels_visit_the_plan, make_qkv,
+                     pattern_mask)
 
 
-@pytest.mark.parametrize("pattern_id", ["dense", "causal", "window_dilated", "longformer", "fixed",
-                                        "bigbird", "block_layout_per_head", "strided_or_global"])
+@pytest.mark.parametrize("pattern_id", VISIT_PATTERN_IDS)
 def test_kernels_visit_exactly_the_plan(pattern_id, monkeypatch):
     """Counted by the kernels themselves: no dense fallback inside a sparse pattern."""
-    B, H, Hkv, L = 2, 4, 2, 150
-    pattern = patterns_for_tests(H, L, L)[pattern_id]
-    monkeypatch.setattr(kernels, "COUNT_TILES", True)
-    kernels.tiles_visited.zero_()
-    q, k, v, _ = make_qkv(B, H, Hkv, L, L, 16)
-    leaves = [t.float().requires_grad_() for t in (q, k, v)]
-    out, lse = tfk.attention(*leaves, pattern, backend="triton", return_lse=True)
-    out.sum().backward()
-    plan = get_plan(pattern, L, L, *kernels.tile_config(16, torch.float32))
-    per_call = B * (H if plan.heads == 1 else 1) * plan.num_tiles
-    assert kernels.tiles_visited.tolist() == [per_call, per_call, per_call]
+    check_kernels_visit_the_plan("triton", kernels, pattern_id, torch.float32, 16,
+                                 kernels.tile_config(16, torch.float32), monkeypatch)
 
 
 @pytest.mark.parametrize("D,Dv", [(16, 16), (72, 40), (200, 136), (256, 256)], ids=str)
