@@ -3,9 +3,10 @@
 executed by the host-execution layer, with mma.sync, ldmatrix and cp.async
 following PTX's fragment layouts. Forward, lse and every gradient against the
 float64 reference in float16 and bfloat16 (the host layer computes bf16 as
-the GPU does), for every pattern, GQA/MQA, odd sizes, padded head dims and
-user masks. The kernels' shared-memory synchronization (the cp.async double
-buffer) is checked by the layer's race check on a separately built copy."""
+the GPU does), for every pattern, GQA/MQA, odd sizes, padded head dims, user
+masks and dropout. The kernels' shared-memory synchronization (the cp.async
+double buffer) is checked by the layer's race check on a separately built
+copy."""
 import os
 import shutil
 import subprocess
@@ -15,10 +16,12 @@ import pytest
 import torch
 
 import tfk
+from tfk import dropout as drop
 from tfk import patterns as P
 from tfk.backends import AttentionCall, select_backend
-from tfk.ops.attention import cuda_backend
+from tfk.ops.attention import attention_reference, cuda_backend
 from tfk.plan import get_plan, plan_id
+from tolerances import assert_close
 from helpers import (PATTERN_IDS, VISIT_PATTERN_IDS, check_against_reference, check_kernels_visit_the_plan,
                      make_qkv, pattern_mask, patterns_for_tests)
 
@@ -159,6 +162,33 @@ def test_gradient_through_lse():
         assert (got - want).abs().max() <= 1e-2 * want.abs().max()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern_id", ["dense", "longformer", "window_dilated"])
+def test_dropout_equals_reference_given_its_mask(pattern_id, dtype):
+    """The kernels draw tfk.dropout's keep mask, bit for bit (at original
+    positions under permuted layouts): out and grads match the float64
+    reference given that mask, within the dtype's rounding."""
+    B, H, Hkv, Lq, Lk, p = 2, 4, 2, 97, 130, 0.25
+    pattern = patterns_for_tests(H, Lq, Lk)[pattern_id]
+    q, k, v, dout = make_qkv(B, H, Hkv, Lq, Lk, 64)
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(11)
+    out = tfk.attention(*leaves, pattern, dropout_p=p, backend="cuda-sim")
+    out.backward(dout.to(dtype))
+    torch.manual_seed(11)
+    keep = drop.dense_keep_mask(drop.draw_seed(), B, H, Lq, Lk, p)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    r_out, _ = attention_reference(*ref, pattern_mask(pattern, Lq, Lk), dropout_p=p, keep=keep)
+    r_out.backward(dout)
+    # the reference itself in this dtype, same mask, sets the rounding scale
+    base = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    b_out, _ = attention_reference(*base, pattern_mask(pattern, Lq, Lk), dropout_p=p, keep=keep)
+    b_out.backward(dout.to(dtype))
+    for name, got, want, low in zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in leaves],
+                                    [r_out] + [t.grad for t in ref], [b_out] + [t.grad for t in base]):
+        assert_close(name, got, want, low, dtype)
+
+
 def test_empty_and_one_token():
     for Lq, Lk in ((1, 1), (1, 70), (70, 1)):
         _check(None, (1, 2, 1, Lq, Lk, 64, 64), torch.float16)
@@ -199,14 +229,13 @@ def test_refusals_and_auto():
     q = torch.randn(1, 1, 8, 64, dtype=torch.float16)
     assert sim.reasons(_call(q)) == []
     assert any("float32" in r for r in sim.reasons(_call(q.float())))
-    assert any("dropout" in r for r in sim.reasons(_call(q, dropout_p=0.1)))
     big = torch.randn(1, 1, 8, 136, dtype=torch.float16)
     assert any("head dim 136 > 128" in r for r in sim.reasons(_call(big)))
     assert any("needs CUDA tensors" in r for r in cuda_backend.CudaBackend().reasons(_call(q)))
     # "auto" never takes the simulator
     assert select_backend("auto", _call(q)).name != "cuda-sim"
-    with pytest.raises(tfk.BackendUnavailable, match="dropout"):
-        tfk.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend="cuda-sim")
+    with pytest.raises(tfk.BackendUnavailable, match="float32"):
+        tfk.scaled_dot_product_attention(q.float(), q.float(), q.float(), backend="cuda-sim")
 
 
 def _op_args(q, k, v, lq=40, lk=40):
@@ -215,7 +244,7 @@ def _op_args(q, k, v, lq=40, lk=40):
     out = torch.empty(B, H, lq, 64)
     lse = torch.empty(B, H, lq)
     return [q, k, v, None, None, None, sp.kv_count, sp.kv_blocks, sp.kv_partial,
-            sp.partial_masks.view(torch.uint8), 0.125, out, lse, torch.zeros(3, dtype=torch.int32)]
+            sp.partial_masks.view(torch.uint8), 0.125, out, lse]
 
 
 def test_ops_name_bad_arguments():
@@ -242,13 +271,14 @@ def test_ops_name_bad_arguments():
     with pytest.raises(RuntimeError, match="kv schedule must be Int"):
         op(*args)
     args = _op_args(h(1, 2, 40, 64), h(1, 1, 40, 64), h(1, 1, 40, 64))
-    args[-2] = torch.empty(1, 2, 39)
+    args[-1] = torch.empty(1, 2, 39)
     with pytest.raises(RuntimeError, match="lse must have shape"):
         op(*args)
     args = _op_args(h(1, 2, 40, 64), h(1, 1, 40, 64), h(1, 1, 40, 64))
-    args[-1] = torch.zeros(3)
     with pytest.raises(RuntimeError, match="tiles must be Int"):
-        op(*args)
+        op(*args, tiles=torch.zeros(3))
+    with pytest.raises(RuntimeError, match="drop_key and drop_threshold must be uint32"):
+        op(*args, drop_key=1, drop_threshold=1 << 32, drop_scale=2.0)
 
 
 # ---------------------------------------------------------------------------
@@ -286,18 +316,20 @@ def race_ops(tmp_path_factory):
 @pytest.mark.parametrize("hd", [64, 128])
 def test_no_shared_memory_races(race_ops, hd, dtype, monkeypatch):
     """Forward and backward kernels over a schedule with full and partial
-    tiles, several tiles per row and a GQA group, under the race check; the
-    results still match the regular build."""
+    tiles, several tiles per row and a GQA group, with dropout, under the race
+    check; the results still match the regular build."""
     monkeypatch.setattr(cuda_backend, "_ops", lambda device: race_ops)
     pattern = P.sliding_window(70, 10) | P.global_tokens(2)
     q, k, v, dout = (t.to(dtype) for t in make_qkv(1, 4, 2, 150, 140, hd))
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    out, lse = tfk.attention(*leaves, pattern, backend="cuda-sim", return_lse=True)
+    torch.manual_seed(5)
+    out, lse = tfk.attention(*leaves, pattern, dropout_p=0.1, backend="cuda-sim", return_lse=True)
     out.backward(dout)
     got = [out, lse] + [t.grad for t in leaves]
     monkeypatch.undo()
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = tfk.attention(*leaves, pattern, backend="cuda-sim", return_lse=True)
+    torch.manual_seed(5)
+    out, lse = tfk.attention(*leaves, pattern, dropout_p=0.1, backend="cuda-sim", return_lse=True)
     out.backward(dout)
     for a, b in zip(got, [out, lse] + [t.grad for t in leaves]):
         assert torch.equal(a, b)

@@ -60,6 +60,13 @@ struct Params {
   // indexed [query][key] within the tile; zero outside the sequence.
   const uint8_t* partial_masks = nullptr;
   Schedule kv_schedule;        // per query block: key blocks (forward, dQ)
+  // Dropout on the probabilities, bit for bit tfk/dropout.py's: the pair of
+  // original positions (i, j) of head h in batch b is kept when
+  // mix32(j ^ mix32(i ^ mix32((b * heads + h) ^ drop_key))) >= drop_threshold,
+  // and scaled by drop_scale. drop_threshold 0: no dropout.
+  uint32_t drop_key = 0;
+  uint32_t drop_threshold = 0;
+  float drop_scale = 1.f;
   // Optional int32[3]: tiles visited by the forward, dQ and dK/dV kernels,
   // counted by the kernels (tests prove no tile outside the plan is touched).
   int32_t* tiles = nullptr;

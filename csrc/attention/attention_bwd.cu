@@ -6,7 +6,9 @@
 //          schedule of every query head of its group (GQA sums in-block):
 //          dV += P^T dO, dK += dS^T Q.
 // P is recomputed from the forward's (merged) lse; dS = P * (dP - delta) with
-// delta = rowsum(dO * O) - dlse from the host. Tiles stream through two
+// delta = rowsum(dO * O) - dlse from the host. Under dropout (keep mask Z,
+// scale c) the forward computed O = (c Z * P) V, so dV = (c Z * P)^T dO and
+// dS = P * (c Z * dP - delta). Tiles stream through two
 // shared-memory buffers by cp.async, products run on mma.sync.
 #include "attention/attention.h"
 #include "attention/tile.cuh"
@@ -42,12 +44,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Bwd
 
   const float scale_log2 = p.scale * kLog2e;
   const UserMask user = user_mask(p, blk.b, blk.h);
+  const Dropout drop(p, blk.b, blk.h);
   float lse2[2], delta[2];
+  uint32_t drop_row[2] = {0, 0};
   TFK_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int row = warp * 16 + g + 8 * r;
     lse2[r] = row < q_valid ? p.lse[q_row0 + row] * kLog2e : -INFINITY;
     delta[r] = row < q_valid ? p.delta[q_row0 + row] : 0.f;
+    if (drop.on() && row < q_valid) drop_row[r] = drop.row_word(blk.q0 + row);
   }
   float dq[HD / 8][4] = {};
 
@@ -60,8 +65,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Bwd
     float dp[kN][4] = {};
     gemm_abt<HD, kN>(s, sQ, warp * 16, sK + buf * kTile, 0);
     gemm_abt<HD, kN>(dp, sdO, warp * 16, sV + buf * kTile, 0);
-    scale_and_mask<false>(s, p, user, sched.partial[it], blk.q0, sched.blocks[it] * kBlockN, warp * 16, 0,
-                          scale_log2);
+    const int k0 = sched.blocks[it] * kBlockN;
+    scale_and_mask<false>(s, p, user, sched.partial[it], blk.q0, k0, warp * 16, 0, scale_log2);
+    if (drop.on()) {
+      TFK_UNROLL
+      for (int n = 0; n < kN; ++n) {
+        TFK_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int col = k0 + n * 8 + 2 * t + (i & 1);
+          if (col < p.lk) dp[n][i] = drop.apply(dp[n][i], drop_row[i >> 1], col);
+        }
+      }
+    }
     TFK_UNROLL
     for (int n = 0; n < kN; ++n) {
       TFK_UNROLL
@@ -168,6 +183,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const B
     count_tile(p, 2);
     const int q0 = cur.qb() * kBlockM;
     const UserMask user = user_mask(p, b, cur.h());
+    const Dropout drop(p, b, cur.h());
     const T* const q = sQ + buf * kTile;
     const T* const dO = sdO + buf * kTile;
     const float* const lse = sLse + buf * kBlockM;
@@ -185,8 +201,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const B
         TFK_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int col = c0 + n * 8 + 2 * t + (i & 1);
-          s[n][i] = prob(s[n][i], lse[col] * kLog2e);     // P^T
-          dp[n][i] = s[n][i] * (dp[n][i] - delta[col]);  // dS^T
+          const float pr = prob(s[n][i], lse[col] * kLog2e);  // P^T
+          float z = 1.f;  // dropout's c Z for this pair
+          if (drop.on()) {
+            const int key = k0 + warp * 16 + g + 8 * (i >> 1);
+            z = q0 + col < p.lq && key < p.lk && drop.keep(drop.row_word(q0 + col), key) ? drop.scale : 0.f;
+          }
+          dp[n][i] = pr * (z * dp[n][i] - delta[col]);  // dS^T
+          s[n][i] = z * pr;                             // (c Z * P)^T, for dV
         }
       }
       gemm_pb<HD, kQC / 16>(dv, s, dO, c0);

@@ -24,12 +24,14 @@ namespace attention {
 constexpr const char* kFwdSchema =
     "attention_fwd_(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_index, Tensor? kv_index, "
     "Tensor kv_count, Tensor kv_blocks, Tensor kv_partial, Tensor partial_masks, float scale, "
-    "Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? tiles=None) -> ()";
+    "Tensor(a!) out, Tensor(b!) lse, int drop_key=0, int drop_threshold=0, float drop_scale=1., "
+    "Tensor(c!)? tiles=None) -> ()";
 constexpr const char* kBwdSchema =
     "attention_bwd_(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor? mask, "
     "Tensor? q_index, Tensor? kv_index, Tensor kv_count, Tensor kv_blocks, Tensor kv_partial, "
     "Tensor q_count, Tensor q_blocks, Tensor q_partial, Tensor partial_masks, float scale, "
-    "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? tiles=None) -> ()";
+    "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, int drop_key=0, int drop_threshold=0, float drop_scale=1., "
+    "Tensor(d!)? tiles=None) -> ()";
 
 namespace ops {
 
@@ -83,7 +85,8 @@ inline void common(const Checker& c, Params& p, const at::Tensor& q, const at::T
                    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& q_index,
                    const c10::optional<at::Tensor>& kv_index, const at::Tensor& kv_count,
                    const at::Tensor& kv_blocks, const at::Tensor& kv_partial, const at::Tensor& partial_masks,
-                   double scale, const c10::optional<at::Tensor>& tiles) {
+                   double scale, int64_t drop_key, int64_t drop_threshold, double drop_scale,
+                   const c10::optional<at::Tensor>& tiles) {
   p.dtype = kernel_dtype(c, q);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, c.op, ": q, k, v must be (B, H, L, head_dim), got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
@@ -135,6 +138,13 @@ inline void common(const Checker& c, Params& p, const at::Tensor& q, const at::T
   c.tensor(partial_masks, "partial_masks", at::kByte, {partial_masks.size(0), kBlockM, kBlockN});
   p.partial_masks = partial_masks.data_ptr<uint8_t>();
   p.kv_schedule = schedule(c, kv_count, kv_blocks, kv_partial, H, (Lq + kBlockM - 1) / kBlockM, "kv schedule");
+  constexpr int64_t k32 = int64_t{1} << 32;
+  TORCH_CHECK(drop_key >= 0 && drop_key < k32 && drop_threshold >= 0 && drop_threshold < k32, c.op,
+              ": drop_key and drop_threshold must be uint32 values (tfk.dropout.seed_key / threshold), got ",
+              drop_key, " and ", drop_threshold);
+  p.drop_key = static_cast<uint32_t>(drop_key);
+  p.drop_threshold = static_cast<uint32_t>(drop_threshold);
+  p.drop_scale = static_cast<float>(drop_scale);
   if (tiles) {
     c.tensor(*tiles, "tiles", at::kInt, {3});
     p.tiles = tiles->data_ptr<int32_t>();
@@ -146,10 +156,12 @@ inline FwdParams fwd_params(const char* op, const at::Tensor& q, const at::Tenso
                             const c10::optional<at::Tensor>& kv_index, const at::Tensor& kv_count,
                             const at::Tensor& kv_blocks, const at::Tensor& kv_partial,
                             const at::Tensor& partial_masks, double scale, const at::Tensor& out,
-                            const at::Tensor& lse, const c10::optional<at::Tensor>& tiles) {
+                            const at::Tensor& lse, int64_t drop_key, int64_t drop_threshold, double drop_scale,
+                            const c10::optional<at::Tensor>& tiles) {
   const Checker c{op, q.device()};
   FwdParams p;
-  common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, tiles);
+  common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, drop_key,
+         drop_threshold, drop_scale, tiles);
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == q.scalar_type(), c.op,
               ": out must be float32 or q's dtype, got ", out.scalar_type());
   c.tensor(out, "out", out.scalar_type(), q.sizes());
@@ -167,10 +179,12 @@ inline BwdParams bwd_params(const char* op, const at::Tensor& dout, const at::Te
                             const at::Tensor& kv_blocks, const at::Tensor& kv_partial, const at::Tensor& q_count,
                             const at::Tensor& q_blocks, const at::Tensor& q_partial,
                             const at::Tensor& partial_masks, double scale, const at::Tensor& dq,
-                            const at::Tensor& dk, const at::Tensor& dv, const c10::optional<at::Tensor>& tiles) {
+                            const at::Tensor& dk, const at::Tensor& dv, int64_t drop_key, int64_t drop_threshold,
+                            double drop_scale, const c10::optional<at::Tensor>& tiles) {
   const Checker c{op, q.device()};
   BwdParams p;
-  common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, tiles);
+  common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, drop_key,
+         drop_threshold, drop_scale, tiles);
   c.tensor(dout, "dout", q.scalar_type(), q.sizes());
   c.tensor(lse, "lse", at::kFloat, q.sizes().slice(0, 3));
   c.tensor(delta, "delta", at::kFloat, q.sizes().slice(0, 3));
@@ -199,11 +213,12 @@ void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& q_index,
                    const c10::optional<at::Tensor>& kv_index, const at::Tensor& kv_count, const at::Tensor& kv_blocks,
                    const at::Tensor& kv_partial, const at::Tensor& partial_masks, double scale, const at::Tensor& out,
-                   const at::Tensor& lse, const c10::optional<at::Tensor>& tiles) {
+                   const at::Tensor& lse, int64_t drop_key, int64_t drop_threshold, double drop_scale,
+                   const c10::optional<at::Tensor>& tiles) {
   void* const stream = Device::stream(q);
   const typename Device::Guard guard(q.device());
   const auto p = fwd_params(Device::kFwdName, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial,
-                            partial_masks, scale, out, lse, tiles);
+                            partial_masks, scale, out, lse, drop_key, drop_threshold, drop_scale, tiles);
   fwd_launch(p, stream);
   Device::after_launch();
 }
@@ -215,12 +230,13 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& kv_count, const at::Tensor& kv_blocks, const at::Tensor& kv_partial,
                    const at::Tensor& q_count, const at::Tensor& q_blocks, const at::Tensor& q_partial,
                    const at::Tensor& partial_masks, double scale, const at::Tensor& dq, const at::Tensor& dk,
-                   const at::Tensor& dv, const c10::optional<at::Tensor>& tiles) {
+                   const at::Tensor& dv, int64_t drop_key, int64_t drop_threshold, double drop_scale,
+                   const c10::optional<at::Tensor>& tiles) {
   void* const stream = Device::stream(q);
   const typename Device::Guard guard(q.device());
   const auto p = bwd_params(Device::kBwdName, dout, q, k, v, lse, delta, mask, q_index, kv_index, kv_count,
                             kv_blocks, kv_partial, q_count, q_blocks, q_partial, partial_masks, scale, dq, dk, dv,
-                            tiles);
+                            drop_key, drop_threshold, drop_scale, tiles);
   bwd_launch(p, stream);
   Device::after_launch();
 }

@@ -213,6 +213,41 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[N][4], const Params& p
   }
 }
 
+// tfk/dropout.py's 32-bit finaliser (uint32 multiplication wraps).
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x2C1B3C6Du;
+  return x ^ (x >> 16);
+}
+
+// Dropout's keep bits for one (batch, head) (see Params::drop_*): a word per
+// query row, then one mix per key. Rows and cols are layout positions inside
+// the sequence; the hash takes original ones.
+struct Dropout {
+  uint32_t head_word, threshold;
+  float scale;
+  const int64_t* q_index;
+  const int64_t* kv_index;
+
+  __device__ __forceinline__ Dropout(const Params& p, int b, int h)
+      : head_word(mix32(static_cast<uint32_t>(b * p.heads + h) ^ p.drop_key)), threshold(p.drop_threshold),
+        scale(p.drop_scale), q_index(p.q_index), kv_index(p.kv_index) {}
+
+  __device__ __forceinline__ bool on() const { return threshold != 0; }
+  __device__ __forceinline__ uint32_t row_word(int row) const {
+    return mix32(static_cast<uint32_t>(q_index ? q_index[row] : row) ^ head_word);
+  }
+  __device__ __forceinline__ bool keep(uint32_t row_word, int col) const {
+    return mix32(static_cast<uint32_t>(kv_index ? kv_index[col] : col) ^ row_word) >= threshold;
+  }
+  // x * scale where kept, else 0.
+  __device__ __forceinline__ float apply(float x, uint32_t row_word, int col) const {
+    return keep(row_word, col) ? x * scale : 0.f;
+  }
+};
+
 // Counts one visited tile in tiles[which] when the caller asked for counts.
 __device__ __forceinline__ void count_tile(const Params& p, int which) {
   if (p.tiles && threadIdx.x == 0) atomicAdd(p.tiles + which, 1);

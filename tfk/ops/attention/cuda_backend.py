@@ -9,7 +9,8 @@ chosen by "auto", and slow (a 4-warp block's threads are fibers).
 
 Both take float16 and bfloat16, head dims up to 128 (the kernels are built for
 64 and 128; smaller head dims are padded with zeros), any D != Dv, GQA,
-Lq != Lk, every pattern and user masks. Tiles are 64 x 64.
+Lq != Lk, every pattern, user masks and dropout (tfk.dropout's counter hash,
+the same keep mask as every backend). Tiles are 64 x 64.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from ... import dropout as drop
 from ...backends import AttentionCall, Backend, register_backend
 from ...plan import plan_id
 from .engine import attention_ops, backward_over_plan, delta_of, forward_over_plan, kernel_reasons
@@ -76,6 +78,14 @@ def _kernel_mask(mask, shape):
     return mask.to(torch.float32).expand(shape)
 
 
+def _dropout_args(dropout_p, seed):
+    """The ops' drop_key, drop_threshold, drop_scale (tfk.dropout's hash)."""
+    if dropout_p == 0.0:
+        return dict(drop_key=0, drop_threshold=0, drop_scale=1.0)
+    return dict(drop_key=drop.seed_key(seed), drop_threshold=drop.threshold(dropout_p),
+                drop_scale=1.0 / (1.0 - dropout_p))
+
+
 def _schedules(sp, backward):
     """The sub-pass's schedule tensors in the ops' argument order."""
     kv = (sp.kv_count, sp.kv_blocks, sp.kv_partial)
@@ -99,13 +109,14 @@ def _count(tiles):
 def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0):
     """out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 over ``plan``
     (64 x 64 tiles). q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv);
-    mask None, or bool/float broadcastable to (B, H, Lq, Lk). No dropout."""
-    assert dropout_p == 0.0, "the CUDA kernels have no dropout"
+    mask None, or bool/float broadcastable to (B, H, Lq, Lk); dropout on the
+    probabilities with ``seed`` (tfk.dropout)."""
     hd, ops, m, tiles = _prepare(q, k, v, mask)
+    dropout = _dropout_args(dropout_p, seed)
 
     def run(sp, q_l, k_l, v_l, o, l):
         ops.attention_fwd_(q_l, k_l, v_l, m, sp.q_index, sp.kv_index, *_schedules(sp, False),
-                           sp.partial_masks.view(torch.uint8), scale, o, l, tiles=tiles)
+                           sp.partial_masks.view(torch.uint8), scale, o, l, **dropout, tiles=tiles)
 
     out, lse = forward_over_plan(plan, _pad(q, hd), _pad(k, hd), _pad(v, hd), hd, run)
     _count(tiles)
@@ -115,13 +126,13 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0):
 
 def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p=0.0, seed=0):
     """dq, dk, dv for ``attention_forward``'s result, given dout and lse's gradient dlse."""
-    assert dropout_p == 0.0, "the CUDA kernels have no dropout"
     hd, ops, m, tiles = _prepare(q, k, v, mask)
+    dropout = _dropout_args(dropout_p, seed)
 
     def run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l):
         ops.attention_bwd_(do_l, q_l, k_l, v_l, lse_l, delta_l, m, sp.q_index, sp.kv_index,
                            *_schedules(sp, True), sp.partial_masks.view(torch.uint8), scale, dq_l, dk_l, dv_l,
-                           tiles=tiles)
+                           **dropout, tiles=tiles)
 
     dq, dk, dv = backward_over_plan(plan, _pad(q, hd), _pad(k, hd), _pad(v, hd), _pad(dout, hd), lse,
                                     delta_of(out, dout, dlse), run)
@@ -158,8 +169,6 @@ class CudaBackend(Backend):
         why = self.device_reasons(q)
         if q.dtype not in _DTYPES:
             why.append(f"dtype {q.dtype} (supports float16, bfloat16)")
-        if call.dropout_p > 0:
-            why.append("dropout is not implemented in the CUDA kernels (backends 'triton' and 'torch' have it)")
         return why + kernel_reasons(call, HEAD_DIMS[-1])
 
     def auto_for(self, call):
@@ -168,7 +177,8 @@ class CudaBackend(Backend):
     def run(self, call: AttentionCall):
         q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
         pid = plan_id(call.pattern, q.shape[2], k.shape[2], BLOCK, BLOCK, q.device)
-        return attention_fwd(q, k, v, call.attn_mask, pid, call.scale, 0.0, 0)
+        seed = drop.draw_seed() if call.dropout_p > 0 else 0
+        return attention_fwd(q, k, v, call.attn_mask, pid, call.scale, call.dropout_p, seed)
 
 
 class CudaSimBackend(CudaBackend):
