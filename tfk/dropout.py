@@ -40,6 +40,12 @@ def threshold(p):
     return int(p * 2**32)
 
 
+def kernel_args(seed, p):
+    """(key, threshold, scale): what the kernels take for dropout probability
+    ``p`` with this seed; threshold 0 means no dropout."""
+    return seed_key(seed), threshold(p), 1.0 / (1.0 - p)
+
+
 def keep(seed, b, h, i, j, H, p):
     """Bool tensor, broadcast over int64 tensors b, h, i, j (positions in a
     (B, H, Lq, Lk) score grid): True where the score is kept under dropout

@@ -352,7 +352,7 @@ class _Launch:
         assert (plan.block_q, plan.block_k) == (block_m, block_n), "plan compiled for other tiles"
         self.tiles = torch.zeros(3, dtype=torch.int32, device=q.device)
         # dropout: the hash key of tfk.dropout.keep, and its threshold
-        self.dropout = (drop.seed_key(seed), drop.threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+        self.dropout = drop.kernel_args(seed, dropout_p)
         # a user mask is read through broadcast strides: a stride of 0 repeats
         if mask is None:
             self.mask, self.mask_strides, mask_kind = q, (0, 0, 0, 0), 0

@@ -80,10 +80,7 @@ def _kernel_mask(mask, shape):
 
 def _dropout_args(dropout_p, seed):
     """The ops' drop_key, drop_threshold, drop_scale (tfk.dropout's hash)."""
-    if dropout_p == 0.0:
-        return dict(drop_key=0, drop_threshold=0, drop_scale=1.0)
-    return dict(drop_key=drop.seed_key(seed), drop_threshold=drop.threshold(dropout_p),
-                drop_scale=1.0 / (1.0 - dropout_p))
+    return dict(zip(("drop_key", "drop_threshold", "drop_scale"), drop.kernel_args(seed, dropout_p)))
 
 
 def _schedules(sp, backward):
