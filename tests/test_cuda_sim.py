@@ -44,27 +44,20 @@ def _check(pattern, shape, dtype, backend="cuda-sim"):
     check_against_reference(fn, q, k, v, dout, dtype, allowed=pattern_mask(pattern, Lq, Lk))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
-@pytest.mark.parametrize("pattern_id", PATTERN_IDS)
-def test_patterns(pattern_id, shape, dtype):
-    H, Lq, Lk = SHAPES[shape][1], SHAPES[shape][3], SHAPES[shape][4]
-    _check(patterns_for_tests(H, Lq, Lk)[pattern_id], SHAPES[shape], dtype)
-
-
+# the long tier adds bigger shapes (TFK_LONG_TESTS=1)
 LONG_SHAPES = {
     "1025_d64": (1, 2, 2, 1025, 1025, 64, 64),
     "gqa_300x257_d128": (2, 8, 2, 300, 257, 128, 128),
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(LONG_SHAPES), ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES) + [pytest.param(n, marks=pytest.mark.slow) for n in LONG_SHAPES])
 @pytest.mark.parametrize("pattern_id", PATTERN_IDS)
-def test_patterns_long(pattern_id, shape, dtype):
-    H, Lq, Lk = LONG_SHAPES[shape][1], LONG_SHAPES[shape][3], LONG_SHAPES[shape][4]
-    _check(patterns_for_tests(H, Lq, Lk)[pattern_id], LONG_SHAPES[shape], dtype)
+def test_patterns(pattern_id, shape, dtype):
+    shape = {**SHAPES, **LONG_SHAPES}[shape]
+    H, Lq, Lk = shape[1], shape[3], shape[4]
+    _check(patterns_for_tests(H, Lq, Lk)[pattern_id], shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
