@@ -109,3 +109,21 @@ def check_kernels_visit_the_plan(backend, counters, pattern_id, dtype, D, tiles,
     plan = tfk.get_plan(pattern, L, L, *tiles)
     per_call = B * (H if plan.heads == 1 else 1) * plan.num_tiles
     assert counters.tiles_visited.tolist() == [per_call, per_call, per_call]
+
+
+def mask_cases(B, H, Lq, Lk):
+    """attn_mask kinds keyed by id: none, bool and float (float64, to cast),
+    broadcast in several ways, with a fully masked row and -inf entries."""
+    g = torch.Generator().manual_seed(1)
+    bool_full = torch.rand(B, H, Lq, Lk, generator=g) < 0.7
+    bool_full[0, 0, 3] = False  # a fully masked row
+    return {
+        "none": None,
+        "bool_LS": torch.rand(Lq, Lk, generator=g) < 0.6,
+        "bool_B1LS": torch.rand(B, 1, Lq, Lk, generator=g) < 0.6,
+        "bool_1H1S": torch.rand(1, H, 1, Lk, generator=g) < 0.8,
+        "bool_full_with_empty_row": bool_full,
+        "float_LS": torch.randn(Lq, Lk, generator=g, dtype=torch.float64),
+        "float_with_neg_inf": torch.randn(B, 1, Lq, Lk, generator=g, dtype=torch.float64).masked_fill(
+            torch.rand(B, 1, Lq, Lk, generator=g) < 0.3, float("-inf")),
+    }

@@ -7,28 +7,12 @@ import torch
 import tfk
 from tfk import dropout as drop
 from tfk.ops.attention import attention_reference, torch_sdpa
-from helpers import DTYPES, check_against_reference, make_qkv
+from helpers import DTYPES, check_against_reference, make_qkv, mask_cases
 
 BACKENDS = ["triton", "torch", "reference"]
 
 
-def _mask_cases(B, H, Lq, Lk):
-    g = torch.Generator().manual_seed(1)
-    bool_full = torch.rand(B, H, Lq, Lk, generator=g) < 0.7
-    bool_full[0, 0, 3] = False  # a fully masked row
-    return {
-        "none": None,
-        "bool_LS": torch.rand(Lq, Lk, generator=g) < 0.6,
-        "bool_B1LS": torch.rand(B, 1, Lq, Lk, generator=g) < 0.6,
-        "bool_1H1S": torch.rand(1, H, 1, Lk, generator=g) < 0.8,
-        "bool_full_with_empty_row": bool_full,
-        "float_LS": torch.randn(Lq, Lk, generator=g, dtype=torch.float64),
-        "float_with_neg_inf": torch.randn(B, 1, Lq, Lk, generator=g, dtype=torch.float64).masked_fill(
-            torch.rand(B, 1, Lq, Lk, generator=g) < 0.3, float("-inf")),
-    }
-
-
-MASK_IDS = list(_mask_cases(1, 1, 4, 4))
+MASK_IDS = list(mask_cases(1, 1, 4, 4))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -37,7 +21,7 @@ MASK_IDS = list(_mask_cases(1, 1, 4, 4))
 def test_masks(backend, mask_id, dtype):
     B, H, Lq, Lk, D = 2, 3, 65, 47, 40
     q, k, v, dout = make_qkv(B, H, H, Lq, Lk, D)
-    mask = _mask_cases(B, H, Lq, Lk)[mask_id]
+    mask = mask_cases(B, H, Lq, Lk)[mask_id]
     allowed = mask if mask is not None and mask.dtype == torch.bool else None
     bias = mask if mask is not None and mask.is_floating_point() else None
     fn = lambda q_, k_, v_: tfk.scaled_dot_product_attention(

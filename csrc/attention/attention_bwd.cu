@@ -52,8 +52,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Bwd
     const int row = warp * 16 + g + 8 * r;
     lse2[r] = row < q_valid ? p.lse[q_row0 + row] * kLog2e : -INFINITY;
     delta[r] = row < q_valid ? p.delta[q_row0 + row] : 0.f;
-    if (drop.on() && row < q_valid) drop_row[r] = drop.row_word(blk.q0 + row);
   }
+  if (drop.on()) drop.row_words(drop_row, blk.q0, warp * 16, q_valid);
   float dq[HD / 8][4] = {};
 
   for (int it = 0; it < sched.count; ++it) {
@@ -67,16 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Bwd
     gemm_abt<HD, kN>(dp, sdO, warp * 16, sV + buf * kTile, 0);
     const int k0 = sched.blocks[it] * kBlockN;
     scale_and_mask<false>(s, p, user, sched.partial[it], blk.q0, k0, warp * 16, 0, scale_log2);
-    if (drop.on()) {
-      TFK_UNROLL
-      for (int n = 0; n < kN; ++n) {
-        TFK_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int col = k0 + n * 8 + 2 * t + (i & 1);
-          if (col < p.lk) dp[n][i] = drop.apply(dp[n][i], drop_row[i >> 1], col);
-        }
-      }
-    }
+    if (drop.on()) drop.apply(dp, drop_row, k0, p.lk);
     TFK_UNROLL
     for (int n = 0; n < kN; ++n) {
       TFK_UNROLL

@@ -34,10 +34,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const FwdPar
   const Dropout drop(p, blk.b, blk.h);
   const int rows[2] = {warp * 16 + g, warp * 16 + g + 8};  // this thread's rows in the tile
   uint32_t drop_row[2] = {0, 0};
-  if (drop.on()) {
-    TFK_UNROLL
-    for (int r = 0; r < 2; ++r) drop_row[r] = rows[r] < blk.q_valid ? drop.row_word(blk.q0 + rows[r]) : 0;
-  }
+  if (drop.on()) drop.row_words(drop_row, blk.q0, warp * 16, blk.q_valid);
   float o[HD / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY};  // running row max (log2 units)
   float l[2] = {0.f, 0.f};              // running row sum, this thread's columns
@@ -77,17 +74,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const FwdPar
       }
     }
     // Dropout acts on P V only: the normaliser l sums the undropped P.
-    if (drop.on()) {
-      const int k0 = sched.blocks[it] * kBlockN;
-      TFK_UNROLL
-      for (int n = 0; n < kN; ++n) {
-        TFK_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int col = k0 + n * 8 + 2 * t + (i & 1);
-          if (col < p.lk) s[n][i] = drop.apply(s[n][i], drop_row[i >> 1], col);
-        }
-      }
-    }
+    if (drop.on()) drop.apply(s, drop_row, sched.blocks[it] * kBlockN, p.lk);
 
     gemm_pb<HD, kBlockN / 16>(o, s, sV + buf * kTile, 0);
     __syncthreads();  // the next iteration's prefetch overwrites this buffer

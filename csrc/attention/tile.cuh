@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "attention/attention.h"
 #include "common/tfk_cuda.h"
@@ -25,26 +26,22 @@ namespace attention {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// What differs between the two 16-bit input types: packing and the mma.
 template <typename T>
-struct Elem;
+struct Elem {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
+                "attention kernels take __half or __nv_bfloat16");
+  static constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
 
-template <>
-struct Elem<__half> {
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return pack_half2(lo, hi); }
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t b0,
-                                             const uint32_t b1) {
-    const uint32_t b[2] = {b0, b1};
-    mma_m16n8k16_f16f32(d, a, b, d);
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    if constexpr (kBf16) return pack_bfloat162(lo, hi);
+    else return pack_half2(lo, hi);
   }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return pack_bfloat162(lo, hi); }
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t b0,
                                              const uint32_t b1) {
     const uint32_t b[2] = {b0, b1};
-    mma_m16n8k16_bf16f32(d, a, b, d);
+    if constexpr (kBf16) mma_m16n8k16_bf16f32(d, a, b, d);
+    else mma_m16n8k16_f16f32(d, a, b, d);
   }
 };
 
@@ -149,6 +146,9 @@ __device__ __forceinline__ void gemm_pb(float (&acc)[HD / 8][4], const float (&p
   }
 }
 
+// The original position of layout position `pos` (index null: the identity).
+__device__ __forceinline__ int64_t original(const int64_t* index, int pos) { return index ? index[pos] : pos; }
+
 // Whether the user mask lets (query row, key col) of the layout through, and
 // what it adds to the score (log2 units); rows and cols inside the sequence.
 struct UserMask {
@@ -160,9 +160,7 @@ struct UserMask {
   const int64_t* kv_index;
 
   __device__ __forceinline__ float bias(int row, int col) const {
-    const int64_t i = q_index ? q_index[row] : row;
-    const int64_t j = kv_index ? kv_index[col] : col;
-    const int64_t off = base + i * sm + j * sn;
+    const int64_t off = base + original(q_index, row) * sm + original(kv_index, col) * sn;
     if (kind == 1) return static_cast<const uint8_t*>(mask)[off] ? 0.f : -INFINITY;
     return static_cast<const float*>(mask)[off] * kLog2e;
   }
@@ -237,14 +235,33 @@ struct Dropout {
 
   __device__ __forceinline__ bool on() const { return threshold != 0; }
   __device__ __forceinline__ uint32_t row_word(int row) const {
-    return mix32(static_cast<uint32_t>(q_index ? q_index[row] : row) ^ head_word);
+    return mix32(static_cast<uint32_t>(original(q_index, row)) ^ head_word);
   }
   __device__ __forceinline__ bool keep(uint32_t row_word, int col) const {
-    return mix32(static_cast<uint32_t>(kv_index ? kv_index[col] : col) ^ row_word) >= threshold;
+    return mix32(static_cast<uint32_t>(original(kv_index, col)) ^ row_word) >= threshold;
   }
-  // x * scale where kept, else 0.
-  __device__ __forceinline__ float apply(float x, uint32_t row_word, int col) const {
-    return keep(row_word, col) ? x * scale : 0.f;
+
+  // The words of this thread's two fragment rows, tile rows row0 + g and
+  // row0 + g + 8 of the query block at q0 (0 past its q_valid rows).
+  __device__ __forceinline__ void row_words(uint32_t (&w)[2], int q0, int row0, int q_valid) const {
+    const int g = lane_id() >> 2;
+    TFK_UNROLL
+    for (int r = 0; r < 2; ++r) w[r] = row0 + g + 8 * r < q_valid ? row_word(q0 + row0 + g + 8 * r) : 0;
+  }
+
+  // x (a 16 x 8N fragment: rows this thread's query rows with words w,
+  // columns keys k0 + 8n + 2t + i % 2) times scale where kept, else 0.
+  template <int N>
+  __device__ __forceinline__ void apply(float (&x)[N][4], const uint32_t (&w)[2], int k0, int lk) const {
+    const int t = lane_id() & 3;
+    TFK_UNROLL
+    for (int n = 0; n < N; ++n) {
+      TFK_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int col = k0 + n * 8 + 2 * t + (i & 1);
+        if (col < lk) x[n][i] = keep(w[i >> 1], col) ? x[n][i] * scale : 0.f;
+      }
+    }
   }
 };
 
