@@ -6,8 +6,9 @@
 CPU mode (``auto`` without a GPU) times, for every CPU-tier shape of
 ``bench.registry``:
 
-- ``tfk``: ``tfk.attention(q, k, v, pattern, backend="torch")``, forward and
-  forward+backward;
+- ``tfk``: ``tfk.attention(q, k, v, pattern)`` with "auto"'s backend (the block
+  engine "torch" for patterns; "sdpa", torch's own kernel, for plain dense and
+  causal shapes), forward and forward+backward;
 - ``sdpa``: torch's own ``scaled_dot_product_attention`` with the pattern's
   dense bool mask (``is_causal=True`` for plain causal), forward and
   forward+backward: the baseline every ratio divides;
@@ -210,8 +211,8 @@ class _Impl:
         if impl == "tfk":
             self.backend_name = _tfk_backend_name(shape, pattern, device, backend)
             self.fn = lambda q, k, v: tfk.attention(q, k, v, pattern, backend=backend)
-            if self.backend_name == "torch" and (pattern is None or shape.causal):
-                self.notes.append("plain dense/causal: the torch backend calls torch's own fused SDPA")
+            if self.backend_name == "sdpa":
+                self.notes.append("plain dense/causal: backend 'sdpa' is torch's own fused kernel")
         elif impl == "tfk-cuda":
             self.backend_name = "cuda"
             self.fn = lambda q, k, v: tfk.attention(q, k, v, pattern, backend="cuda")
@@ -297,7 +298,7 @@ def _median_ms(fn, repeat, sync):
     return statistics.median(times)
 
 
-def measure(shape: Shape, impl: str, *, device="cpu", repeat=3, backend="torch"):
+def measure(shape: Shape, impl: str, *, device="cpu", repeat=3, backend="auto"):
     """Time and measure one (shape, impl) in this process.
 
     Returns (row, tensors): row is a JSON-able dict; tensors holds ``out``
@@ -459,7 +460,7 @@ def _compare(rows_by_impl, tensors_by_impl, dtype):
             row["flex_vs_tfk"] = _max_diff(t["out"], tensors_by_impl["tfk"]["out"])
 
 
-def run_shapes(shapes, impls=IMPLS, *, device="cpu", repeat=3, backend="torch", isolate=True,
+def run_shapes(shapes, impls=IMPLS, *, device="cpu", repeat=3, backend="auto", isolate=True,
                timeout=900, threads=None, log=print):
     """Benchmark ``shapes`` (Shape objects, registered or not) with ``impls``.
 
@@ -631,7 +632,7 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     ap.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
     ap.add_argument("--backend", default=None,
-                    help="tfk backend to time (default: 'torch' in CPU mode, 'auto' in GPU mode)")
+                    help="tfk backend to time (default: auto)")
     ap.add_argument("--in-process", action="store_true",
                     help="no worker processes (the RSS figures then carry earlier calls' allocator state)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -662,7 +663,7 @@ def main(argv=None):
     if mode == "gpu" and FLASH:
         impls.append("flash")
     device = "cuda" if mode == "gpu" else "cpu"
-    backend = args.backend or ("auto" if mode == "gpu" else "torch")
+    backend = args.backend or "auto"
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,6 +23,16 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(backends, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture(autouse=True)
+def _backend_exists(request):
+    # A test parametrised by backend skips only where that backend cannot
+    # exist on this machine, and fails where it should exist but does not.
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "backend" in callspec.params:
+        from helpers import require_backend
+        require_backend(callspec.params["backend"])
+
+
 def pytest_collection_modifyitems(config, items):
     # The long tier is deselected, not skipped, unless TFK_LONG_TESTS=1.
     if LONG:

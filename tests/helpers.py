@@ -1,11 +1,57 @@
-"""Inputs, the float64 oracle and torch's same-dtype baseline for tests."""
+"""Inputs, the float64 oracle and torch's same-dtype baseline for tests, the
+backends under test and the dtypes each is tested in."""
+import importlib
+import os
+import shutil
+import zlib
+
+import pytest
 import torch
 
 import tfk
-from tfk.ops.attention import attention_reference, torch_sdpa
+from tfk.ops.attention import attention_reference, cuda_backend, torch_blocks, torch_sdpa
 from tolerances import assert_close
 
 DTYPES = [torch.float32, torch.float16]
+
+# Every backend under test, with the dtypes it is checked in here: the
+# interpreter computes bf16 wrongly (triton's bf16 is checked on a GPU), and
+# the CUDA kernels take fp16 and bf16 only. The reference is the oracle, not a
+# backend under test (tests/test_reference.py checks it by other means).
+BACKEND_DTYPES = {
+    "torch": [torch.float32, torch.float16],
+    "triton": [torch.float32, torch.float16],
+    "cuda-sim": [torch.float16, torch.bfloat16],
+}
+
+
+def stable_seed(*parts):
+    """A seed that is the same in every process (Python's hash() is not)."""
+    return zlib.crc32(repr(parts).encode()) % 1000
+
+
+def sim_missing_reason():
+    """Why backend "cuda-sim" cannot exist on this machine (no C++ compiler to
+    build tfk._sim), or None. Where it can exist it must import: a missing or
+    broken build fails the tests that need it instead of skipping them."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) to build tfk._sim"
+    return None
+
+
+def require_backend(backend):
+    """Skip only where the backend cannot exist here; fail where it should and does not."""
+    if backend == "cuda-sim":
+        reason = sim_missing_reason()
+        if reason:
+            pytest.skip(reason)
+        importlib.import_module("tfk._sim")  # an ImportError here is a failure
+
+
+def backend_params(names=tuple(BACKEND_DTYPES)):
+    """pytest params (backend, dtype) for the named backends, with readable ids."""
+    return [pytest.param(b, dt, id=f"{b}-{str(dt).split('.')[-1]}") for b in names for dt in BACKEND_DTYPES[b]]
 
 
 def make_qkv(B, H, Hkv, Lq, Lk, D, Dv=None, seed=0):
@@ -94,21 +140,31 @@ VISIT_PATTERN_IDS = ["dense", "causal", "window_dilated", "longformer", "fixed",
                      "block_layout_per_head", "strided_or_global"]
 
 
-def check_kernels_visit_the_plan(backend, counters, pattern_id, dtype, D, tiles, monkeypatch):
-    """Forward and backward on ``backend`` with its kernels counting the tiles
-    they visit (``counters``: the module holding COUNT_TILES and tiles_visited):
-    the forward, dQ and dK/dV kernels each visit exactly the plan's tiles
-    (compiled with ``tiles`` = (block_q, block_k)), for every head."""
-    B, H, Hkv, L = 2, 4, 2, 150
-    pattern = patterns_for_tests(H, L, L)[pattern_id]
-    monkeypatch.setattr(counters, "COUNT_TILES", True)
-    counters.tiles_visited.zero_()
+def plan_tiles(backend, head_dim, dtype):
+    """(block_q, block_k): the tiles ``backend`` compiles its plans for."""
+    if backend == "triton":
+        from tfk.triton_kernels import attention as kernels
+        return kernels.tile_config(head_dim, dtype)
+    if backend.startswith("cuda"):
+        return (cuda_backend.BLOCK, cuda_backend.BLOCK)
+    return (torch_blocks.BLOCK_Q, torch_blocks.BLOCK_K)
+
+
+def check_backend_visits_the_plan(backend, pattern, dtype, B, H, Hkv, L, D):
+    """Forward and backward on ``backend`` counting, where scores are computed,
+    the tiles visited: every pass (the forward, and each backward kernel or
+    the torch engine's single backward pass) visits exactly the plan's tiles,
+    for every (batch, head)."""
     q, k, v, _ = make_qkv(B, H, Hkv, L, L, D)
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    tfk.attention(*leaves, pattern, backend=backend).float().sum().backward()
-    plan = tfk.get_plan(pattern, L, L, *tiles)
+    with tfk.backends.count_tiles() as counts:
+        out, _ = tfk.attention(*leaves, pattern, backend=backend, return_lse=True)
+        out.float().sum().backward()
+    plan = tfk.get_plan(pattern, L, L, *plan_tiles(backend, D, dtype))
     per_call = B * (H if plan.heads == 1 else 1) * plan.num_tiles
-    assert counters.tiles_visited.tolist() == [per_call, per_call, per_call]
+    backward = {"torch": ["backward"]}.get(backend, ["backward_dq", "backward_dkdv"])
+    assert dict(counts) == {name: per_call for name in ["forward"] + backward}, \
+        f"plan: {per_call} (batch, head, tile) triples per pass"
 
 
 def mask_cases(B, H, Lq, Lk):

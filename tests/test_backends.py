@@ -1,4 +1,7 @@
-"""The backend registry: auto by priority, TFK_BACKEND, reasons on refusal."""
+"""The backend registry: auto by priority, TFK_BACKEND, reasons on refusal,
+and a visible warning whenever "auto" falls back past a backend that refused."""
+import warnings
+
 import pytest
 import torch
 
@@ -24,46 +27,64 @@ def refusing():
     del backends._BACKENDS[b.name]
 
 
-def _spy(monkeypatch, name):
-    calls = []
-    backend = backends.get_backend(name)
-    run = backend.run
-    monkeypatch.setattr(backend, "run", lambda call: calls.append(name) or run(call))
-    return calls
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(backends, "_WARNED", set())
 
 
 def test_registry_lists_backends():
     names = tfk.backend_names()
-    assert {"torch", "reference"} <= set(names)
-    assert names.index("torch") < names.index("reference"), "torch outranks the reference"
+    assert {"torch", "sdpa", "reference"} <= set(names)
+    assert names.index("sdpa") < names.index("torch") < names.index("reference")
 
 
-def test_auto_skips_a_refusing_backend_and_named_one_lists_every_reason(refusing, monkeypatch):
+def test_a_named_backend_lists_every_reason(refusing):
     q = torch.randn(1, 1, 8, 16)
-    calls = _spy(monkeypatch, "torch")
-    tfk.attention(q, q, q, tfk.patterns.causal())
-    assert calls == ["torch"]
     with pytest.raises(tfk.BackendUnavailable, match="head dim 16 is not supported; needs a GPU"):
         tfk.attention(q, q, q, backend="refusing")
 
 
+def test_auto_falls_back_with_a_warning_naming_the_reason_once(refusing):
+    q = torch.randn(1, 1, 8, 16)
+    with backends.record_choices() as ran:
+        with pytest.warns(tfk.FallbackWarning, match=r"on 'torch', because refusing: head dim 16 is not supported"):
+            tfk.attention(q, q, q, tfk.patterns.sliding_window(3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tfk.attention(q, q, q, tfk.patterns.sliding_window(3))  # the same fallback warns once
+    assert ran == ["torch", "torch"]
+
+
+def test_routing_is_not_a_fallback():
+    """On CPU "auto" sends pattern calls to the block engine and plain ones to
+    torch's kernel: by design, without a warning."""
+    q = torch.randn(1, 1, 8, 16)
+    with warnings.catch_warnings(), backends.record_choices() as ran:
+        warnings.simplefilter("error")
+        tfk.attention(q, q, q, tfk.patterns.sliding_window(3))
+        tfk.scaled_dot_product_attention(q, q, q, is_causal=True)
+        tfk.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+    assert ran == ["torch", "sdpa", "torch"]
+
+
 def test_env_overrides_auto(monkeypatch):
     q = torch.randn(1, 1, 8, 16)
-    calls = _spy(monkeypatch, "reference")
     monkeypatch.setenv("TFK_BACKEND", "reference")
-    tfk.scaled_dot_product_attention(q, q, q)
-    assert calls == ["reference"]
+    with backends.record_choices() as ran:
+        tfk.scaled_dot_product_attention(q, q, q)
+    assert ran == ["reference"]
     monkeypatch.setenv("TFK_BACKEND", "nope")
     with pytest.raises(ValueError, match="backend must be"):
         tfk.scaled_dot_product_attention(q, q, q)
 
 
-def test_torch_backend_refuses_mask_gradients_with_a_reason():
+def test_mask_gradients_fall_back_to_the_reference_visibly():
     q = torch.randn(1, 1, 8, 16, requires_grad=True)
     bias = torch.zeros(8, 8, requires_grad=True)
     with pytest.raises(tfk.BackendUnavailable, match="attn_mask"):
         tfk.scaled_dot_product_attention(q, q, q, attn_mask=bias, backend="torch")
-    # auto falls back to the reference, which has that gradient
-    out = tfk.scaled_dot_product_attention(q, q, q, attn_mask=bias)
+    with backends.record_choices() as ran, pytest.warns(tfk.FallbackWarning, match="no gradient with respect to attn_mask"):
+        out = tfk.scaled_dot_product_attention(q, q, q, attn_mask=bias)
+    assert ran == ["reference"]
     out.sum().backward()
     assert bias.grad is not None and bias.grad.shape == (8, 8)

@@ -1,4 +1,5 @@
-"""tfk.patch_torch routes torch's SDPA through tfk and restores it."""
+"""tfk.patch_torch routes torch's SDPA through tfk and restores it, nested in
+any order."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,36 +9,39 @@ from tfk import backends
 from tfk.ops.attention import torch_sdpa
 
 
-def _spy(monkeypatch, name):
-    calls = []
-    backend = backends.get_backend(name)
-    run = backend.run
-    monkeypatch.setattr(backend, "run", lambda call: calls.append(name) or run(call))
-    return calls
+def _routes_to():
+    """The backend a plain call through torch's function runs on, or None for torch's own."""
+    q = torch.randn(1, 1, 4, 8)
+    with backends.record_choices() as ran:
+        F.scaled_dot_product_attention(q, q, q)
+    return ran[0] if ran else None
 
 
-def test_context_manager_routes_and_restores(monkeypatch):
-    calls = _spy(monkeypatch, "reference")
-    q = torch.randn(1, 2, 10, 8)
-    with tfk.patch_torch(backend="reference"):
+def test_context_manager_routes_and_restores():
+    q = torch.randn(1, 2, 10, 8, dtype=torch.float64)
+    with tfk.patch_torch(backend="torch"), backends.record_choices() as ran:
         assert F.scaled_dot_product_attention is not torch_sdpa
         out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
-    assert calls == ["reference"]
+    assert ran == ["torch"]
     assert F.scaled_dot_product_attention is torch_sdpa
     torch.testing.assert_close(out, torch_sdpa(q, q, q, is_causal=True))
 
 
-def test_plain_call_with_undo_and_nesting():
-    outer = tfk.patch_torch()
+@pytest.mark.parametrize("order", ["inner_first", "outer_first"])
+def test_nesting_undone_in_any_order(order):
+    outer = tfk.patch_torch(backend="torch")
     inner = tfk.patch_torch(backend="reference")
-    inner.undo()
-    assert F.scaled_dot_product_attention is not torch_sdpa  # the outer patch stays
-    outer.undo()
-    outer.undo()  # idempotent
+    assert _routes_to() == "reference"  # the most recent patch routes
+    first, second = (inner, outer) if order == "inner_first" else (outer, inner)
+    first.undo()
+    assert _routes_to() == second.function.keywords["backend"]  # the other patch still routes
+    second.undo()
+    second.undo()  # idempotent
     assert F.scaled_dot_product_attention is torch_sdpa
+    assert _routes_to() is None
 
 
-def test_transformers_attn_implementation(monkeypatch):
+def test_transformers_attn_implementation():
     pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,7 +56,7 @@ def test_transformers_attn_implementation(monkeypatch):
     mask[1, :4] = 0  # left padding
     want = model(input_ids=ids, attention_mask=mask).logits
     model.set_attn_implementation("tfk")
-    calls = _spy(monkeypatch, "torch")
-    got = model(input_ids=ids, attention_mask=mask).logits
-    assert calls == ["torch", "torch"], "each layer's attention ran through tfk"
+    with backends.record_choices() as ran:
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert ran == ["torch", "torch"], "each layer's attention ran through tfk's block engine"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

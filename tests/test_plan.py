@@ -1,12 +1,14 @@
 """Plans: every allowed pair covered exactly once, no tile without work, tile
-counts as the pattern needs them, and the engine visits exactly those tiles."""
+counts as the pattern needs them (test_attention.py shows each backend visits
+exactly those tiles), and the caches that hold plans stay bounded."""
+import gc
+import weakref
 
 import pytest
 import torch
 
-import tfk
 from tfk import patterns as P
-from tfk.ops.attention import torch_blocks
+from tfk import plan as plans
 from tfk.plan import compile_plan, get_plan
 from helpers import PATTERN_IDS, patterns_for_tests
 
@@ -74,18 +76,6 @@ def test_dilation_and_stride_cost_what_they_allow():
     assert strided.num_tiles < get_plan(P.causal(), L, L, b, b).num_tiles / 2
 
 
-@pytest.mark.parametrize("pattern_id", ["causal", "window_dilated", "longformer", "fixed", "block_layout_per_head"])
-def test_engine_visits_exactly_the_plan(pattern_id):
-    Lq = Lk = 150
-    pattern = patterns_for_tests(2, Lq, Lk)[pattern_id]
-    q = torch.randn(1, 2, Lq, 16, requires_grad=True)
-    out, _ = tfk.attention(q, q, q, pattern, backend="torch", return_lse=True)
-    out.sum().backward()
-    plan = get_plan(pattern, Lq, Lk, torch_blocks.BLOCK_Q, torch_blocks.BLOCK_K)
-    assert torch_blocks.stats["forward_tiles"] == plan.num_tiles
-    assert torch_blocks.stats["backward_tiles"] == plan.num_tiles
-
-
 def test_plans_are_cached():
     a = get_plan(P.sliding_window(8), 100, 100, 32, 32)
     assert get_plan(P.sliding_window(8), 100, 100, 32, 32) is a
@@ -98,3 +88,30 @@ def test_empty_pattern_and_empty_sequence():
     plan = compile_plan(nothing & P.strided(1000), 10, 10, 4, 4)
     assert plan.num_tiles == 0
     assert compile_plan(None, 0, 5, 4, 4).num_tiles == 0
+
+
+def test_plan_ids_are_bounded_and_release_their_patterns(monkeypatch):
+    """The id registry forgets the least recently used ids past its capacity,
+    lets their patterns go, never reuses an id, and says so when a forgotten
+    id is asked for."""
+    monkeypatch.setattr(plans, "PLAN_ID_CAPACITY", 4)
+    monkeypatch.setattr(plans, "_PLAN_IDS", type(plans._PLAN_IDS)())
+    monkeypatch.setattr(plans, "_PLAN_ARGS", {})
+    first = P.block_layout(torch.ones(1, 2, 2, dtype=torch.bool), 8)
+    alive = weakref.ref(first)
+    old = plans.plan_id(first, 16, 16, 8, 8, "cpu")
+    kept = plans.plan_id(P.sliding_window(1), 16, 16, 8, 8, "cpu")
+    ids = [plans.plan_id(P.sliding_window(n), 16, 16, 8, 8, "cpu") for n in range(2, 5)]
+    assert plans.plan_by_id(kept).num_tiles > 0        # used: now the most recent
+    ids.append(plans.plan_id(P.sliding_window(5), 16, 16, 8, 8, "cpu"))
+    assert len(plans._PLAN_IDS) == len(plans._PLAN_ARGS) == 4
+    assert len(set([old, kept] + ids)) == 6, "ids are never reused"
+    plans.clear_plan_cache()
+    del first
+    gc.collect()
+    assert alive() is None, "a forgotten id keeps no pattern alive"
+    with pytest.raises(RuntimeError, match=f"plan id {old} is no longer registered"):
+        plans.plan_by_id(old)
+    with pytest.raises(RuntimeError, match=f"plan id {ids[0]} is no longer registered"):
+        plans.plan_by_id(ids[0])
+    assert plans.plan_by_id(kept).num_tiles > 0

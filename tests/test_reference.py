@@ -1,8 +1,11 @@
-"""The reference itself: against torch SDPA and cases computed by hand."""
+"""The reference itself (the oracle of every other test, never its own): against
+torch SDPA in float64 and cases computed by hand."""
 import math
 
 import torch
 
+import tfk
+from tfk import dropout as drop
 from tfk.ops.attention import attention_reference, torch_sdpa
 
 
@@ -42,3 +45,37 @@ def test_row_with_no_key_is_zero_with_zero_gradients():
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
     assert torch.equal(q.grad[0, 0, 0], torch.zeros(4, dtype=torch.float64))
+
+
+def test_reference_backend_mask_gradient_matches_torch():
+    """Backend "reference" (what "auto" falls back to for a float mask that
+    requires grad): out and every gradient, the mask's included, as torch's
+    own function computes them in float64."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 11, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(4, 9, 11, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (lambda *a, attn_mask: tfk.scaled_dot_product_attention(*a, attn_mask=attn_mask, enable_gqa=True,
+                                                                      backend="reference"),
+               lambda *a, attn_mask: torch_sdpa(*a, attn_mask=attn_mask, enable_gqa=True)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = fn(*leaves[:3], attn_mask=leaves[3])
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out))
+        grads.append([out] + [t.grad for t in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_backend_dropout_by_definition():
+    """With dropout: softmax(scores) * keep / (1 - p) @ v, written out here from
+    the keep mask tfk.dropout.dense_keep_mask gives for the call's seed."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 7, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    torch.manual_seed(5)
+    out = tfk.attention(q, k, v, tfk.patterns.causal(), dropout_p=0.4, backend="reference")
+    torch.manual_seed(5)
+    keep = drop.dense_keep_mask(drop.draw_seed(), 1, 2, 7, 7, 0.4)
+    scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    want = (torch.softmax(scores, -1) * keep / 0.6) @ v
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tfk
-from tfk import backends
+from tfk.backends import record_choices
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,14 +34,6 @@ def _logits_and_grads(model, ids, mask):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _spy(monkeypatch):
-    calls = []
-    backend = backends.get_backend("triton")
-    run = backend.run
-    monkeypatch.setattr(backend, "run", lambda call: calls.append(1) or run(call))
-    return calls
-
-
 @pytest.mark.parametrize("route", ["attn_implementation", "patch_torch"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_matches_torch_attention(name, route, monkeypatch):
@@ -53,16 +45,16 @@ def test_model_matches_torch_attention(name, route, monkeypatch):
     mask[1, :5] = 0  # left padding
     want_logits, want_grads = _logits_and_grads(model, ids, mask)
 
-    calls = _spy(monkeypatch)
-    if route == "patch_torch":
-        with tfk.patch_torch(backend="triton"):
+    with record_choices() as ran:
+        if route == "patch_torch":
+            with tfk.patch_torch(backend="triton"):
+                got_logits, got_grads = _logits_and_grads(model, ids, mask)
+        else:
+            tfk.patch_torch().undo()  # registers "tfk" with transformers
+            monkeypatch.setenv("TFK_BACKEND", "triton")
+            model.set_attn_implementation("tfk")
             got_logits, got_grads = _logits_and_grads(model, ids, mask)
-    else:
-        tfk.patch_torch().undo()  # registers "tfk" with transformers
-        monkeypatch.setenv("TFK_BACKEND", "triton")
-        model.set_attn_implementation("tfk")
-        got_logits, got_grads = _logits_and_grads(model, ids, mask)
-    assert len(calls) == 2, "each layer's attention ran through tfk's triton backend"
+    assert ran == ["triton", "triton"], "each layer's attention ran through tfk's triton backend"
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
     assert got_grads.keys() == want_grads.keys()
     for n in want_grads:

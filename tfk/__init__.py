@@ -6,7 +6,7 @@ Mixture-of-Experts dispatch, each checked against a reference.
     out = tfk.attention(q, k, v, tfk.patterns.sliding_window(256) | tfk.patterns.global_tokens(4))
 """
 from . import patterns  # noqa: F401
-from .backends import BackendUnavailable, backend_names  # noqa: F401
+from .backends import BackendUnavailable, FallbackWarning, backend_names  # noqa: F401
 from .ops.attention import attention, scaled_dot_product_attention  # noqa: F401
 from .patch import patch_torch  # noqa: F401
 from .plan import get_plan  # noqa: F401
@@ -14,4 +14,4 @@ from .plan import get_plan  # noqa: F401
 __version__ = "0.1.0"
 
 __all__ = ["attention", "scaled_dot_product_attention", "patterns", "patch_torch", "backend_names",
-           "BackendUnavailable", "get_plan"]
+           "BackendUnavailable", "FallbackWarning", "get_plan"]

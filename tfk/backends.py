@@ -8,8 +8,10 @@ raises with every reason.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +103,43 @@ def record_choices():
         _RECORDERS.remove(names)
 
 
+# Tiles at which a backend computed scores, reported by every backend to the
+# counters open here: tests show with them that no backend visits a tile its
+# plan does not list. Nothing is counted while no counter is open (kernels then
+# compile without their per-tile atomic).
+_TILE_COUNTERS: list = []
+
+
+@contextlib.contextmanager
+def count_tiles():
+    """Counts, per pass, the (batch, head, tile) score computations of every
+    call inside the block: a ``collections.Counter`` keyed by pass name
+    ("forward", and "backward" for the torch engine, which scores each tile
+    once for dq, dk and dv; "backward_dq" and "backward_dkdv" for the kernels,
+    which score it once in each)."""
+    counts = collections.Counter()
+    _TILE_COUNTERS.append(counts)
+    try:
+        yield counts
+    finally:
+        _TILE_COUNTERS.remove(counts)
+
+
+def counting_tiles() -> bool:
+    return bool(_TILE_COUNTERS)
+
+
+def add_tiles(pass_name: str, n: int):
+    for counts in _TILE_COUNTERS:
+        counts[pass_name] += int(n)
+
+
+def add_kernel_tiles(tiles):
+    """Add the three counters a kernel backend's kernels fill: forward, dQ, dK/dV."""
+    for name, n in zip(("forward", "backward_dq", "backward_dkdv"), tiles.tolist()):
+        add_tiles(name, n)
+
+
 def select_backend(name: str, call: AttentionCall) -> Backend:
     backend = _select(name, call)
     for names in _RECORDERS:
@@ -126,6 +165,25 @@ def _select(name: str, call: AttentionCall) -> Backend:
             continue
         why = backend.reasons(call)
         if not why:
+            if refused:
+                _warn_fallback(n, refused)
             return backend
         refused.append(f"{n}: " + "; ".join(why))
     raise BackendUnavailable("no backend can run this call: " + " | ".join(refused))
+
+
+class FallbackWarning(UserWarning):
+    """"auto" passed over a backend that would have been its choice for this
+    call, and runs a slower one."""
+
+
+_WARNED: set = set()
+
+
+def _warn_fallback(chosen, refused):
+    """Once per distinct fallback: which backend refused, why, and what runs."""
+    message = (f"tfk: backend='auto' runs this call on {chosen!r}, because " + " | ".join(refused)
+               + f". Pass backend={chosen!r} to choose it explicitly, or remove the reason above.")
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, FallbackWarning, stacklevel=6)  # the caller of tfk.attention

@@ -13,6 +13,7 @@ that hold at least one allowed pair: work follows the pattern's density.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ def from_layout(x_l, index, length, fill):
     return out.index_copy_(2, index, x_l)
 
 
-def _schedule(visit, pid):
+def _schedule(visit, partial_id):
     """CSR-like schedule from a (Hp, rows, cols) bool ``visit``: per row, the
     count, the visited column ids ascending (padding repeats the last, so loads
     stay in bounds) and their partial-mask ids (-1: full tile or padding)."""
@@ -104,7 +105,7 @@ def _schedule(visit, pid):
     # visited columns first, ascending: the sort key puts unvisited ones last
     order = torch.argsort((~visit).to(torch.int64) * cols + col, dim=-1, stable=True)[..., :nb]
     blocks = col.gather(-1, order)
-    part = pid.gather(-1, order)
+    part = partial_id.gather(-1, order)
     used = torch.arange(nb, device=visit.device).view(1, 1, -1) < count.unsqueeze(-1)
     last = blocks.gather(-1, (count.long() - 1).clamp(min=0).unsqueeze(-1))
     blocks = torch.where(used, blocks, last)
@@ -153,11 +154,11 @@ def _compile_region(region, heads, lq, lk, bq, bk, device):
     partial = any_ & ~torch.cat(fulls, 1)
     partial_masks = torch.cat(partial_rows, 0)
     # partial ids follow the (head, qblock, kblock) order of partial_masks
-    pid = torch.full(partial.shape, -1, dtype=torch.int32, device=device)
-    pid[partial] = torch.arange(int(partial.sum()), dtype=torch.int32, device=device)
-    kv_count, kv_blocks, kv_partial = _schedule(any_, pid)
+    partial_id = torch.full(partial.shape, -1, dtype=torch.int32, device=device)
+    partial_id[partial] = torch.arange(int(partial.sum()), dtype=torch.int32, device=device)
+    kv_count, kv_blocks, kv_partial = _schedule(any_, partial_id)
     # the transposed schedule (per key block, the query blocks) serves dK/dV kernels
-    q_count, q_blocks, q_partial = _schedule(any_.transpose(1, 2), pid.transpose(1, 2))
+    q_count, q_blocks, q_partial = _schedule(any_.transpose(1, 2), partial_id.transpose(1, 2))
     natural_q = region.q_layout == IDENTITY
     natural_k = region.kv_layout == IDENTITY
     return SubPass(
@@ -236,9 +237,13 @@ def clear_plan_cache():
 
 
 # Plans reach custom ops as int ids (ops take tensors and scalars only): an id
-# names get_plan's arguments, so the plan itself stays in its cache.
-_PLAN_IDS: dict = {}
-_PLAN_ARGS: list = []
+# names get_plan's arguments, so the plan itself stays in its cache. The
+# registry is bounded: it forgets the least recently used ids (and the patterns
+# they hold) past PLAN_ID_CAPACITY, and never gives a forgotten id out again.
+PLAN_ID_CAPACITY = 1024
+_PLAN_IDS: OrderedDict = OrderedDict()   # key -> id, least recently used first
+_PLAN_ARGS: dict = {}                    # id -> (key, get_plan's arguments)
+_NEXT_ID = itertools.count()
 
 
 @torch.compiler.assume_constant_result
@@ -247,11 +252,24 @@ def plan_id(pattern, lq, lk, block_q, block_k, device) -> int:
     constant to torch.compile."""
     args = (pattern, lq, lk, block_q, block_k, str(device))
     key = (None if pattern is None else pattern.key,) + args[1:]
-    if key not in _PLAN_IDS:
-        _PLAN_IDS[key] = len(_PLAN_ARGS)
-        _PLAN_ARGS.append(args)
-    return _PLAN_IDS[key]
+    ident = _PLAN_IDS.get(key)
+    if ident is None:
+        ident = _PLAN_IDS[key] = next(_NEXT_ID)
+        _PLAN_ARGS[ident] = key, args
+        while len(_PLAN_IDS) > PLAN_ID_CAPACITY:
+            _, old = _PLAN_IDS.popitem(last=False)
+            del _PLAN_ARGS[old]
+    else:
+        _PLAN_IDS.move_to_end(key)
+    return ident
 
 
-def plan_by_id(plan_id) -> Plan:
-    return get_plan(*_PLAN_ARGS[plan_id])
+def plan_by_id(ident) -> Plan:
+    entry = _PLAN_ARGS.get(ident)
+    if entry is None:
+        raise RuntimeError(f"plan id {ident} is no longer registered: more than tfk.plan.PLAN_ID_CAPACITY "
+                           f"({PLAN_ID_CAPACITY}) other plans were used since it was made (raise the capacity "
+                           "if one training step really uses that many patterns and lengths)")
+    key, args = entry
+    _PLAN_IDS.move_to_end(key)
+    return get_plan(*args)

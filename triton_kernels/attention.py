@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tfk import backends
 from tfk import dropout as drop
 from tfk.ops.attention.engine import backward_over_plan, delta_of, forward_over_plan
 
@@ -96,7 +97,7 @@ def _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H):
 
 
 @triton.jit
-def _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
+def _tile_scores(q, kT, partial_id, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
                  smb, smh, smm, smn, qk_scale, c0,
                  MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  COLS: tl.constexpr, PRECISION: tl.constexpr):
@@ -104,9 +105,11 @@ def _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
     wide) in the log2 domain, -inf where not allowed."""
     s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
     allowed = row_ok[:, None] & col_ok[None, :]
-    # a partial tile's bit mask; full tiles (pid < 0) skip the load
+    # a partial tile's bit mask (partial_id: its row of the plan's partial
+    # masks); full tiles (partial_id < 0) skip the load
     tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + (c0 + tl.arange(0, COLS))[None, :]
-    bits = tl.load(PMasks + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tile, mask=(pid >= 0) & allowed, other=1)
+    bits = tl.load(PMasks + partial_id.to(tl.int64) * (BLOCK_M * BLOCK_N) + tile,
+                   mask=(partial_id >= 0) & allowed, other=1)
     allowed = allowed & (bits != 0)
     if MASK_KIND != 0:
         # the user mask is indexed by original positions
@@ -186,13 +189,13 @@ def _attn_fwd(
     sched = h * sbh + qb * sbm
     for n in range(0, count):
         kb = tl.load(Blocks + sched + n)
-        pid = tl.load(Partial + sched + n)
+        partial_id = tl.load(Partial + sched + n)
         if COUNT_TILES:
             tl.atomic_add(Tiles + 0, 1)
         cols, col_ok, k_pos = _positions(KIdx, kb * BLOCK_N, lk2, BLOCK_N, HAS_KIDX)
         cols = cols.to(tl.int64)
         kT = _load_rows_t(K, b, hk, skb, skh, skn, cols, col_ok, d, D)
-        s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
+        s = _tile_scores(q, kT, partial_id, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
                          smb, smh, smm, smn, qk_scale, 0, MASK_KIND, BLOCK_M, BLOCK_N, BLOCK_N, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing allowed yet keep m = -inf: subtract 0 instead
@@ -246,7 +249,7 @@ def _attn_bwd_dq(
     sched = h * sbh + qb * sbm
     for n in range(0, count):
         kb = tl.load(Blocks + sched + n)
-        pid = tl.load(Partial + sched + n)
+        partial_id = tl.load(Partial + sched + n)
         if COUNT_TILES:
             tl.atomic_add(Tiles + 1, 1)
         for c0 in tl.static_range(0, BLOCK_N, SUB_N):
@@ -254,7 +257,7 @@ def _attn_bwd_dq(
             cols = cols.to(tl.int64)
             kT = _load_rows_t(K, b, hk, skb, skh, skn, cols, col_ok, d, D)
             vT = _load_rows_t(V, b, hk, svb, svh, svn, cols, col_ok, dv, DV)
-            s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
+            s = _tile_scores(q, kT, partial_id, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
                              smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION)
             p = tl.exp2(s - lse2[:, None])
             dp = tl.dot(do, vT, input_precision=PRECISION)
@@ -301,7 +304,7 @@ def _attn_bwd_dkdv(
         sched = h * sbh + kb * sbm
         for n in range(0, count):
             qb = tl.load(Blocks + sched + n)
-            pid = tl.load(Partial + sched + n)
+            partial_id = tl.load(Partial + sched + n)
             if COUNT_TILES:
                 if c0 == 0:
                     tl.atomic_add(Tiles + 2, 1)
@@ -310,7 +313,7 @@ def _attn_bwd_dkdv(
             q = _load_rows(Q, b, h, sqb, sqh, sqm, rows, row_ok, d, D)
             do = _load_rows(DO, b, h, sob, soh, som, rows, row_ok, dv, DV)
             lse2, delta = _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok)
-            s = _tile_scores(q, kT, pid, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
+            s = _tile_scores(q, kT, partial_id, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
                              smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION)
             p = tl.exp2(s - lse2[:, None])
             dp = tl.dot(do, vT, input_precision=PRECISION)
@@ -333,13 +336,6 @@ def _attn_bwd_dkdv(
 # Host side
 # -----------------------------------------------------------------------------
 
-# Tiles visited by the kernels (forward, dQ, dK/dV), counted in the kernels
-# themselves when COUNT_TILES is set: lets tests prove no tile outside the
-# plan is touched. Off by default (an atomic per tile).
-COUNT_TILES = False
-tiles_visited = torch.zeros(3, dtype=torch.int64)
-
-
 class _Launch:
     """What the kernels of one call share: sizes, tiles, dropout, the mask."""
 
@@ -350,6 +346,9 @@ class _Launch:
         self.scale, self.qk_scale = scale, scale * LOG2E
         block_m, block_n = tile_config(max(self.D, self.DV), q.dtype)
         assert (plan.block_q, plan.block_k) == (block_m, block_n), "plan compiled for other tiles"
+        # tiles the kernels visit (forward, dQ, dK/dV), counted by the kernels
+        # themselves while a tfk.backends.count_tiles() block is open
+        self.count_tiles = backends.counting_tiles()
         self.tiles = torch.zeros(3, dtype=torch.int32, device=q.device)
         # dropout: the hash key of tfk.dropout.keep, and its threshold
         self.dropout = drop.kernel_args(seed, dropout_p)
@@ -366,7 +365,7 @@ class _Launch:
         self.meta = dict(MASK_KIND=mask_kind, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_D=max(16, triton.next_power_of_2(self.D)),
                          BLOCK_DV=max(16, triton.next_power_of_2(self.DV)),
-                         PRECISION=dot_precision(q.dtype), COUNT_TILES=COUNT_TILES)
+                         PRECISION=dot_precision(q.dtype), COUNT_TILES=self.count_tiles)
 
     def subpass(self, sp, kernel):
         """Plan arguments of one sub-pass: indices, schedule, tile masks,
@@ -388,8 +387,8 @@ class _Launch:
         return args, strides, meta
 
     def finish(self):
-        if COUNT_TILES:
-            tiles_visited.add_(self.tiles.cpu().long())
+        if self.count_tiles:
+            backends.add_kernel_tiles(self.tiles)
 
 
 def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):

@@ -6,8 +6,11 @@
 //
 // Tensors are contiguous, in the sub-pass's token layout (the host gathers it):
 //   q, dout (B, H, Lq, head_dim)   k, v (B, Hkv, Lk, head_dim)
-// with head_dim 64 or 128 (the bindings pad other sizes with zeros, and Dv to
-// the same size as D). Key and value heads are shared by H / Hkv query heads.
+// with head_dim 64 or 128, one size for q, k, v and dout: the ops
+// (csrc/attention/ops.h) refuse any other. The Python backend
+// (tfk/ops/attention/cuda_backend.py, _pad) zero-pads q, k, v and dout to the
+// smaller of 64 and 128 that holds max(D, Dv), and slices the results back to
+// D and Dv. Key and value heads are shared by H / Hkv query heads.
 #pragma once
 
 #include <cstdint>

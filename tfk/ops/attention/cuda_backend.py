@@ -19,6 +19,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from ... import backends
 from ... import dropout as drop
 from ...backends import AttentionCall, Backend, register_backend
 from ...plan import plan_id
@@ -27,13 +28,6 @@ from .engine import attention_ops, backward_over_plan, delta_of, forward_over_pl
 BLOCK = 64            # kBlockM = kBlockN in csrc/attention/attention.h
 HEAD_DIMS = (64, 128)  # the instantiated kernels
 _DTYPES = (torch.float16, torch.bfloat16)
-
-# Tiles visited by the kernels (forward, dQ, dK/dV), counted in the kernels
-# themselves when COUNT_TILES is set: tests prove no tile outside the plan is
-# touched. Off by default (an atomic per tile).
-COUNT_TILES = False
-tiles_visited = torch.zeros(3, dtype=torch.int64)
-
 
 _IMPORT_ERRORS: dict = {}
 
@@ -91,16 +85,17 @@ def _schedules(sp, backward):
 
 def _prepare(q, k, v, mask):
     """The kernels' head dim, the ops for q's device, the mask as they read
-    it, and the tile counters (None unless COUNT_TILES)."""
+    it, and the tile counters the kernels fill (forward, dQ, dK/dV), None
+    unless a tfk.backends.count_tiles() block is open."""
     hd = kernel_head_dim(max(q.shape[-1], v.shape[-1]))
     m = _kernel_mask(mask, (*q.shape[:3], k.shape[2]))
-    tiles = torch.zeros(3, dtype=torch.int32, device=q.device) if COUNT_TILES else None
+    tiles = torch.zeros(3, dtype=torch.int32, device=q.device) if backends.counting_tiles() else None
     return hd, _ops(q.device), m, tiles
 
 
 def _count(tiles):
     if tiles is not None:
-        tiles_visited.add_(tiles.cpu().long())
+        backends.add_kernel_tiles(tiles)
 
 
 def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0):
@@ -173,9 +168,9 @@ class CudaBackend(Backend):
 
     def run(self, call: AttentionCall):
         q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
-        pid = plan_id(call.pattern, q.shape[2], k.shape[2], BLOCK, BLOCK, q.device)
+        ident = plan_id(call.pattern, q.shape[2], k.shape[2], BLOCK, BLOCK, q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
-        return attention_fwd(q, k, v, call.attn_mask, pid, call.scale, call.dropout_p, seed)
+        return attention_fwd(q, k, v, call.attn_mask, ident, call.scale, call.dropout_p, seed)
 
 
 class CudaSimBackend(CudaBackend):

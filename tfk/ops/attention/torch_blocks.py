@@ -1,16 +1,18 @@
-"""Backend "torch": executes a plan block by block with torch ops.
+"""Backend "torch": executes a plan tile by tile with torch ops.
 
-Runs on any device torch does. For each sub-pass it takes chunks of query
-blocks, gathers the key blocks their schedule lists, and computes the tile
-scores in one batched matmul; memory is O(chunk * keys-per-row), never
-O(Lq * Lk). Sub-passes merge by log-sum-exp; the backward recomputes the
-scores of the same tiles with the merged lse and delta = rowsum(dO * O), as
-flash attention does.
+Runs on any device torch does. For each sub-pass it takes chunks of whole
+schedule rows (query blocks), gathers exactly the tiles their schedule lists,
+each with its key block, and computes all their scores in one batched matmul:
+no tile outside the plan is scored, and memory is O(tiles per chunk), never
+O(Lq * Lk). A row's softmax combines its tiles by segment reductions; sub-passes
+merge by log-sum-exp. The backward recomputes the scores of the same tiles with
+the merged lse and delta = rowsum(dO * O), as flash attention does, and adds
+each tile's dq, dk and dv at its positions.
 """
 from __future__ import annotations
 
-
 import torch
+import torch.nn.functional as F
 
 from ... import dropout as drop
 from ... import backends
@@ -20,12 +22,8 @@ from .merge import merge_partials
 
 BLOCK_Q = 64
 BLOCK_K = 64
-# Scores per chunk (B * H * rows * keys); bounds the working set.
+# Scores per chunk (B * heads * tiles * BLOCK_Q * BLOCK_K); bounds the working set.
 CHUNK_ELEMENTS = 1 << 22
-
-# Tiles processed by the last forward and backward (schedule tiles, as the
-# plan counts them): lets tests check that no tile outside the plan is touched.
-stats = {"forward_tiles": 0, "backward_tiles": 0}
 
 
 def _compute_dtype(dtype):
@@ -33,29 +31,46 @@ def _compute_dtype(dtype):
 
 
 class _Tiles:
-    """The tiles of query blocks [c0, c1) of one sub-pass, gathered."""
+    """The schedule's tiles of query blocks [c0, c1) of one sub-pass, as a flat
+    list in (schedule head, query block) order.
 
-    def __init__(self, sp, c0, c1, bq, bk, device):
+    Tensors are shaped (Hb, T, ...): Hb = H when the schedule is shared by
+    every head (each tile then stands for H of them), else 1, with each tile's
+    own head in ``head``.
+    """
+
+    def __init__(self, sp, H, c0, c1, bq, bk, device):
         count = sp.kv_count[:, c0:c1].long()
+        hs, cq = count.shape
         nb = max(int(count.max()), 1)
-        blocks = sp.kv_blocks[:, c0:c1, :nb].long()
-        part = sp.kv_partial[:, c0:c1, :nb].long()
-        used = torch.arange(nb, device=device).view(1, 1, -1) < count.unsqueeze(-1)
-        self.num_tiles = int(used.sum())
-        kpos = blocks.unsqueeze(-1) * bk + torch.arange(bk, device=device)         # (Hs, cq, nb, bk)
-        allowed = (used & (part < 0)).view(*part.shape, 1, 1).expand(-1, -1, -1, bq, bk)
+        used = torch.arange(nb, device=device) < count.unsqueeze(-1)               # (Hs, cq, nb)
+        sh, qb, slot = used.nonzero(as_tuple=True)                                  # row-major: (head, qblock) order
+        kb = sp.kv_blocks[:, c0:c1][sh, qb, slot].long()
+        part = sp.kv_partial[:, c0:c1][sh, qb, slot].long()
+        self.num = (H if hs == 1 else 1) * kb.numel()  # (head, tile) pairs
+        # a row id per tile for segment reductions: rows are (schedule head, query block)
+        self.row = sh * cq + qb
+        self.rows = hs * cq
+        self.head = (torch.arange(H, device=device).view(H, 1) if hs == 1 else sh.view(1, -1))
+        ar_q, ar_k = torch.arange(bq, device=device), torch.arange(bk, device=device)
+        qpos = (c0 + qb).unsqueeze(-1) * bq + ar_q                                     # (T, bq) layout positions
+        kpos = kb.unsqueeze(-1) * bk + ar_k                                            # (T, bk)
+        allowed = (qpos < sp.lq).unsqueeze(-1) & (kpos < sp.lk).unsqueeze(-2)         # the sequences' edges
         if sp.num_partial:
-            allowed = torch.where((part >= 0).view(*part.shape, 1, 1),
-                                  sp.partial_masks[part.clamp(min=0)], allowed)
-        allowed = allowed & (kpos < sp.lk).unsqueeze(-2)                            # ragged edge
-        hs, cq = part.shape[:2]
-        self.allowed = allowed.permute(0, 1, 3, 2, 4).reshape(hs, cq, bq, nb * bk)
-        self.kpos = kpos.reshape(hs, cq, nb * bk).clamp(max=sp.lk - 1)             # layout positions
-        rows = torch.arange(c0 * bq, c1 * bq, device=device)
-        self.r0, self.r1 = c0 * bq, min(c1 * bq, sp.lq)
-        self.qpos = rows.clamp(max=sp.lq - 1).view(c1 - c0, bq)                    # layout positions
+            tile = sp.partial_masks[part.clamp(min=0)]
+            allowed = torch.where((part >= 0).view(-1, 1, 1), tile, allowed)
+        self.allowed = allowed                                                         # (T, bq, bk)
+        self.qpad, self.kpad = qpos, kpos                                              # padded: where grads add up
+        self.qpos, self.kpos = qpos.clamp(max=sp.lq - 1), kpos.clamp(max=sp.lk - 1)    # where inputs are read
         self.q_orig = self.qpos if sp.q_index is None else sp.q_index[self.qpos]
         self.k_orig = self.kpos if sp.kv_index is None else sp.kv_index[self.kpos]
+        self.r0, self.r1 = c0 * bq, min(c1 * bq, sp.lq)  # the layout rows these blocks hold
+
+    def to_positions(self, x, H):
+        """Per-row results (B, Hb, rows, bq, ...) as (B, H, r1 - r0, ...), the
+        layout rows r0..r1 of every head."""
+        x = x.reshape(x.shape[0], H, -1, *x.shape[4:])
+        return x[:, :, :self.r1 - self.r0]
 
 
 class _Engine:
@@ -77,26 +92,42 @@ class _Engine:
         return to_layout(self.q, sp.q_index), to_layout(self.k, sp.kv_index), to_layout(self.v, sp.kv_index)
 
     def chunks(self, sp):
+        """_Tiles over runs of whole query blocks, each within CHUNK_ELEMENTS
+        scores (a block with more tiles than that is a chunk of its own)."""
         bq, bk = self.plan.block_q, self.plan.block_k
-        nqb = sp.kv_count.shape[1]
-        per_block = self.B * self.H * bq * bk * max(int(sp.kv_count.max()), 1)
-        step = max(1, CHUNK_ELEMENTS // per_block)
-        for c0 in range(0, nqb, step):
-            yield _Tiles(sp, c0, min(nqb, c0 + step), bq, bk, self.q.device)
+        per_tile = self.B * (self.H if sp.kv_count.shape[0] == 1 else 1) * bq * bk
+        budget = max(1, CHUNK_ELEMENTS // per_tile)
+        per_block = sp.kv_count.sum(0).tolist()
+        c0, tiles = 0, 0
+        for c, n in enumerate(per_block):
+            if c > c0 and tiles + n > budget:
+                yield _Tiles(sp, self.H, c0, c, bq, bk, self.q.device)
+                c0, tiles = c, 0
+            tiles += n
+        if per_block:
+            yield _Tiles(sp, self.H, c0, len(per_block), bq, bk, self.q.device)
 
-    def scores(self, t, q_l, k_l):
-        """Masked scores (B, H, cq, bq, nkeys), keys gathered (B, H, cq, nkeys, D),
-        and the dropout multiplier (or None)."""
-        cq, bq = t.qpos.shape
-        qc = q_l[:, :, t.qpos.flatten()].view(self.B, self.H, cq, bq, -1)
-        kc = k_l[:, self.hk.view(-1, 1, 1), t.kpos]
+    def gather(self, x, t, pos):
+        """Rows ``pos`` (T, n) of x (B, H, L, ...) at each tile's heads: (B, Hb, T, n, ...)."""
+        return x[:, t.head.unsqueeze(-1), pos]
+
+    def gather_kv(self, x, t):
+        """Each tile's keys of x (B, Hkv, Lk, ...), for its heads' key heads: (B, Hb, T, bk, ...)."""
+        return x[:, self.hk[t.head].unsqueeze(-1), t.kpos]
+
+    def scores(self, t, q_l, k_l, pass_name):
+        """Masked scores (B, Hb, T, bq, bk), the gathered queries and keys, and
+        the dropout multiplier (or None)."""
+        backends.add_tiles(pass_name, self.B * t.num)
+        qc = self.gather(q_l, t, t.qpos)
+        kc = self.gather_kv(k_l, t)
         s = (qc @ kc.transpose(-1, -2)) * self.scale
-        allowed = t.allowed.unsqueeze(0)
+        allowed = t.allowed
+        b = torch.arange(self.B, device=s.device).view(-1, 1, 1, 1, 1)
+        h = t.head.view(1, *t.head.shape, 1, 1)
+        i, j = t.q_orig.view(1, 1, -1, t.q_orig.shape[1], 1), t.k_orig.view(1, 1, -1, 1, t.k_orig.shape[1])
         if self.mask is not None:
-            m = self.mask[torch.arange(self.B, device=s.device).view(-1, 1, 1, 1, 1),
-                          torch.arange(self.H, device=s.device).view(1, -1, 1, 1, 1),
-                          t.q_orig.view(1, 1, cq, bq, 1),
-                          t.k_orig.unsqueeze(0).unsqueeze(-2)]
+            m = self.mask[b, h, i, j]
             if m.dtype == torch.bool:
                 allowed = allowed & m
             else:
@@ -104,10 +135,7 @@ class _Engine:
         s = s.masked_fill(~allowed, float("-inf"))
         mult = None
         if self.dropout_p > 0:
-            ar = lambda n: torch.arange(n, device=s.device)
-            kept = drop.keep(self.seed, ar(self.B).view(-1, 1, 1, 1, 1), ar(self.H).view(1, -1, 1, 1, 1),
-                             t.q_orig.view(1, 1, cq, bq, 1), t.k_orig.unsqueeze(0).unsqueeze(-2), self.H,
-                             self.dropout_p)
+            kept = drop.keep(self.seed, b, h, i, j, self.H, self.dropout_p)
             mult = kept.to(s.dtype) / (1.0 - self.dropout_p)
         return s, qc, kc, mult
 
@@ -121,22 +149,27 @@ class _Engine:
 
     def forward(self):
         out = lse = None
-        tiles = 0
         for sp in self.plan.subpasses:
             q_l, k_l, v_l = self.layouts(sp)
             o_l = backends.new_output((self.B, self.H, sp.lq, self.Dv), self.dtype, self.q.device)
             lse_l = backends.new_output((self.B, self.H, sp.lq), self.dtype, self.q.device)
             for t in self.chunks(sp):
-                tiles += t.num_tiles
-                s, _, _, mult = self.scores(t, q_l, k_l)
-                lse_c = torch.logsumexp(s, dim=-1)
-                p = self.probs(s, lse_c.unsqueeze(-1))
+                s, _, _, mult = self.scores(t, q_l, k_l, "forward")
+                rows = (*s.shape[:2], t.rows, s.shape[-2])
+                # each row's softmax over its tiles: a segment max, then a segment sum
+                tile_max = s.amax(-1)
+                m = torch.full(rows, float("-inf"), dtype=s.dtype, device=s.device)
+                m.scatter_reduce_(2, t.row.view(1, 1, -1, 1).expand_as(tile_max), tile_max, "amax")
+                m.masked_fill_(torch.isneginf(m), 0)
+                e = torch.exp(s - m[:, :, t.row].unsqueeze(-1))
+                l = torch.zeros(rows, dtype=s.dtype, device=s.device).index_add_(2, t.row, e.sum(-1))
+                p = e / l.masked_fill(l == 0, 1)[:, :, t.row].unsqueeze(-1)
                 if mult is not None:
                     p = p * mult
-                vc = v_l[:, self.hk.view(-1, 1, 1), t.kpos]
-                n = t.r1 - t.r0
-                o_l[:, :, t.r0:t.r1] = (p @ vc).flatten(2, 3)[:, :, :n]
-                lse_l[:, :, t.r0:t.r1] = lse_c.flatten(2, 3)[:, :, :n]
+                o = torch.zeros(*rows, self.Dv, dtype=s.dtype, device=s.device)
+                o.index_add_(2, t.row, p @ self.gather_kv(v_l, t))
+                o_l[:, :, t.r0:t.r1] = t.to_positions(o, self.H)
+                lse_l[:, :, t.r0:t.r1] = t.to_positions(m + torch.log(l), self.H)  # log 0: -inf for empty rows
             # queries outside this sub-pass's layout saw none of its keys
             o_sp = from_layout(o_l, sp.q_index, self.Lq, 0.0)
             lse_sp = from_layout(lse_l, sp.q_index, self.Lq, float("-inf"))
@@ -147,7 +180,6 @@ class _Engine:
         if out is None:  # nothing allowed anywhere (or an empty sequence)
             out = torch.zeros(self.B, self.H, self.Lq, self.Dv, dtype=self.dtype, device=self.q.device)
             lse = torch.full((self.B, self.H, self.Lq), float("-inf"), dtype=self.dtype, device=self.q.device)
-        stats["forward_tiles"] = tiles
         return out, lse
 
     # -- backward -------------------------------------------------------------
@@ -159,48 +191,45 @@ class _Engine:
         dq = torch.zeros_like(self.q)
         dk = torch.zeros_like(self.k)
         dv = torch.zeros_like(self.v)
-        tiles = 0
+        B, H, dev = self.B, self.H, self.q.device
         for sp in self.plan.subpasses:
             q_l, k_l, v_l = self.layouts(sp)
-            lse_l, do_l, delta_l = (to_layout(x, sp.q_index) for x in (lse, dout, delta))
+            do_l = to_layout(dout, sp.q_index)
+            # row statistics padded to whole query blocks: padding rows get no probability
+            nqp = sp.kv_count.shape[1] * self.plan.block_q
+            pad = lambda x, fill: F.pad(to_layout(x, sp.q_index), (0, nqp - sp.lq), value=fill)
+            lse_p, delta_p = pad(lse, float("-inf")), pad(delta, 0.0)
             dq_l = torch.zeros_like(q_l)
-            # key gradients per query head, folded onto key heads at the end
-            dk_h = torch.zeros(self.B, self.H * sp.lk, k_l.shape[-1], dtype=self.dtype, device=self.q.device)
-            dv_h = torch.zeros(self.B, self.H * sp.lk, self.Dv, dtype=self.dtype, device=self.q.device)
+            # key gradients per query head at padded key positions, folded onto key heads at the end
+            nkp = sp.q_count.shape[1] * self.plan.block_k
+            dk_h = torch.zeros(B, H * nkp, k_l.shape[-1], dtype=self.dtype, device=dev)
+            dv_h = torch.zeros(B, H * nkp, self.Dv, dtype=self.dtype, device=dev)
             for t in self.chunks(sp):
-                tiles += t.num_tiles
-                cq, bq = t.qpos.shape
-                s, qc, kc, mult = self.scores(t, q_l, k_l)
-                rows = t.qpos.flatten()
-                pick = lambda x: x[:, :, rows].view(self.B, self.H, cq, bq, *x.shape[3:])
-                # padded rows (past the layout's end) get lse -inf: no probability, no gradient
-                valid = (torch.arange(t.r0, t.r0 + cq * bq, device=s.device) < sp.lq).view(cq, bq)
-                lse_c = pick(lse_l).masked_fill(~valid, float("-inf"))
-                p = self.probs(s, lse_c.unsqueeze(-1))
-                do_c = pick(do_l)
-                vc = v_l[:, self.hk.view(-1, 1, 1), t.kpos]
-                dp = do_c @ vc.transpose(-1, -2)
-                pd = p if mult is None else p * mult
+                s, qc, kc, mult = self.scores(t, q_l, k_l, "backward")
+                p = self.probs(s, self.gather(lse_p, t, t.qpad).unsqueeze(-1))
+                do_c = self.gather(do_l, t, t.qpos)
+                dp = do_c @ self.gather_kv(v_l, t).transpose(-1, -2)
+                pd = p
                 if mult is not None:
-                    dp = dp * mult
-                ds = p * (dp - pick(delta_l).unsqueeze(-1))
-                n = t.r1 - t.r0
-                dq_l[:, :, t.r0:t.r1] += ((ds @ kc) * self.scale).flatten(2, 3)[:, :, :n]
-                idx = (torch.arange(self.H, device=s.device).view(-1, 1, 1) * sp.lk + t.kpos).flatten()
-                dv_h.index_add_(1, idx, (pd.transpose(-1, -2) @ do_c).flatten(1, 3))
-                dk_h.index_add_(1, idx, ((ds.transpose(-1, -2) @ qc) * self.scale).flatten(1, 3))
-            fold = lambda x: x.view(self.B, self.Hkv, self.H // self.Hkv, sp.lk, -1).sum(2)
+                    pd, dp = p * mult, dp * mult
+                ds = p * (dp - self.gather(delta_p, t, t.qpad).unsqueeze(-1))
+                dq_rows = torch.zeros(*s.shape[:2], t.rows, s.shape[-2], q_l.shape[-1], dtype=s.dtype, device=dev)
+                dq_rows.index_add_(2, t.row, ds @ kc)
+                dq_l[:, :, t.r0:t.r1] += t.to_positions(dq_rows, H) * self.scale
+                at = (t.head.unsqueeze(-1) * nkp + t.kpad).flatten()          # (head, padded key) per score column
+                dv_h.index_add_(1, at, (pd.transpose(-1, -2) @ do_c).flatten(1, 3))
+                dk_h.index_add_(1, at, ((ds.transpose(-1, -2) @ qc) * self.scale).flatten(1, 3))
+            fold = lambda x: x.view(B, self.Hkv, H // self.Hkv, nkp, -1).sum(2)[:, :, :sp.lk]
             if sp.q_index is None:
                 dq += dq_l
             else:
-                dq[:, :, sp.q_index] += dq_l
+                dq.index_add_(2, sp.q_index, dq_l)
             if sp.kv_index is None:
                 dk += fold(dk_h)
                 dv += fold(dv_h)
             else:
-                dk[:, :, sp.kv_index] += fold(dk_h)
-                dv[:, :, sp.kv_index] += fold(dv_h)
-        stats["backward_tiles"] = tiles
+                dk.index_add_(2, sp.kv_index, fold(dk_h))
+                dv.index_add_(2, sp.kv_index, fold(dv_h))
         return dq, dk, dv
 
 
@@ -237,13 +266,6 @@ class TorchBackend(Backend):
 
     def run(self, call: AttentionCall):
         q, k, v = call.q, call.k, call.v
-        plain = call.pattern is None or call.pattern.key == ("causal", False)
-        if plain and call.attn_mask is None and call.dropout_p == 0 and not call.return_lse:
-            # torch's own fused CPU kernel is the fastest dense path
-            from .api import torch_sdpa
-            out = torch_sdpa(q, k, v, is_causal=call.pattern is not None, scale=call.scale,
-                             enable_gqa=q.shape[1] != k.shape[1])
-            return out, None
         plan = get_plan(call.pattern, q.shape[2], k.shape[2], BLOCK_Q, BLOCK_K, q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
         return TorchBlockAttention.apply(q, k, v, plan, call.attn_mask, call.scale, call.dropout_p, seed)

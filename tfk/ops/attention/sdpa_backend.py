@@ -1,0 +1,37 @@
+"""Backend "sdpa": torch's own fused kernel, for the calls it computes exactly
+as tfk defines them: dense or top-left causal, no attn_mask, no dropout, no
+lse. On CPU it is the fastest path for those calls, so "auto" takes it there
+and leaves every other call to the block engine ("torch")."""
+from __future__ import annotations
+
+from ...backends import AttentionCall, Backend, register_backend
+from .api import torch_sdpa
+
+
+class SdpaBackend(Backend):
+    name = "sdpa"
+    priority = 12   # above "torch" (its calls run faster here), below the GPU kernels
+
+    def reasons(self, call):
+        why = []
+        if call.pattern is not None and call.pattern.key != ("causal", False):
+            why.append(f"pattern {call.pattern!r}: torch's kernel knows only dense and top-left causal attention")
+        if call.attn_mask is not None:
+            why.append("attn_mask (torch's kernel treats rows with no allowed key differently)")
+        if call.dropout_p > 0:
+            why.append("dropout (tfk's keep mask is its own counter hash, not torch's generator)")
+        if call.return_lse:
+            why.append("return_lse (torch's kernel does not return lse)")
+        return why
+
+    def auto_for(self, call):
+        # Its refusals route a call to the block engine; they are not fallbacks.
+        return not self.reasons(call)
+
+    def run(self, call: AttentionCall):
+        out = torch_sdpa(call.q, call.k, call.v, is_causal=call.pattern is not None, scale=call.scale,
+                         enable_gqa=call.q.shape[1] != call.k.shape[1])
+        return out, None
+
+
+register_backend(SdpaBackend())
