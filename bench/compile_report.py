@@ -10,9 +10,10 @@ Triton: compiles every shipped config of triton_kernels/attention.py ahead of
 time (triton.compile for GPUTarget("cuda", arch, 32)) with the argument types
 Triton's launcher derives from a representative call, and reads the log of
 the ptxas run Triton itself makes (its bundled ptxas unless --ptxas toolkit).
-Default matrix: 3 kernels x {fp16, bf16, fp32} x D = Dv in {64, 80, 128, 256}
-x {plain, all features on} x each arch; --extended adds a bool mask and fp32
-with tf32 dots; --quick is one config per kernel per arch (the test's).
+Default matrix: 3 kernels x {fp16, bf16, fp32 (tf32 dots)} x D = Dv in
+{64, 80, 128, 256} x {plain, all features on} x each arch; --extended adds a
+third pattern, plain with a bool mask; --quick is one config per kernel per
+arch (the test's).
 
 Prints registers, shared memory, spills and stack per kernel (and config).
 Exits non-zero, naming them, when any kernel spills, fails to compile, or
@@ -208,21 +209,21 @@ def cuda_rows(build_dir: str | os.PathLike, archs: list[str]) -> list[dict]:
 # interpreter @triton.jit gives functions triton.compile cannot take), a fresh
 # cache folder, and TRITON_ALWAYS_COMPILE so every config really runs ptxas.
 #
-# Time, measured on 2 cores: fp16/bf16 configs compile in 4.6 s on average,
-# so the default matrix (108 distinct binaries) should take about 4 min once
-# nothing spills (an estimate). Configs that spill tens of KB (fp32 with
-# "ieee" FMA dots) keep ptxas busy 10-110 s each: with the kernels as they
-# are, --keep-going took 9.7 min (--extended 10.2 min). So by default a
-# series (one kernel, dtype and arch) stops at its first failing config and
-# marks the rest skipped (35-65 s with the kernels as they are): the report
-# still fails, naming it, and a passing report has compiled every config.
+# Time, measured on 2 idle cores (Triton 3.8, archs 80 and 90, --no-cuda,
+# `time`): the default matrix (144 configs, 108 distinct binaries) took
+# 1 min 23 s, --extended (216 configs, 162 binaries) 2 min 0 s, --quick
+# (6 configs) 12 s; 2-2.5 times that with the cores shared with a test run.
+# A compile takes 0.6-3.0 s (1.4 s on average, about the same for every
+# dtype and head dim), and no config spills, so --keep-going changes nothing
+# today. Unless --keep-going, a series (one kernel, dtype and arch) stops at
+# its first failing config and marks the rest skipped: the report still
+# fails, naming it, and a passing report has compiled every config.
 
 TRITON_MODULE = "tfk.triton_kernels.attention"
 TRITON_SOURCE = "triton_kernels/attention.py"
 TRITON_KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
 # (dtype, dot precision): the kernels' dot_precision(dtype), tf32 for fp32.
 TRITON_DTYPES = (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"))
-TRITON_DTYPES_EXTENDED = TRITON_DTYPES
 # D = Dv. 80 pads to BLOCK_D = 128 (the non-power-of-two class); with the
 # representative call's strides it compiles to the same binary as 128.
 TRITON_HEAD_DIMS = (64, 80, 128, 256)
@@ -230,8 +231,9 @@ TRITON_HEAD_DIMS = (64, 80, 128, 256)
 # all: every feature on, the register worst case: query and key index tables
 #   (a dilated/permuted layout), a float attn_mask (MASK_KIND=2), dropout.
 # bool (--extended): plain + a bool attn_mask (MASK_KIND=1, read as uint8).
-#   Measured (Triton 3.8, 288 configs): it spills a little more than plain
-#   but never where `all` does not, and adds half again the compile time.
+#   Measured (Triton 3.8, --extended on sm_80 and sm_90, 216 configs): no
+#   config spills; bool needs more registers than plain in 38 of the 72
+#   (kernel, dtype, head dim, arch) cases, more than `all` in 8.
 TRITON_PATTERNS = {
     "plain": dict(HAS_QIDX=False, HAS_KIDX=False, MASK_KIND=0, DROPOUT=False),
     "all": dict(HAS_QIDX=True, HAS_KIDX=True, MASK_KIND=2, DROPOUT=True),
@@ -239,8 +241,8 @@ TRITON_PATTERNS = {
 }
 TRITON_PATTERNS_DEFAULT = ("plain", "all")
 # --quick: one config per kernel per arch: every feature on, fp16, head dim
-# 128 (the common training config): about 12 s on 2 cores, cheap enough for
-# a test. (fp32 configs that spill heavily keep ptxas busy for up to 2 min each.)
+# 128 (the common training config): 12 s on 2 cores (measured, see above),
+# cheap enough for a test.
 TRITON_QUICK = (("fp16", "ieee"), 128, "all")
 
 # The representative call: B=2, H=8 query heads over Hkv=2 key heads (G=4),
@@ -254,13 +256,12 @@ _LOG2E = 1.4426950408889634
 def triton_configs(archs: list[str], quick: bool = False, extended: bool = False) -> list[dict]:
     """The Triton matrix: one dict per (kernel, dtype, precision, head dim,
     pattern, arch); `archs` as capabilities ("80", "90", "90a"). `quick`: one
-    config per kernel per arch; `extended`: adds the bool-mask pattern and
-    fp32 with tf32 dots."""
+    config per kernel per arch; `extended`: adds the bool-mask pattern."""
     caps = sorted({int(re.match(r"\d+", str(a)).group(0)) for a in archs})
     if quick:
         dtypes, dims, patterns = (TRITON_QUICK[0],), (TRITON_QUICK[1],), (TRITON_QUICK[2],)
     elif extended:
-        dtypes, dims, patterns = TRITON_DTYPES_EXTENDED, TRITON_HEAD_DIMS, tuple(TRITON_PATTERNS)
+        dtypes, dims, patterns = TRITON_DTYPES, TRITON_HEAD_DIMS, tuple(TRITON_PATTERNS)
     else:
         dtypes, dims, patterns = TRITON_DTYPES, TRITON_HEAD_DIMS, TRITON_PATTERNS_DEFAULT
     return [dict(kernel=k, dtype=dt, precision=prec, head_dim=d, pattern=p, cap=cap)
@@ -324,8 +325,11 @@ def _launch_args(mod, cfg: dict) -> tuple[dict, dict]:
     rows, cols = (nqb, nkb) if kernel != "_attn_bwd_dkdv" else (nkb, nqb)
     per_head = pat["HAS_QIDX"]
     v.update(sch=rows if per_head else 0, scm=1, sbh=rows * cols if per_head else 0, sbm=cols)
-    v.update(H=H, Hkv=Hkv, G=H // Hkv, Lq=L, Lk=L, lq2=lq2, lk2=lk2, D=D, DV=DV,
-             qk_scale=D ** -0.5 * _LOG2E, scale=D ** -0.5)
+    v.update(H=H, G=H // Hkv, lq2=lq2, lk2=lk2, D=D, DV=DV, qk_scale=D ** -0.5 * _LOG2E)
+    if kernel != "_attn_fwd":
+        v["scale"] = D ** -0.5
+    if kernel == "_attn_bwd_dkdv":
+        v["Hkv"] = Hkv
     # dropout: key = _mix32(...) < 2**32 and threshold = p * 2**32: values at or
     # above 2**31 (half of all seeds; p >= 0.5) make Triton pick int64. Off:
     # seed 0 gives key 0, threshold 0, scale 1.
@@ -366,6 +370,31 @@ def _failed_row(cfg: dict) -> dict:
             "skipped": None}
 
 
+def check_kernel_arguments(kernel: str, params: dict, values: dict, meta: dict, options) -> None:
+    """Raise RuntimeError, naming them, unless the representative call of
+    `kernel` passes each of its parameters exactly once and nothing else.
+    `params` maps the kernel's parameter names to whether each is a constexpr
+    (JITFunction.params); `values` must hold exactly its other parameters, and
+    `meta` its constexprs plus launch options: names in `options`, the fields
+    of the backend's options (num_warps, num_stages, ...), which are not
+    kernel parameters. Unchecked, an unknown name in `values` would pass
+    unseen (arguments are picked from it by parameter name), and one in `meta`
+    would fail only later, as Triton's "unrecognised" keyword argument."""
+    problems = []
+    if extra := [n for n in values if n not in params]:
+        problems.append(f"passes argument(s) {extra} that {kernel} does not have")
+    if extra := [n for n in meta if n not in params and n not in options]:
+        problems.append(f"passes constexpr(s) {extra} that {kernel} does not have (nor are they launch options)")
+    if wrong := [n for n in values if params.get(n)]:
+        problems.append(f"passes constexpr(s) {wrong} of {kernel} as runtime arguments")
+    if wrong := [n for n in meta if n in params and not params[n]]:
+        problems.append(f"passes runtime argument(s) {wrong} of {kernel} as constexprs")
+    if missing := [n for n in params if n not in values and n not in meta]:
+        problems.append(f"has no value for argument(s) {missing} of {kernel}")
+    if problems:
+        raise RuntimeError("the report " + "; ".join(problems))
+
+
 def _triton_compile_one(mod, cfg: dict, seen: dict) -> dict:
     """Compile one config; a row (see triton_rows). `seen` maps a compile key
     (signature, constexprs, attrs, options, target) to the config that made it."""
@@ -385,12 +414,10 @@ def _triton_compile_one(mod, cfg: dict, seen: dict) -> dict:
         values, meta = _launch_args(mod, cfg)
         target = GPUTarget("cuda", cap, 32)
         backend = make_backend(target)
+        check_kernel_arguments(cfg["kernel"], {p.name: p.is_constexpr for p in fn.params}, values, meta,
+                               set(backend.parse_options({}).__dict__))
         binder = create_function_from_signature(fn.signature, fn.params, backend)
-        names = [p.name for p in fn.params]
-        missing = [n for n in names if n not in values and n not in meta]
-        if missing:
-            raise RuntimeError(f"the report has no value for argument(s) {missing} of {cfg['kernel']}")
-        args = [values[n] for n in names if n in values]
+        args = [values[p.name] for p in fn.params if p.name in values]
         # as JITFunction.run adds them
         kwargs = dict(meta, debug=knobs.runtime.debug, instrumentation_mode=knobs.compilation.instrumentation_mode)
         bound, spec, opts = binder(*args, **kwargs)
@@ -554,8 +581,11 @@ def triton_rows(archs: list[str], quick: bool = False, jobs: int | None = None, 
     for idx in series.values():
         idx.sort(key=lambda i: (configs[i]["head_dim"], order[configs[i]["pattern"]]))
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(series)))
-    # balance by a rough cost: fp32 (ieee: FMA dots) compiles several times slower
-    cost = lambda key: len(series[key]) * (4 if key[2:] == ("fp32", "ieee") else 1)
+    # balance by config count: measured (Triton 3.8, default matrix, 2 cores),
+    # no series is clearly slower: a compile takes 1.4-1.5 s on average for
+    # each dtype (fp32 with tf32 dots included) and each head dim (D=256
+    # included), and which series takes longest (6-13 s) changes from run to run
+    cost = lambda key: len(series[key])
     shards: list[list] = [[] for _ in range(jobs)]
     load = [0] * jobs
     for key in sorted(series, key=cost, reverse=True):
@@ -695,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Triton: one config per kernel per arch (fp16, D=128, every feature on) "
                          "instead of the full matrix")
     ap.add_argument("--extended", action="store_true",
-                    help="Triton: add the bool-mask pattern and fp32 with tf32 dots (twice the configs)")
+                    help="Triton: add the bool-mask pattern (plain with a bool attn_mask): three "
+                         "patterns instead of two, half again the configs")
     ap.add_argument("--keep-going", action="store_true",
                     help="Triton: compile every config; by default a (kernel, dtype, arch) series stops "
                          "at its first failing config")

@@ -7,6 +7,7 @@ works under conftest.py's interpreter mode.
 """
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -131,3 +132,71 @@ def test_triton_report_fails_a_kernel_that_calls_a_host_function(tmp_path, monke
     for r in rows:
         assert r["error"] and "Unsupported function referenced" in r["error"], r
     assert len(cr.problems(rows)) == len(rows)
+
+
+def _compilable_attention_module(monkeypatch):
+    """triton_kernels/attention.py loaded afresh with TRITON_INTERPRET unset
+    (conftest.py sets it for this process): its kernels are JITFunctions that
+    _triton_compile_one can take."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location("_tfk_attention_compilable", cr.ROOT / cr.TRITON_SOURCE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_config_fails_on_an_argument_the_kernel_does_not_have(monkeypatch):
+    """The report passes each kernel exactly its parameters: a value or a
+    constexpr the kernel does not have fails the config, naming it, instead of
+    being dropped. The check comes before Triton binds the arguments, so this
+    runs in-process, with no compile (triton.compile stopped anyway)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    mod = _compilable_attention_module(monkeypatch)
+
+    def compile_reached(*args, **kwargs):
+        raise RuntimeError("reached triton.compile")
+
+    monkeypatch.setattr(triton, "compile", compile_reached)
+    options = set(make_backend(GPUTarget("cuda", 90, 32)).parse_options({}).__dict__)
+    configs = cr.triton_configs(["90"], extended=True)
+    for cfg in configs:  # the shipped arguments pass the check
+        params = {p.name: p.is_constexpr for p in getattr(mod, cfg["kernel"]).params}
+        cr.check_kernel_arguments(cfg["kernel"], params, *cr._launch_args(mod, cfg), options)
+
+    shipped = cr._launch_args
+
+    def adding(extra_values, extra_meta):
+        def launch_args(m, cfg):
+            values, meta = shipped(m, cfg)
+            return dict(values, **extra_values), dict(meta, **extra_meta)
+        return launch_args
+
+    for kernel in cr.TRITON_KERNELS:
+        cfg = next(c for c in configs if c["kernel"] == kernel)
+        for extra_values, extra_meta, expected in (
+                (dict(Lq=1000), {}, f"argument(s) ['Lq'] that {kernel} does not have"),
+                ({}, dict(BOGUS_FLAG=True), f"constexpr(s) ['BOGUS_FLAG'] that {kernel} does not have")):
+            monkeypatch.setattr(cr, "_launch_args", adding(extra_values, extra_meta))
+            row = cr._triton_compile_one(mod, cfg, {})
+            assert row["error"] and expected in row["error"], (cfg, row["error"])
+    # SPLIT_N is a constexpr of the backward kernels only
+    monkeypatch.setattr(cr, "_launch_args", adding({}, dict(SPLIT_N=1)))
+    fwd = next(c for c in configs if c["kernel"] == "_attn_fwd")
+    assert "['SPLIT_N'] that _attn_fwd does not have" in cr._triton_compile_one(mod, fwd, {})["error"]
+
+
+def test_kernel_argument_check_names_every_kind_of_mismatch():
+    params = {"Q": False, "H": False, "BLOCK_M": True}
+    options = {"num_warps", "num_stages"}
+    cr.check_kernel_arguments("_k", params, dict(Q=0, H=1), dict(BLOCK_M=64, num_warps=4), options)
+    for values, meta, expected in (
+            (dict(Q=0, H=1, Lk=2), dict(BLOCK_M=64), "argument(s) ['Lk'] that _k does not have"),
+            (dict(Q=0, H=1), dict(BLOCK_M=64, SPLIT_N=2), "constexpr(s) ['SPLIT_N'] that _k does not have"),
+            (dict(Q=0, H=1, BLOCK_M=64), {}, "constexpr(s) ['BLOCK_M'] of _k as runtime arguments"),
+            (dict(Q=0), dict(BLOCK_M=64, H=1), "runtime argument(s) ['H'] of _k as constexprs"),
+            (dict(Q=0), dict(BLOCK_M=64), "no value for argument(s) ['H'] of _k")):
+        with pytest.raises(RuntimeError, match=re.escape(expected)):
+            cr.check_kernel_arguments("_k", params, values, meta, options)
