@@ -12,8 +12,6 @@ import tfk
 from tfk.ops.attention import attention_reference, cuda_backend, torch_blocks, torch_sdpa
 from tolerances import assert_close
 
-DTYPES = [torch.float32, torch.float16]
-
 # Every backend under test, with the dtypes it is checked in here: the
 # interpreter computes bf16 wrongly (triton's bf16 is checked on a GPU), and
 # the CUDA kernels take fp16 and bf16 only. The reference is the oracle, not a

@@ -90,7 +90,7 @@ def test_mask_gradients_fall_back_to_the_reference_visibly():
     assert bias.grad is not None and bias.grad.shape == (8, 8)
 
 
-def test_fp32_on_a_gpu_without_tf32_is_a_visible_fallback(monkeypatch):
+def test_fp32_on_a_gpu_without_tf32_is_a_visible_fallback():
     """fp32 CUDA tensors are meant for "triton" (its auto_for holds), which
     refuses them unless tf32 is allowed: "auto" then falls back with the
     FallbackWarning above, naming that reason. (A stand-in for a CUDA tensor:
@@ -101,8 +101,13 @@ def test_fp32_on_a_gpu_without_tf32_is_a_visible_fallback(monkeypatch):
     triton = backends.get_backend("triton")
     x = CudaTensor()
     call = backends.AttentionCall(x, x, x, None, None, 0.25, 0.0, False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert triton.auto_for(call)
-    assert any("allow_tf32" in r for r in triton.reasons(call))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert not any("allow_tf32" in r for r in triton.reasons(call))
+    matmul = torch.backends.cuda.matmul
+    allowed = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert triton.auto_for(call)
+        assert any("allow_tf32" in r for r in triton.reasons(call))
+        matmul.allow_tf32 = True
+        assert not any("allow_tf32" in r for r in triton.reasons(call))
+    finally:
+        matmul.allow_tf32 = allowed

@@ -99,7 +99,6 @@ def test_triton_matrix_covers_the_shipped_configs():
         (k, cap) for k in cr.TRITON_KERNELS for cap in (80, 90))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_shipped_matrix_compiles_without_spills_for_sm80_sm90():
     """A real check over every shipped config (each kernel, dtype, head-dim
     class, plain and all features, both archs): a spill, a compile error or
@@ -119,7 +118,6 @@ def test_triton_shipped_matrix_compiles_without_spills_for_sm80_sm90():
     assert all(r["smem"] <= cr.smem_limit(r["arch"]) for r in rows)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_report_fails_a_kernel_that_calls_a_host_function(tmp_path, monkeypatch):
     """A host `def _mix32` after the @triton.jit one (a bug this file once had)
     makes Triton refuse every kernel at its first launch; the report must fail
@@ -145,7 +143,6 @@ def _compilable_attention_module(monkeypatch):
     return mod
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_config_fails_on_an_argument_the_kernel_does_not_have(monkeypatch):
     """The report passes each kernel exactly its parameters: a value or a
     constexpr the kernel does not have fails the config, naming it, instead of

@@ -17,10 +17,10 @@ import tfk
 from tfk import patterns as P
 from tfk.ops.attention import cuda_backend
 from tfk.plan import get_plan
-from helpers import check_against_reference, make_qkv, pattern_mask, patterns_for_tests, require_backend
+from helpers import BACKEND_DTYPES, check_against_reference, make_qkv, pattern_mask, patterns_for_tests, require_backend
 
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = [torch.float16, torch.bfloat16]
+DTYPES = BACKEND_DTYPES["cuda-sim"]
 
 
 @pytest.fixture(autouse=True)

@@ -42,7 +42,6 @@ def test_nesting_undone_in_any_order(order):
 
 
 def test_transformers_attn_implementation():
-    pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with tfk.patch_torch():

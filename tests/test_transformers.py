@@ -3,11 +3,10 @@ logits and gradients through tfk ("triton" backend, in the interpreter
 without a GPU) as with torch's own attention."""
 import pytest
 import torch
+import transformers  # pinned in requirements-test.txt: a missing client fails, never skips
 
 import tfk
 from tfk.backends import record_choices
-
-transformers = pytest.importorskip("transformers")
 
 
 def _gpt2():
