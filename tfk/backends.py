@@ -4,7 +4,10 @@ Each backend declares what it supports through ``reasons(call)``: the list of
 reasons it cannot run a call, empty when it can. ``backend="auto"`` takes the
 highest-priority backend with no reasons (the environment variable
 ``TFK_BACKEND`` replaces "auto" with a name); a named backend that cannot run
-raises with every reason.
+raises with every reason. When "auto" passes over a backend meant for the call
+(its ``auto_for`` holds) because of a reason, it warns once per reason
+(``FallbackWarning``). Backends also report the tiles at which they compute
+scores to the counters of ``count_tiles()``.
 """
 from __future__ import annotations
 
