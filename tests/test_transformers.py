@@ -1,6 +1,9 @@
 """A real client: tiny Hugging Face models with random weights give the same
 logits and gradients through tfk ("triton" backend, in the interpreter
 without a GPU) as with torch's own attention."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers  # pinned in requirements-test.txt: a missing client fails, never skips
@@ -49,7 +52,6 @@ def test_model_matches_torch_attention(name, route, monkeypatch):
             with tfk.patch_torch(backend="triton"):
                 got_logits, got_grads = _logits_and_grads(model, ids, mask)
         else:
-            tfk.patch_torch().undo()  # registers "tfk" with transformers
             monkeypatch.setenv("TFK_BACKEND", "triton")
             model.set_attn_implementation("tfk")
             got_logits, got_grads = _logits_and_grads(model, ids, mask)
@@ -58,3 +60,31 @@ def test_model_matches_torch_attention(name, route, monkeypatch):
     assert got_grads.keys() == want_grads.keys()
     for n in want_grads:
         torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+CLIENT = """
+import sys, torch
+{first}
+assert "tfk" in sys.modules and "transformers" in sys.modules
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+model = LlamaForCausalLM(config).eval()
+model.set_attn_implementation("tfk")  # raises unless "tfk" is registered
+with tfk.backends.record_choices() as ran:
+    model(input_ids=torch.randint(0, 97, (1, 9)))
+print(ran)
+"""
+
+
+@pytest.mark.parametrize("first", ["tfk", "transformers"])
+def test_import_tfk_is_enough_for_attn_implementation(first):
+    """In a fresh process, either import order: no patch_torch() call, and
+    ``import tfk`` alone does not import transformers."""
+    if first == "tfk":
+        imports = "import tfk\nassert 'transformers' not in sys.modules\nimport transformers"
+    else:
+        imports = "import transformers\nimport tfk"
+    proc = subprocess.run([sys.executable, "-c", CLIENT.format(first=imports)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "['sdpa']", proc.stdout

@@ -11,6 +11,10 @@ from .ops.attention import attention, scaled_dot_product_attention  # noqa: F401
 from .patch import patch_torch  # noqa: F401
 from .plan import get_plan  # noqa: F401
 
+from .integrations.transformers import register_when_imported as _register_when_imported
+
+_register_when_imported()  # attn_implementation="tfk", without importing transformers
+
 __version__ = "0.1.0"
 
 __all__ = ["attention", "scaled_dot_product_attention", "patterns", "patch_torch", "backend_names",

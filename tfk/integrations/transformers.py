@@ -1,4 +1,14 @@
-"""``attn_implementation="tfk"`` for Hugging Face transformers."""
+"""``attn_implementation="tfk"`` for Hugging Face transformers.
+
+``import tfk`` registers "tfk" with transformers' attention interfaces: at
+once when transformers is already imported, else right after its first
+import (an import hook; tfk never imports transformers itself).
+"""
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
 from ..ops.attention.api import scaled_dot_product_attention
 
 
@@ -26,3 +36,35 @@ def register():
     AttentionInterface.register("tfk", tfk_attention_forward)
     AttentionMaskInterface.register("tfk", sdpa_mask)
     return True
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: on the first import of transformers it steps
+    aside, and has the real loader register "tfk" once the package has run."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)  # once, and the lookup below finds the real package
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            try:
+                register()
+            except Exception as e:  # noqa: BLE001 - never break the user's import of transformers
+                warnings.warn(f"tfk: could not register attn_implementation='tfk' with transformers: {e}")
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_when_imported():
+    """Register now if transformers is imported, else after its first import."""
+    if "transformers" in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
