@@ -195,8 +195,8 @@ def _t(D=16, dtype=torch.float32, **kw):
 REFUSALS = {  # backend: [(call, a reason it must give)]; the first call of each runs
     "torch": [(_call(_t()), None),
               (_call(_t(requires_grad=True), attn_mask=torch.zeros(8, 8, requires_grad=True)), "attn_mask")],
-    "sdpa": [(_call(_t()), None), (_call(_t(), pattern=P.sliding_window(2)), "pattern"),
-             (_call(_t(), attn_mask=torch.ones(8, 8, dtype=torch.bool)), "attn_mask"),
+    "sdpa": [(_call(_t()), None), (_call(_t(), attn_mask=torch.ones(8, 8, dtype=torch.bool)), None),
+             (_call(_t(), pattern=P.sliding_window(2)), "pattern"),
              (_call(_t(), dropout_p=0.1), "dropout"), (_call(_t(), return_lse=True), "return_lse")],
     "triton": [(_call(_t()), None), (_call(_t(dtype=torch.bfloat16)), "bfloat16"),
                (_call(_t(dtype=torch.float64)), "float64"), (_call(_t(320)), "head dim 320")],
@@ -224,7 +224,7 @@ def test_auto_on_cpu():
     x = _t()
     assert select_backend("auto", _call(x)).name == "sdpa"
     assert select_backend("auto", _call(x, pattern=P.causal())).name == "sdpa"
-    for kw in (dict(pattern=P.sliding_window(2)), dict(attn_mask=torch.ones(8, 8, dtype=torch.bool)),
-               dict(dropout_p=0.1), dict(return_lse=True)):
+    assert select_backend("auto", _call(x, attn_mask=torch.ones(8, 8, dtype=torch.bool))).name == "sdpa"
+    for kw in (dict(pattern=P.sliding_window(2)), dict(dropout_p=0.1), dict(return_lse=True)):
         assert select_backend("auto", _call(x, **kw)).name == "torch"
     assert select_backend("auto", _call(_t(64, torch.float16), pattern=P.sliding_window(2))).name == "torch"

@@ -7,6 +7,7 @@ import torch
 
 import tfk
 from tfk import backends
+from tfk.ops.attention import attention_reference
 
 
 class Refusing(backends.Backend):
@@ -64,7 +65,7 @@ def test_routing_is_not_a_fallback():
         tfk.attention(q, q, q, tfk.patterns.sliding_window(3))
         tfk.scaled_dot_product_attention(q, q, q, is_causal=True)
         tfk.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool))
-    assert ran == ["torch", "sdpa", "torch"]
+    assert ran == ["torch", "sdpa", "sdpa"]
 
 
 def test_env_overrides_auto(monkeypatch):
@@ -78,16 +79,36 @@ def test_env_overrides_auto(monkeypatch):
         tfk.scaled_dot_product_attention(q, q, q)
 
 
-def test_mask_gradients_fall_back_to_the_reference_visibly():
-    q = torch.randn(1, 1, 8, 16, requires_grad=True)
-    bias = torch.zeros(8, 8, requires_grad=True)
+def test_mask_gradients():
+    """On CPU torch's kernel ("sdpa") differentiates attn_mask: the gradients
+    match the float64 reference's. With dropout it cannot take the call, and
+    the block engine has no mask gradient: "auto" falls back to the reference,
+    visibly."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    grads, routes = [], []
+    for fn in (lambda *a, attn_mask: tfk.scaled_dot_product_attention(*a, attn_mask=attn_mask),
+               lambda *a, attn_mask: attention_reference(*a, bias=attn_mask)[0]):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        with warnings.catch_warnings(), backends.record_choices() as ran:
+            warnings.simplefilter("error")
+            out = fn(*leaves[:3], attn_mask=leaves[3])
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out))
+        grads.append([out] + [t.grad for t in leaves])
+        routes.append(ran)
+    assert routes == [["sdpa"], []], "torch's kernel took the call, with no fallback warning"
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    x, mask = q.float().requires_grad_(), bias.float().requires_grad_()
     with pytest.raises(tfk.BackendUnavailable, match="attn_mask"):
-        tfk.scaled_dot_product_attention(q, q, q, attn_mask=bias, backend="torch")
+        tfk.scaled_dot_product_attention(x, x, x, attn_mask=mask, backend="torch")
     with backends.record_choices() as ran, pytest.warns(tfk.FallbackWarning, match="no gradient with respect to attn_mask"):
-        out = tfk.scaled_dot_product_attention(q, q, q, attn_mask=bias)
+        out = tfk.scaled_dot_product_attention(x, x, x, attn_mask=mask, dropout_p=0.1)
     assert ran == ["reference"]
     out.sum().backward()
-    assert bias.grad is not None and bias.grad.shape == (8, 8)
+    assert mask.grad is not None and mask.grad.shape == (8, 8)
 
 
 def test_fp32_on_a_gpu_without_tf32_is_a_visible_fallback():

@@ -41,7 +41,9 @@ def test_nesting_undone_in_any_order(order):
     assert _routes_to() is None
 
 
-def test_transformers_attn_implementation():
+def test_transformers_attn_implementation(monkeypatch):
+    """Through the block engine (torch's kernel would answer for these masked
+    dense calls under "auto")."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with tfk.patch_torch():
@@ -55,6 +57,7 @@ def test_transformers_attn_implementation():
     mask[1, :4] = 0  # left padding
     want = model(input_ids=ids, attention_mask=mask).logits
     model.set_attn_implementation("tfk")
+    monkeypatch.setenv("TFK_BACKEND", "torch")
     with backends.record_choices() as ran:
         got = model(input_ids=ids, attention_mask=mask).logits
     assert ran == ["torch", "torch"], "each layer's attention ran through tfk's block engine"

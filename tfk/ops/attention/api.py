@@ -124,7 +124,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if (t.shape[:-3] if rank > 3 else t.shape[:1]) != batch:
             raise ValueError(f"{name} has batch dims {tuple(t.shape[:-3] if rank > 3 else t.shape[:1])}, "
                              f"expected query's {tuple(batch)}")
-    to4 = lambda t: t.unsqueeze(1) if rank == 3 else t.reshape(math.prod(batch), *t.shape[-3:])
+    to4 = lambda t: t if rank == 4 else t.unsqueeze(1) if rank == 3 else t.reshape(math.prod(batch), *t.shape[-3:])
     q, k, v = to4(query), to4(key), to4(value)
     _check_shapes(q, k, v, gqa=bool(enable_gqa))
     mask = None
@@ -135,7 +135,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale = _check_common(scale, dropout_p, q.shape[-1])
     call = AttentionCall(q, k, v, _CAUSAL if is_causal else None, mask, scale, float(dropout_p), False)
     out = _run(call, backend, False)
-    return out.reshape(*query.shape[:-1], value.shape[-1])
+    return out if rank == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
 
 
 def _canonical_mask(attn_mask, query, key, rank):
@@ -148,13 +148,13 @@ def _canonical_mask(attn_mask, query, key, rank):
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask is on {attn_mask.device}, expected query's device {query.device}")
     full = (*query.shape[:-1], key.shape[-2])
-    try:
-        torch.broadcast_shapes(attn_mask.shape, full)
-    except RuntimeError:
+    if not all(m in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full))):
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                         f"(..., L, S) = {full}") from None
+                         f"(..., L, S) = {full}")
     if attn_mask.dim() > len(full):
         raise ValueError(f"attn_mask has {attn_mask.dim()} dims, more than the {len(full)} of (..., L, S)")
+    if rank == 4 and attn_mask.dim() == 4:
+        return attn_mask
     m = attn_mask.reshape((1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape))
     if rank == 3:
         return m.unsqueeze(1)

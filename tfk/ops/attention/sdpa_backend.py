@@ -1,7 +1,12 @@
 """Backend "sdpa": torch's own fused kernel, for the calls it computes exactly
-as tfk defines them: dense or top-left causal, no attn_mask, no dropout, no
-lse. On CPU it is the fastest path for those calls, so "auto" takes it there
-and leaves every other call to the block engine ("torch")."""
+as tfk defines them: dense or top-left causal, or (on CPU) under an attn_mask,
+with no dropout and no lse. On CPU it is the fastest path for those calls, so
+"auto" takes it there and leaves every other call to the block engine
+("torch"). Its attn_mask may require grad: torch differentiates it.
+
+On CPU torch's kernel gives a query with no allowed key output 0 and zero
+gradients, tfk's rule (tests/test_sdpa.py checks it against the reference);
+other devices' kernels are not relied on for that, so masks stay on CPU."""
 from __future__ import annotations
 
 from ...backends import AttentionCall, Backend, register_backend
@@ -16,8 +21,9 @@ class SdpaBackend(Backend):
         why = []
         if call.pattern is not None and call.pattern.key != ("causal", False):
             why.append(f"pattern {call.pattern!r}: torch's kernel knows only dense and top-left causal attention")
-        if call.attn_mask is not None:
-            why.append("attn_mask (torch's kernel treats rows with no allowed key differently)")
+        if call.attn_mask is not None and call.q.device.type != "cpu":
+            why.append(f"attn_mask on {call.q.device} (tfk's rule for rows with no allowed key is checked "
+                       "against torch's CPU kernel only)")
         if call.dropout_p > 0:
             why.append("dropout (tfk's keep mask is its own counter hash, not torch's generator)")
         if call.return_lse:
@@ -29,8 +35,8 @@ class SdpaBackend(Backend):
         return not self.reasons(call)
 
     def run(self, call: AttentionCall):
-        out = torch_sdpa(call.q, call.k, call.v, is_causal=call.pattern is not None, scale=call.scale,
-                         enable_gqa=call.q.shape[1] != call.k.shape[1])
+        out = torch_sdpa(call.q, call.k, call.v, attn_mask=call.attn_mask, is_causal=call.pattern is not None,
+                         scale=call.scale, enable_gqa=call.q.shape[1] != call.k.shape[1])
         return out, None
 
 
