@@ -24,6 +24,8 @@ SDPA_ERRORS = {
     "gqa_not_multiple": (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), {"enable_gqa": True}, "multiple"),
     "mask_shape": (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(3, 16, dtype=torch.bool)}, "attn_mask of shape"),
     "mask_dtype": (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(16, 16, dtype=torch.int32)}, "attn_mask must be bool"),
+    "mask_float_dtype": (lambda q, k, v: (q, k, v), {"attn_mask": torch.zeros(16, 16, dtype=torch.float64)},
+                         "attn_mask must be bool, float32 or query's dtype"),
     "mask_and_causal": (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(16, 16, dtype=torch.bool),
                                                     "is_causal": True}, "cannot both"),
     "dropout_range": (lambda q, k, v: (q, k, v), {"dropout_p": 1.0}, "dropout_p"),

@@ -143,8 +143,9 @@ def _canonical_mask(attn_mask, query, key, rank):
     where a view will do."""
     if not torch.is_tensor(attn_mask):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise TypeError(f"attn_mask must be bool, float32 or query's dtype {query.dtype} (as torch requires), "
+                        f"got {attn_mask.dtype}")
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask is on {attn_mask.device}, expected query's device {query.device}")
     full = (*query.shape[:-1], key.shape[-2])
