@@ -12,15 +12,15 @@ def qkv(B=1, H=2, Hkv=2, L=16, S=16, D=8, dtype=torch.float32):
 
 
 SDPA_ERRORS = {
-    "rank_2": (lambda q, k, v: (q[0, 0], k[0, 0], v[0, 0]), {}, "rank"),
-    "rank_mismatch": (lambda q, k, v: (q, k[0], v), {}, "rank"),
+    "rank_1": (lambda q, k, v: (q[0, 0, 0], k, v), {}, "query must have at least 2 dims"),
+    "gqa_without_heads": (lambda q, k, v: (q[0, 0], k[0, 0], v[0, 0]), {"enable_gqa": True}, "enable_gqa needs"),
     "key_dtype": (lambda q, k, v: (q, k.double(), v), {}, "key has dtype torch.float64"),
     "int_query": (lambda q, k, v: (q.int(), k, v), {}, "query must be float16"),
     "value_device": (lambda q, k, v: (q, k, v.to("meta")), {}, "value is on meta"),
     "head_dim": (lambda q, k, v: (q, k[..., :4], v), {}, "head dim"),
     "value_length": (lambda q, k, v: (q, k, v[:, :, :5]), {}, "value has 5 positions"),
-    "batch": (lambda q, k, v: (q, torch.cat([k, k]), torch.cat([v, v])), {}, "batch"),
-    "heads_without_gqa": (lambda q, k, v: (q, k[:, :1], v[:, :1]), {}, "enable_gqa"),
+    "batch": (lambda q, k, v: (torch.cat([q, q]), torch.cat([k] * 3), torch.cat([v] * 3)), {}, "do not broadcast"),
+    "heads_without_gqa": (lambda q, k, v: (torch.cat([q, q], 1), k, v), {}, "enable_gqa"),
     "gqa_not_multiple": (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), {"enable_gqa": True}, "multiple"),
     "mask_shape": (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(3, 16, dtype=torch.bool)}, "attn_mask of shape"),
     "mask_dtype": (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(16, 16, dtype=torch.int32)}, "attn_mask must be bool"),

@@ -1,6 +1,8 @@
 """tfk.scaled_dot_product_attention on every backend under test, against the
 float64 reference: masks, broadcasting, GQA, causal alignment, scale, ranks,
 dropout."""
+import itertools
+
 import pytest
 import torch
 
@@ -84,20 +86,48 @@ def test_gqa_scale_and_value_dim(backend, dtype, causal):
     check_against_reference(fn, q, k, v, dout, dtype, allowed=allowed, scale=0.11)
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa"])
-@pytest.mark.parametrize("shape", [(3, 40, 16), (2, 3, 4, 40, 16)], ids=str)
-def test_other_ranks_match_torch(shape, backend):
-    """3-D (N, L, E) and 5-D inputs, as torch accepts them (torch in float64
-    is the oracle here)."""
+# query and key/value shapes as torch's own sample inputs for this function
+# use them (B, H, L, S, E = 4, 4, 3, 6, 8), and more: 2-D, 5-D, broadcast heads
+BROADCAST_SHAPES = {
+    "3d": ((4, 3, 8), (4, 6, 8)),
+    "4d": ((4, 4, 3, 8), (4, 4, 6, 8)),
+    "q3d_kv4d": ((4, 3, 8), (4, 4, 6, 8)),
+    "2d": ((3, 8), (6, 8)),
+    "5d_broadcast_batch": ((2, 3, 4, 3, 8), (3, 2, 6, 8)),
+    "kv_one_head": ((4, 4, 3, 8), (4, 1, 6, 8)),
+    "q_one_head": ((4, 1, 3, 8), (4, 4, 6, 8)),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("shapes", list(BROADCAST_SHAPES))
+def test_shapes_broadcast_as_torchs(shapes, backend):
+    """Leading dims broadcast between query, key, value and attn_mask, of any
+    rank, with and without enable_gqa and is_causal: what torch accepts tfk
+    accepts, with torch's result and gradients (torch in float64 is the
+    oracle); what torch rejects tfk rejects with a named error."""
+    sq, skv = BROADCAST_SHAPES[shapes]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    mask = torch.rand(shape[-2], shape[-2], generator=g) < 0.5
-    got = tfk.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
-    want = torch_sdpa(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(got, want)
-    dq, = torch.autograd.grad(got.sum(), q)
-    dq_t, = torch.autograd.grad(want.sum(), q)
-    torch.testing.assert_close(dq, dq_t)
+    make = lambda s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    q, k, v = make(sq), make(skv), make(skv)
+    masks = [None, torch.rand(sq[-2], skv[-2], generator=g) < 0.6,
+             torch.randn((1,) * (max(len(sq), len(skv)) - 2) + (sq[-2], skv[-2]), generator=g, dtype=torch.float64)]
+    for causal, gqa, mask in itertools.product((False, True), (False, True), masks):
+        if causal and mask is not None:
+            continue
+        kw = dict(is_causal=causal, enable_gqa=gqa, attn_mask=mask)
+        try:
+            want = torch_sdpa(q, k, v, **kw)
+        except (RuntimeError, IndexError):  # torch's own errors for what it rejects
+            with pytest.raises(ValueError):
+                tfk.scaled_dot_product_attention(q, k, v, backend=backend, **kw)
+            continue
+        got = tfk.scaled_dot_product_attention(q, k, v, backend=backend, **kw)
+        assert got.shape == want.shape, kw
+        torch.testing.assert_close(got, want, msg=lambda m: f"{kw}: {m}")
+        dout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{kw}: {m}")
 
 
 def test_dropout_zero_is_no_dropout_and_dropout_is_reproducible():

@@ -106,41 +106,83 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  scale=None, enable_gqa=False, *, backend="auto"):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Shapes as torch's: query (N, ..., H, L, E), key (N, ..., Hkv, S, E),
-    value (N, ..., Hkv, S, Ev) -> (N, ..., H, L, Ev); 3-D inputs are (N, L, E).
-    ``attn_mask`` is bool (True = may attend) or float (added to the scores),
-    broadcastable to (N, ..., H, L, S). ``is_causal`` is top-left aligned
-    (key j for query i when j <= i) and excludes ``attn_mask``. A query with
-    no allowed key gets 0, as with torch. ``backend`` picks the
-    implementation ("auto" by default).
+    Shapes as torch's: query (..., L, E), key (..., S, E), value (..., S, Ev)
+    -> (..., L, Ev), the leading dims broadcast against each other as torch
+    broadcasts them (query (4, 3, 8) with key (4, 4, 6, 8) gives
+    (4, 4, 3, 8)); with ``enable_gqa``, dim -3 holds H query heads over Hkv
+    key/value heads, H % Hkv == 0. ``attn_mask`` is bool (True = may attend)
+    or float (added to the scores; float32 or query's dtype), broadcastable to
+    (..., L, S). ``is_causal`` is top-left aligned (key j for query i when
+    j <= i) and excludes ``attn_mask``. A query with no allowed key gets 0, as
+    with torch. ``backend`` picks the implementation ("auto" by default).
     """
     _check_tensors(query, key, value)
-    rank = query.dim()
-    if rank < 3 or key.dim() != rank or value.dim() != rank:
-        raise ValueError("query, key and value must have the same rank, at least 3: got "
-                         f"{query.dim()}, {key.dim()} and {value.dim()}")
-    batch = query.shape[:-3] if rank > 3 else query.shape[:1]
-    for name, t in (("key", key), ("value", value)):
-        if (t.shape[:-3] if rank > 3 else t.shape[:1]) != batch:
-            raise ValueError(f"{name} has batch dims {tuple(t.shape[:-3] if rank > 3 else t.shape[:1])}, "
-                             f"expected query's {tuple(batch)}")
-    to4 = lambda t: t if rank == 4 else t.unsqueeze(1) if rank == 3 else t.reshape(math.prod(batch), *t.shape[-3:])
-    q, k, v = to4(query), to4(key), to4(value)
+    q, k, v, lead = _canonical_qkv(query, key, value, bool(enable_gqa))
     _check_shapes(q, k, v, gqa=bool(enable_gqa))
     mask = None
     if attn_mask is not None:
         if is_causal:
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
-        mask = _canonical_mask(attn_mask, query, key, rank)
+        mask = _canonical_mask(attn_mask, query, (*lead, q.shape[2], k.shape[2]))
     scale = _check_common(scale, dropout_p, q.shape[-1])
     call = AttentionCall(q, k, v, _CAUSAL if is_causal else None, mask, scale, float(dropout_p), False)
     out = _run(call, backend, False)
-    return out if rank == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
+    return out if out.shape[:2] == lead else out.reshape(*lead, *out.shape[2:])
 
 
-def _canonical_mask(attn_mask, query, key, rank):
-    """attn_mask as a 4-D tensor broadcastable to (B, H, L, S), without copying
-    where a view will do."""
+def _broadcast(what, *shapes):
+    """The broadcast of ``shapes`` (right-aligned, as torch's), or a ValueError naming ``what``."""
+    n = max(map(len, shapes))
+    out = []
+    for dims in zip(*((1,) * (n - len(s)) + tuple(s) for s in shapes)):
+        sizes = set(dims) - {1}
+        if len(sizes) > 1:
+            raise ValueError(f"{what} {' and '.join(str(tuple(s)) for s in shapes)} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def _canonical_qkv(query, key, value, enable_gqa):
+    """query, key, value as (B, H, L, E), (B, Hkv, S, E), (B, Hkv, S, Ev)
+    (views where the shapes allow), and ``lead``, the output's leading dims
+    ((..., L, Ev) = (*lead, L, Ev))."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+        if enable_gqa and t.dim() < 3:
+            raise ValueError(f"enable_gqa needs dim -3 to hold the heads: {name} has shape {tuple(t.shape)}")
+    if query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0] \
+            and (enable_gqa or query.shape[1] == key.shape[1] == value.shape[1]):
+        return query, key, value, tuple(query.shape[:2])  # the common case: no broadcast
+    gqa = enable_gqa and min(query.dim(), key.dim(), value.dim()) >= 3 and query.shape[-3] != key.shape[-3]
+    if gqa:  # dim -3 holds the heads: H over Hkv; only the dims before it broadcast
+        batch = _broadcast("query, key and value batch dims", query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        lead = batch + (query.shape[-3],)
+        heads = {id(query): query.shape[-3], id(key): key.shape[-3], id(value): value.shape[-3]}
+    else:
+        try:
+            lead = _broadcast("query, key and value leading dims", query.shape[:-2], key.shape[:-2],
+                              value.shape[:-2])
+        except ValueError as e:
+            if min(query.dim(), key.dim()) >= 3 and query.shape[-3] % max(key.shape[-3], 1) == 0:
+                raise ValueError(f"{e}: query has {query.shape[-3]} heads and key {key.shape[-3]}: pass "
+                                 "enable_gqa=True for grouped-query attention") from None
+            raise
+        batch = lead[:-1] if len(lead) >= 2 else lead
+        heads = None
+    B = math.prod(batch)
+
+    def to4(t):
+        h = heads[id(t)] if heads else (lead[-1] if len(lead) >= 2 else 1)
+        return t.expand(*batch, *((h,) if len(lead) >= 2 or heads else ()), *t.shape[-2:]).reshape(
+            B, h, *t.shape[-2:])
+
+    return to4(query), to4(key), to4(value), lead
+
+
+def _canonical_mask(attn_mask, query, full):
+    """attn_mask as a 4-D tensor broadcastable to (B, H, L, S), for the output
+    shape ``full`` = (*lead, L, S); without copying where a view will do."""
     if not torch.is_tensor(attn_mask):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
@@ -148,17 +190,16 @@ def _canonical_mask(attn_mask, query, key, rank):
                         f"got {attn_mask.dtype}")
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask is on {attn_mask.device}, expected query's device {query.device}")
-    full = (*query.shape[:-1], key.shape[-2])
     if not all(m in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full))):
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                          f"(..., L, S) = {full}")
     if attn_mask.dim() > len(full):
         raise ValueError(f"attn_mask has {attn_mask.dim()} dims, more than the {len(full)} of (..., L, S)")
-    if rank == 4 and attn_mask.dim() == 4:
+    if len(full) == 4 and attn_mask.dim() == 4:
         return attn_mask
     m = attn_mask.reshape((1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape))
-    if rank == 3:
-        return m.unsqueeze(1)
+    if len(full) <= 3:  # (B, L, S) or (L, S): one head
+        return m.reshape((1,) * (3 - len(full)) + tuple(m.shape)).unsqueeze(1)
     lead = m.shape[:-3]
     if all(s == 1 for s in lead):
         return m.reshape(1, *m.shape[-3:])
