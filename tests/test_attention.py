@@ -145,13 +145,14 @@ def test_torch_engine_scores_only_the_plans_tiles_at_length(L, pattern):
     check_backend_visits_the_plan("torch", pattern, torch.float32, 1, 1, 1, L, 8)
 
 
-KERNEL_OPS = {"triton": "triton_attention_fwd", "cuda-sim": "cuda_attention_fwd"}
+KERNEL_OPS = {"torch": "torch_attention_fwd", "triton": "triton_attention_fwd", "cuda-sim": "cuda_attention_fwd"}
 
 
-@pytest.mark.parametrize("backend", list(KERNEL_OPS))
+@pytest.mark.parametrize("backend", list(KERNEL_OPS) + ["auto"])
 def test_torch_compile_fullgraph(backend):
-    """The custom ops trace without a graph break, forward and backward."""
-    dtype, D = SETUPS[backend]
+    """The custom ops trace without a graph break, forward and backward, and
+    so does "auto"'s choice (the block engine and torch's kernel on CPU)."""
+    dtype, D = SETUPS.get(backend, (torch.float32, 16))
     pattern = P.sliding_window(20) | P.global_tokens(2)
 
     def f(q, k, v):

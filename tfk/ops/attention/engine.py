@@ -97,7 +97,8 @@ def attention_ops(name, forward, backward):
     @fwd.register_fake
     def _(q, k, v, mask, plan_id, scale, dropout_p, seed):
         B, H, Lq, _ = q.shape
-        return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=torch.float32)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=lse_dtype)
 
     @torch.library.custom_op(f"tfk::{name}_bwd", mutates_args=())
     def bwd(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

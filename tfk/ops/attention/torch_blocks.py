@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ... import dropout as drop
 from ... import backends
 from ...backends import AttentionCall, Backend, register_backend
-from ...plan import from_layout, get_plan, to_layout
+from ...plan import from_layout, plan_id, to_layout
+from .engine import attention_ops
 from .merge import merge_partials
 
 BLOCK_Q = 64
@@ -233,25 +234,20 @@ class _Engine:
         return dq, dk, dv
 
 
-class TorchBlockAttention(torch.autograd.Function):
-    """Attention over a plan; returns (out, lse). Differentiable in q, k, v
-    (and through lse)."""
+def _forward(q, k, v, plan, mask, scale, dropout_p, seed):
+    out, lse = _Engine(q, k, v, plan, mask, scale, dropout_p, seed).forward()
+    return out.to(q.dtype), lse
 
-    @staticmethod
-    def forward(ctx, q, k, v, plan, attn_mask, scale, dropout_p, seed):
-        engine = _Engine(q, k, v, plan, attn_mask, scale, dropout_p, seed)
-        out, lse = engine.forward()
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
-        ctx.args = (plan, scale, dropout_p, seed)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, attn_mask = ctx.saved_tensors
-        engine = _Engine(q, k, v, *ctx.args[:1], attn_mask, *ctx.args[1:])
-        dq, dk, dv = engine.backward(out, lse, dout, dlse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+def _backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed):
+    dq, dk, dv = _Engine(q, k, v, plan, mask, scale, dropout_p, seed).backward(out, lse, dout, dlse)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) (float64 for float64
+# inputs, else float32); dq, dk, dv. A custom op like the kernel backends',
+# so torch.compile(fullgraph=True) traces through this backend too.
+torch_attention_fwd = attention_ops("torch_attention", _forward, _backward)
 
 
 class TorchBackend(Backend):
@@ -266,9 +262,9 @@ class TorchBackend(Backend):
 
     def run(self, call: AttentionCall):
         q, k, v = call.q, call.k, call.v
-        plan = get_plan(call.pattern, q.shape[2], k.shape[2], BLOCK_Q, BLOCK_K, q.device)
+        ident = plan_id(call.pattern, q.shape[2], k.shape[2], BLOCK_Q, BLOCK_K, q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
-        return TorchBlockAttention.apply(q, k, v, plan, call.attn_mask, call.scale, call.dropout_p, seed)
+        return torch_attention_fwd(q, k, v, call.attn_mask, ident, call.scale, call.dropout_p, seed)
 
 
 register_backend(TorchBackend())
