@@ -110,6 +110,26 @@ def _cuda_extension(build_env):
     return ext
 
 
+def _write_build_config(reason):
+    """tfk/_build_config.py: what this build made and with what, for
+    tfk.build_info() (generated; not in git)."""
+    config = {"cuda_extension": reason is None, "cuda_skip_reason": reason,
+              "cuda_home": os.environ.get("CUDA_HOME") if reason is None else None,
+              "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if reason is None else None}
+    try:
+        import torch
+        config.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
+    except ImportError:
+        config.update(torch=None, torch_cuda=None)
+    if reason is None:
+        import subprocess
+        out = subprocess.run([os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True).stdout
+        config["nvcc"] = next((line.strip() for line in out.splitlines() if "release" in line), None)
+    with open(os.path.join(ROOT, "tfk", "_build_config.py"), "w") as f:
+        f.write(f"# Written by setup.py at build time; read by tfk.build_info().\nCONFIG = {config!r}\n")
+
+
 def main():
     build_env = _load_build_env()
     packages, package_dir = _packages()
@@ -123,7 +143,10 @@ def main():
     else:
         if os.environ.get("TFK_BUILD_CUDA") == "1":
             raise SystemExit(f"tfk: TFK_BUILD_CUDA=1 but tfk._C cannot be built: {reason}")
-        print(f"tfk: skipping the CUDA extension tfk._C: {reason}", file=sys.stderr)
+        print(f"tfk: the CUDA extension tfk._C was NOT built: {reason}. To build it against your own CUDA "
+              "torch and toolkit: CUDA_HOME=/path/to/cuda TFK_CUDA_ARCHS='8.0;9.0' "
+              "pip install --no-build-isolation .", file=sys.stderr)
+    _write_build_config(reason)
     sim = _sim_extension()
     if sim is not None:
         ext_modules.append(sim)

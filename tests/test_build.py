@@ -331,3 +331,32 @@ def test_wheel_maps_triton_kernels_into_tfk(tmp_path):
     assert not [n for n in names if n.startswith("triton_kernels/")], names
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["tfk"]
+
+
+def test_build_info_reports_the_build_and_the_backends():
+    """tfk.build_info() against what this machine and its setup.py run say."""
+    import io
+
+    import tfk
+    buf = io.StringIO()
+    info = tfk.build_info(file=buf)
+    text = buf.getvalue()
+    build = info["build"]
+    assert build is not None, "setup.py writes tfk/_build_config.py"
+    reason = _extension_expected()
+    assert build["cuda_extension"] == (reason is None), (build, reason)
+    if reason is None:
+        assert info["extensions"]["_C"] == "built"
+        assert build["cuda_archs"] == _build_env.torch_arch_list(_build_env.cuda_archs())
+        assert build["cuda_home"] == _build_env.find_cuda_home()
+        assert f"built for archs {build['cuda_archs']}" in text
+    else:
+        assert "pip install --no-build-isolation" in text
+    assert info["extensions"]["_sim"] == "built"
+    assert info["backends"]["reference"]["runs"] == ["float16", "bfloat16", "float32"]
+    assert info["backends"]["cuda-sim"]["runs"] == ([] if torch.cuda.is_available() else ["float16", "bfloat16"])
+    if not torch.cuda.is_available():  # the tests run Triton in its interpreter: no bf16
+        assert info["backends"]["triton"]["runs"] == ["float16", "float32"]
+        assert any("needs CUDA tensors" in r for r in info["backends"]["cuda"]["reasons"])
+    for name in tfk.backend_names():
+        assert f"backend {name}" in text

@@ -1,0 +1,71 @@
+"""``tfk.build_info()``: what this tfk was built with and what runs here."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+
+from . import __version__
+from .backends import AttentionCall, backend_names, get_backend
+
+
+def _probe_calls():
+    """Small calls a backend is asked about: on the GPU if there is one, else
+    on the CPU, in each dtype the backends take."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    for dtype in dtypes:
+        x = torch.zeros(1, 1, 64, 64, dtype=dtype, device=device)
+        yield dtype, AttentionCall(x, x, x, None, None, 0.125, 0.0, False)
+
+
+def build_info(file=None) -> dict:
+    """Print (to ``file``, default stdout) and return: versions, the build of
+    the extensions (tfk._C: the CUDA kernels, with the archs and toolkit it was
+    compiled for; tfk._sim: the same kernels for the CPU), and, for each
+    backend, the dtypes it runs here or why it cannot."""
+    try:
+        triton = importlib.import_module("triton").__version__
+    except ImportError:
+        triton = None
+    try:
+        build = importlib.import_module("tfk._build_config").CONFIG
+    except ImportError:
+        build = None
+    extensions = {}
+    for name in ("_C", "_sim"):
+        try:
+            importlib.import_module(f"tfk.{name}")
+            extensions[name] = "built"
+        except ImportError as e:
+            extensions[name] = f"not importable: {e}"
+    backends = {}
+    for name in backend_names():
+        runs, why = [], []
+        for dtype, call in _probe_calls():
+            reasons = get_backend(name).reasons(call)
+            (why.extend(r for r in reasons if r not in why) if reasons else runs.append(str(dtype)[6:]))
+        backends[name] = {"runs": runs, "reasons": [] if runs else why}
+    info = {
+        "tfk": __version__, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": triton,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "build": build, "extensions": extensions, "backends": backends,
+    }
+    out = file or sys.stdout
+    print(f"tfk {info['tfk']}: torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
+          f"GPU: {info['gpu'] or 'none'}", file=out)
+    if build is None:
+        print("build: no record (tfk was not installed through its setup.py)", file=out)
+    elif build["cuda_extension"]:
+        print(f"tfk._C: built for archs {build['cuda_archs']} with {build['cuda_home']} ({build.get('nvcc')}), "
+              f"against torch {build['torch']} (CUDA {build['torch_cuda']}); {extensions['_C']}", file=out)
+    else:
+        print(f"tfk._C: not built ({build['cuda_skip_reason']}); to build it: CUDA_HOME=/path/to/cuda "
+              "TFK_CUDA_ARCHS='8.0;9.0' pip install --no-build-isolation .", file=out)
+    print(f"tfk._sim: {extensions['_sim']}", file=out)
+    device = "the GPU" if info["gpu"] else "the CPU"
+    for name, b in backends.items():
+        state = ("runs " + ", ".join(b["runs"])) if b["runs"] else "cannot run: " + "; ".join(b["reasons"])
+        print(f"  backend {name:<9} on {device}: {state}", file=out)
+    return info
