@@ -121,3 +121,12 @@ def test_report_check_op_catches_a_wrong_output(monkeypatch):
     monkeypatch.setattr(tfk, "attention", lambda *a, **kw: right(*a, **kw) * 1.001)
     row = report.check_op(TINY, "cpu", torch.float32, time_it=False)
     assert not row["ok"] and row["err_out"] > report.TOL_FP32
+
+
+def test_overhead_table_times_both_and_agrees():
+    from bench import overhead
+    row = overhead.measure(overhead.CASES[0], calls=2, repeat=1)
+    assert row["backend"] == "sdpa" and row["max_diff"] == 0.0
+    assert row["torch_us"] > 0 and row["tfk_us"] > 0
+    assert row["ratio"] == pytest.approx(row["tfk_us"] / row["torch_us"])
+    assert "decode_gqa_mask" in overhead.format_table([row])
