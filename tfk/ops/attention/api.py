@@ -158,7 +158,7 @@ def _canonical_qkv(query, key, value, enable_gqa):
     if gqa:  # dim -3 holds the heads: H over Hkv; only the dims before it broadcast
         batch = _broadcast("query, key and value batch dims", query.shape[:-3], key.shape[:-3], value.shape[:-3])
         lead = batch + (query.shape[-3],)
-        heads = {id(query): query.shape[-3], id(key): key.shape[-3], id(value): value.shape[-3]}
+        heads = (query.shape[-3], key.shape[-3], value.shape[-3])
     else:
         try:
             lead = _broadcast("query, key and value leading dims", query.shape[:-2], key.shape[:-2],
@@ -168,16 +168,16 @@ def _canonical_qkv(query, key, value, enable_gqa):
                 raise ValueError(f"{e}: query has {query.shape[-3]} heads and key {key.shape[-3]}: pass "
                                  "enable_gqa=True for grouped-query attention") from None
             raise
+        # (..., H, L, E) keeps its last leading dim as the heads; (N, L, E) and (L, E) have one head
         batch = lead[:-1] if len(lead) >= 2 else lead
-        heads = None
+        heads = (lead[-1] if len(lead) >= 2 else 1,) * 3
+    head_dim = gqa or len(lead) >= 2  # whether the inputs' dim -3 is the heads
     B = math.prod(batch)
 
-    def to4(t):
-        h = heads[id(t)] if heads else (lead[-1] if len(lead) >= 2 else 1)
-        return t.expand(*batch, *((h,) if len(lead) >= 2 or heads else ()), *t.shape[-2:]).reshape(
-            B, h, *t.shape[-2:])
+    def to4(t, h):
+        return t.expand(*batch, *((h,) if head_dim else ()), *t.shape[-2:]).reshape(B, h, *t.shape[-2:])
 
-    return to4(query), to4(key), to4(value), lead
+    return (*(to4(t, h) for t, h in zip((query, key, value), heads)), lead)
 
 
 def _canonical_mask(attn_mask, query, full):
