@@ -5,7 +5,8 @@ reasons it cannot run a call, empty when it can. ``backend="auto"`` takes the
 highest-priority backend with no reasons (the environment variable
 ``TFK_BACKEND`` replaces "auto" with a name); a named backend that cannot run
 raises with every reason. When "auto" passes over a backend meant for the call
-(its ``auto_for`` holds) because of a reason, it warns once per reason
+(its ``auto_for`` holds, and its refusals are not mere routing:
+``routes_only``) because of a reason, it warns once per reason
 (``FallbackWarning``). Backends also report the tiles at which they compute
 scores to the counters of ``count_tiles()``.
 """
@@ -42,6 +43,9 @@ class AttentionCall:
 class Backend:
     name = "?"
     priority = 0          # higher wins under "auto"
+    # True for a backend that "auto" takes only for the calls it can run: its
+    # refusals route a call on to the next backend, and are no fallback
+    routes_only = False
 
     def reasons(self, call: AttentionCall) -> list[str]:
         """Why this backend cannot run ``call``; empty when it can."""
@@ -171,7 +175,8 @@ def _select(name: str, call: AttentionCall) -> Backend:
             if refused:
                 _warn_fallback(n, refused)
             return backend
-        refused.append(f"{n}: " + "; ".join(why))
+        if not backend.routes_only:
+            refused.append(f"{n}: " + "; ".join(why))
     raise BackendUnavailable("no backend can run this call: " + " | ".join(refused))
 
 

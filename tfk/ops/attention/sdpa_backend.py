@@ -16,6 +16,7 @@ from .api import torch_sdpa
 class SdpaBackend(Backend):
     name = "sdpa"
     priority = 12   # above "torch" (its calls run faster here), below the GPU kernels
+    routes_only = True  # its refusals send a call to the block engine: no fallback
 
     def reasons(self, call):
         why = []
@@ -29,10 +30,6 @@ class SdpaBackend(Backend):
         if call.return_lse:
             why.append("return_lse (torch's kernel does not return lse)")
         return why
-
-    def auto_for(self, call):
-        # Its refusals route a call to the block engine; they are not fallbacks.
-        return not self.reasons(call)
 
     def run(self, call: AttentionCall):
         out = torch_sdpa(call.q, call.k, call.v, attn_mask=call.attn_mask, is_causal=call.pattern is not None,
