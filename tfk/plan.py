@@ -200,6 +200,12 @@ def compile_plan(pattern: Pattern | None, lq: int, lk: int, block_q: int, block_
     return Plan(subs, lq, lk, block_q, block_k, pattern.heads or 1)
 
 
+def _plan_key(pattern, lq, lk, block_q, block_k, device):
+    """What a plan depends on: the pattern's value (not the object), lengths,
+    tiles and device."""
+    return (None if pattern is None else pattern.key, lq, lk, block_q, block_k, str(device))
+
+
 class _PlanCache:
     """Least-recently-used cache of plans keyed by (pattern, shapes, tiles, device)."""
 
@@ -209,7 +215,7 @@ class _PlanCache:
 
     def get(self, pattern, lq, lk, block_q, block_k, device):
         device = torch.device(device)
-        key = (None if pattern is None else pattern.key, lq, lk, block_q, block_k, str(device))
+        key = _plan_key(pattern, lq, lk, block_q, block_k, device)
         plan = self.entries.get(key)
         if plan is None:
             plan = compile_plan(pattern, lq, lk, block_q, block_k, device)
@@ -251,7 +257,7 @@ def plan_id(pattern, lq, lk, block_q, block_k, device) -> int:
     """The id of ``get_plan(pattern, lq, lk, block_q, block_k, device)``; a
     constant to torch.compile."""
     args = (pattern, lq, lk, block_q, block_k, str(device))
-    key = (None if pattern is None else pattern.key,) + args[1:]
+    key = _plan_key(*args)
     ident = _PLAN_IDS.get(key)
     if ident is None:
         ident = _PLAN_IDS[key] = next(_NEXT_ID)
