@@ -7,13 +7,17 @@ is the oracle every test compares with.
 For speed a pattern also describes *regions*: disjoint pieces whose union is
 the pattern, each with a token layout (a permutation or subset of positions)
 in which the piece is dense in blocks. ``tfk.plan`` turns regions into block
-schedules; sub-passes over regions merge exactly by log-sum-exp.
+schedules; sub-passes over regions merge exactly by log-sum-exp. Built-in
+patterns also reason about whole tiles (``tile_facts``, see
+``tfk.tile_facts``), so plans are built in time and memory proportional to
+their tiles rather than to Lq * Lk.
 
 Patterns are immutable and compose with ``|`` (union) and ``&``
 (intersection).
 """
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import math
 import random
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from . import tile_facts as tf
 
 __all__ = [
     "Pattern", "causal", "sliding_window", "global_tokens", "strided", "fixed",
@@ -75,7 +81,7 @@ class Region:
     """One disjoint piece of a pattern and the layouts it is dense in."""
     q_layout: object
     kv_layout: object
-    mask: Callable  # mask(h, i, j, lq, lk) on original positions
+    pattern: "Pattern"  # the piece, on original positions; it only has to be right on the layouts' positions
 
 
 IDENTITY = Identity()
@@ -100,6 +106,7 @@ class Pattern:
     ``regions`` defaults to the whole pattern in natural order."""
 
     heads = None  # None: the same for every head; int: per-head pattern
+    shift_invariant = False  # True: mask depends on i - j only (given lq, lk)
 
     def mask(self, h, i, j, lq, lk):
         """Bool tensor, broadcast over int64 tensors ``h``, ``i``, ``j``."""
@@ -110,8 +117,22 @@ class Pattern:
         """Hashable identity used to cache plans."""
         raise NotImplementedError
 
+    def tile_facts(self, h, q, k, lq, lk):
+        """What is sure of each tile of query blocks ``q`` against key blocks
+        ``k`` (``tfk.tile_facts.Blocks`` of original positions; ``h`` the
+        tiles' heads): a ``TileFacts``, or None when the pattern cannot reason
+        about blocks (plans then evaluate its mask on every pair)."""
+        return None
+
+    def tile_kind(self, h, q, k, lq, lk):
+        """Columns (int64 tensors over the tiles) such that tiles whose blocks
+        have the same shapes (positions less lo, in order) and whose columns
+        agree have the same mask. Plans evaluate one tile of each kind. None:
+        every tile is its own kind."""
+        return [q.lo - k.lo] if self.shift_invariant else None
+
     def regions(self):
-        return [Region(IDENTITY, IDENTITY, self.mask)]
+        return [Region(IDENTITY, IDENTITY, self)]
 
     def dense_mask(self, Lq, Lk, device=None):
         """The bool mask this pattern means: (Lq, Lk), or (heads, Lq, Lk) for a
@@ -172,13 +193,16 @@ class Union(Pattern):
         self.a.check_lengths(lq, lk)
         self.b.check_lengths(lq, lk)
 
+    def tile_facts(self, h, q, k, lq, lk):
+        return _compose(self.a.tile_facts(h, q, k, lq, lk), self.b.tile_facts(h, q, k, lq, lk), "|")
+
+    def tile_kind(self, h, q, k, lq, lk):
+        return _composed_kind((self.a, self.b), h, q, k, lq, lk)
+
     def regions(self):
         # b's regions lose what a already covers, so the pieces stay disjoint.
-        a_mask = self.a.mask
         return self.a.regions() + [
-            Region(r.q_layout, r.kv_layout,
-                   lambda h, i, j, lq, lk, m=r.mask: m(h, i, j, lq, lk) & ~a_mask(h, i, j, lq, lk))
-            for r in self.b.regions()
+            Region(r.q_layout, r.kv_layout, Intersection(r.pattern, _Not(self.a))) for r in self.b.regions()
         ]
 
     def __repr__(self):
@@ -201,16 +225,84 @@ class Intersection(Pattern):
         self.a.check_lengths(lq, lk)
         self.b.check_lengths(lq, lk)
 
+    def tile_facts(self, h, q, k, lq, lk):
+        return _compose(self.a.tile_facts(h, q, k, lq, lk), self.b.tile_facts(h, q, k, lq, lk), "&")
+
+    def tile_kind(self, h, q, k, lq, lk):
+        return _composed_kind((self.a, self.b), h, q, k, lq, lk)
+
     def regions(self):
-        b_mask = self.b.mask
-        return [
-            Region(r.q_layout, r.kv_layout,
-                   lambda h, i, j, lq, lk, m=r.mask: m(h, i, j, lq, lk) & b_mask(h, i, j, lq, lk))
-            for r in self.a.regions()
-        ]
+        return [Region(r.q_layout, r.kv_layout, Intersection(r.pattern, self.b)) for r in self.a.regions()]
 
     def __repr__(self):
         return f"({self.a!r} & {self.b!r})"
+
+
+def _compose(fa, fb, op):
+    if fa is None or fb is None:
+        return None
+    return fa | fb if op == "|" else fa & fb
+
+
+def _composed_kind(parts, h, q, k, lq, lk):
+    cols = []
+    for part in parts:
+        facts, kind = part.tile_facts(h, q, k, lq, lk), part.tile_kind(h, q, k, lq, lk)
+        if facts is None or kind is None:
+            return None
+        # a part sure to be full or empty on a tile is alike on all such tiles
+        state = facts.full.long() + 2 * facts.none.long()
+        cols += [state] + [c * (state == 0) for c in kind]
+    return cols
+
+
+class _Not(Pattern):
+    """The pairs a pattern does not allow: the pieces of a union use it."""
+
+    def __init__(self, a):
+        self.a = a
+        self.heads = a.heads
+
+    def mask(self, h, i, j, lq, lk):
+        return ~self.a.mask(h, i, j, lq, lk)
+
+    def tile_facts(self, h, q, k, lq, lk):
+        f = self.a.tile_facts(h, q, k, lq, lk)
+        return None if f is None else ~f
+
+    def tile_kind(self, h, q, k, lq, lk):
+        return self.a.tile_kind(h, q, k, lq, lk)
+
+    @property
+    def key(self):
+        return ("not", self.a.key)
+
+
+class _Diagonals(Pattern):
+    """lo <= i - j <= hi (None: unbounded) and (i - j) % modulus == 0: the
+    pieces of strided and fixed attention."""
+    shift_invariant = True
+
+    def __init__(self, lo=None, hi=None, modulus=1):
+        self.lo, self.hi, self.modulus = lo, hi, modulus
+
+    def mask(self, h, i, j, lq, lk):
+        d = i - j
+        m = torch.ones((), dtype=torch.bool, device=d.device)
+        if self.lo is not None:
+            m = m & (d >= self.lo)
+        if self.hi is not None:
+            m = m & (d <= self.hi)
+        return m & (d % self.modulus == 0) if self.modulus > 1 else m
+
+    def tile_facts(self, h, q, k, lq, lk):
+        lo = -tf.UNBOUNDED if self.lo is None else self.lo
+        hi = tf.UNBOUNDED if self.hi is None else self.hi
+        return tf.diagonals(q, k, lo, hi, self.modulus)
+
+    @property
+    def key(self):
+        return ("diagonals", self.lo, self.hi, self.modulus)
 
 
 # ----------------------------------------------------------------------------
@@ -219,9 +311,17 @@ class Intersection(Pattern):
 
 class Dense(Pattern):
     """Every key for every query: what ``pattern=None`` means."""
+    shift_invariant = True
 
     def mask(self, h, i, j, lq, lk):
         return torch.ones((), dtype=torch.bool, device=j.device)
+
+    def tile_facts(self, h, q, k, lq, lk):
+        yes = torch.ones_like(q.lo, dtype=torch.bool)
+        return tf.TileFacts(yes, ~yes, yes, ~yes)
+
+    def tile_kind(self, h, q, k, lq, lk):
+        return []
 
     @property
     def key(self):
@@ -235,12 +335,17 @@ DENSE = Dense()
 
 
 class Causal(Pattern):
+    shift_invariant = True
+
     def __init__(self, bottom_right=False):
         self.bottom_right = bool(bottom_right)
 
     def mask(self, h, i, j, lq, lk):
         shift = lk - lq if self.bottom_right else 0
         return j <= i + shift
+
+    def tile_facts(self, h, q, k, lq, lk):
+        return tf.diagonals(q, k, lo=-(lk - lq if self.bottom_right else 0))
 
     @property
     def key(self):
@@ -258,6 +363,8 @@ def causal(bottom_right=False):
 
 
 class SlidingWindow(Pattern):
+    shift_invariant = True
+
     def __init__(self, left, right, dilation):
         self.left = _check_int("sliding_window: left", left, 0)
         self.right = _check_int("sliding_window: right", right, 0)
@@ -268,6 +375,9 @@ class SlidingWindow(Pattern):
         m = (d <= self.left) & (d >= -self.right)
         return m & (d % self.dilation == 0) if self.dilation > 1 else m
 
+    def tile_facts(self, h, q, k, lq, lk):
+        return tf.diagonals(q, k, -self.right, self.left, self.dilation)
+
     @property
     def key(self):
         return ("window", self.left, self.right, self.dilation)
@@ -276,7 +386,7 @@ class SlidingWindow(Pattern):
         if self.dilation == 1:
             return super().regions()
         layout = ResidueMajor(self.dilation)
-        return [Region(layout, layout, self.mask)]
+        return [Region(layout, layout, self)]
 
     def __repr__(self):
         return f"sliding_window({self.left}, {self.right}, dilation={self.dilation})"
@@ -306,6 +416,7 @@ class GlobalTokens(Pattern):
             table[idx] = True
             self.count, self.table = None, table
         self._tables = {}
+        self._prefix = {}
 
     def member(self, pos):
         """Bool tensor: is position ``pos`` a global token."""
@@ -322,23 +433,66 @@ class GlobalTokens(Pattern):
     def mask(self, h, i, j, lq, lk):
         return self.member(i) | self.member(j)
 
+    def member_facts(self, blocks):
+        """Facts of member(position) over ``blocks``."""
+        lo, hi = blocks.lo, blocks.hi
+        if self.table is None:
+            return tf.one_side(blocks, hi < self.count, lo >= self.count, lo < self.count, hi < self.count)
+        prefix = self._prefix.get(lo.device)
+        if prefix is None:
+            prefix = self._prefix[lo.device] = torch.cat(
+                [torch.zeros(1, dtype=torch.int64), self.table.cumsum(0)]).to(lo.device)
+        n = self.table.numel()
+        inside = prefix[(hi + 1).clamp(max=n)] - prefix[lo.clamp(max=n)]
+        return tf.one_side(blocks, inside == hi - lo + 1, inside == 0, self.member(lo), self.member(hi))
+
+    def tile_facts(self, h, q, k, lq, lk):
+        return self.member_facts(q) | self.member_facts(k)
+
+    def side_kind(self, blocks):
+        """Alike for blocks of no or only global tokens; else the block itself."""
+        f = self.member_facts(blocks)
+        return torch.where(f.full, -2, torch.where(f.none, -1, blocks.lo))
+
+    def tile_kind(self, h, q, k, lq, lk):
+        return [self.side_kind(q), self.side_kind(k)]
+
     @property
     def key(self):
         return ("global", self.count if self.table is None else _tensor_key(self.table))
 
     def regions(self):
         glob = Subset(self.member, ("global", self.key))
-        member = self.member
         return [
             # every query sees the global keys ...
-            Region(IDENTITY, glob, lambda h, i, j, lq, lk: member(j)),
+            Region(IDENTITY, glob, DENSE),
             # ... and global queries see every other key.
-            Region(glob, IDENTITY, lambda h, i, j, lq, lk: member(i) & ~member(j)),
+            Region(glob, IDENTITY, _Not(_GlobalKey(self))),
         ]
 
     def __repr__(self):
         n = self.count if self.table is None else int(self.table.sum())
         return f"global_tokens({n} tokens)"
+
+
+class _GlobalKey(Pattern):
+    """The key is a global token."""
+
+    def __init__(self, glob):
+        self.glob = glob
+
+    def mask(self, h, i, j, lq, lk):
+        return self.glob.member(j)
+
+    def tile_facts(self, h, q, k, lq, lk):
+        return self.glob.member_facts(k)
+
+    def tile_kind(self, h, q, k, lq, lk):
+        return [self.glob.side_kind(k)]
+
+    @property
+    def key(self):
+        return ("global key", self.glob.key)
 
 
 def global_tokens(indices):
@@ -350,12 +504,18 @@ def global_tokens(indices):
 
 
 class Strided(Pattern):
+    shift_invariant = True
+
     def __init__(self, stride):
         self.stride = _check_int("strided: stride", stride, 1)
 
     def mask(self, h, i, j, lq, lk):
         d = i - j
         return (d >= 0) & ((d < self.stride) | (d % self.stride == 0))
+
+    def tile_facts(self, h, q, k, lq, lk):
+        s = self.stride
+        return tf.diagonals(q, k, lo=0) & (tf.diagonals(q, k, hi=s - 1) | tf.diagonals(q, k, modulus=s))
 
     @property
     def key(self):
@@ -368,9 +528,9 @@ class Strided(Pattern):
         layout = ResidueMajor(s)
         return [
             # the local band: contiguous in natural order
-            Region(IDENTITY, IDENTITY, lambda h, i, j, lq, lk: (i - j >= 0) & (i - j < s)),
+            Region(IDENTITY, IDENTITY, _Diagonals(0, s - 1)),
             # the strided columns: contiguous when grouped by residue
-            Region(layout, layout, lambda h, i, j, lq, lk: (i - j >= s) & ((i - j) % s == 0)),
+            Region(layout, layout, _Diagonals(s, None, s)),
         ]
 
     def __repr__(self):
@@ -397,6 +557,36 @@ class Fixed(Pattern):
         b = self.block
         return (j <= i) & ((j // b == i // b) | self.is_summary(j))
 
+    def tile_facts(self, h, q, k, lq, lk):
+        return tf.diagonals(q, k, lo=0) & (self._same_block(q, k) | self._summary(k))
+
+    def tile_kind(self, h, q, k, lq, lk):
+        # i - j and i's place in its block settle j's block and residue
+        return [q.lo - k.lo, q.lo % self.block]
+
+    def _same_block(self, q, k):
+        b = self.block
+        return tf.TileFacts(*tf.block_ids(q.lo // b, q.hi // b, k.lo // b, k.hi // b, before=False))
+
+    def _before(self, q, k):
+        """Facts of j // block < i // block."""
+        b = self.block
+        return tf.TileFacts(*tf.block_ids(k.lo // b, k.hi // b, q.lo // b, q.hi // b, before=True))
+
+    def _summary(self, k):
+        """Facts of is_summary(j) over key blocks ``k``."""
+        b, cut = self.block, self.block - self.summary
+        r_lo, r_hi = k.lo % b, k.hi % b
+        if self.summary == b:
+            yes = torch.ones_like(r_lo, dtype=torch.bool)
+            return tf.one_side(k, yes, ~yes, yes, yes)
+        # the residues of lo..hi: [r_lo, r_hi], or all of them past a multiple of b
+        wraps = (k.hi - k.lo >= b) | (r_lo > r_hi)
+        one = k.step % b == 0   # every position of the block has residue r_lo
+        full = (r_lo >= cut) & (one | ~wraps)
+        none = torch.where(one, r_lo < cut, ~wraps & (r_hi < cut))
+        return tf.one_side(k, full, none, r_lo >= cut, r_hi >= cut)
+
     @property
     def key(self):
         return ("fixed", self.block, self.summary)
@@ -405,13 +595,40 @@ class Fixed(Pattern):
         b = self.block
         summary_cols = Subset(self.is_summary, ("fixed-summary", b, self.summary))
         return [
-            Region(IDENTITY, IDENTITY, lambda h, i, j, lq, lk: (j <= i) & (j // b == i // b)),
+            Region(IDENTITY, IDENTITY, _FixedPiece(self, "own block")),
             # summary columns of earlier blocks, gathered next to each other
-            Region(IDENTITY, summary_cols, lambda h, i, j, lq, lk: (j // b < i // b) & self.is_summary(j)),
+            Region(IDENTITY, summary_cols, _FixedPiece(self, "summaries before")),
         ]
 
     def __repr__(self):
         return f"fixed({self.block}, {self.summary})"
+
+
+class _FixedPiece(Pattern):
+    """One of fixed attention's two pieces: the query's own block up to the
+    query, or the summary keys of earlier blocks."""
+
+    def __init__(self, fixed, piece):
+        self.fixed, self.piece = fixed, piece
+
+    def mask(self, h, i, j, lq, lk):
+        b = self.fixed.block
+        if self.piece == "own block":
+            return (j <= i) & (j // b == i // b)
+        return j // b < i // b    # its keys are summaries
+
+    def tile_facts(self, h, q, k, lq, lk):
+        f = self.fixed
+        if self.piece == "own block":
+            return tf.diagonals(q, k, lo=0) & f._same_block(q, k)
+        return f._before(q, k)
+
+    def tile_kind(self, h, q, k, lq, lk):
+        return self.fixed.tile_kind(h, q, k, lq, lk)
+
+    @property
+    def key(self):
+        return ("fixed piece", self.piece, self.fixed.key)
 
 
 def fixed(block, summary):
@@ -433,6 +650,23 @@ class BlockPattern(Pattern):
             h = torch.zeros((), dtype=torch.int64, device=layout.device)
         h = h if layout.shape[0] > 1 else torch.zeros_like(h)
         return layout[h, i // self.block, j // self.block]
+
+    def tile_facts(self, h, q, k, lq, lk):
+        layout = self.block_layout(lq, lk)
+        cached = getattr(self, "_prefix", None)
+        if cached is None or cached[0] != (lq, lk, q.lo.device):
+            # running counts in float: exact below 2^24, and torch sums float far faster than int
+            dtype = torch.float32 if layout[0].numel() < 2 ** 24 else torch.float64
+            counts = torch.nn.functional.pad(layout.to(dtype).cumsum(2).cumsum(1), (1, 0, 1, 0))
+            cached = self._prefix = ((lq, lk, q.lo.device), counts.to(q.lo.device), layout.to(q.lo.device))
+        _, prefix, layout = cached
+        h = h if layout.shape[0] > 1 else torch.zeros_like(h)
+        b = self.block
+        return tf.layout_facts(prefix, lambda h, r, c: layout[h, r, c], h, (q.lo // b, q.hi // b),
+                               (k.lo // b, k.hi // b), q.contiguous & k.contiguous)
+
+    def tile_kind(self, h, q, k, lq, lk):
+        return [h, q.lo, k.lo]
 
 
 class BlockLayout(BlockPattern):
@@ -477,6 +711,23 @@ def block_layout(layout, block):
     return BlockLayout(layout, block)
 
 
+class _Blocks(collections.abc.Sequence):
+    """Block ids [start, cut) then [resume, end), ascending, without building
+    the list (a row's candidates for BigBird's random blocks)."""
+
+    def __init__(self, start, cut, resume, end):
+        self.start, self.first, self.resume = start, cut - start, resume
+        self.n = self.first + end - resume
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, x):
+        if not 0 <= x < self.n:
+            raise IndexError(x)
+        return self.start + x if x < self.first else self.resume + x - self.first
+
+
 class BigBird(BlockPattern):
     def __init__(self, block, window_blocks, global_blocks, random_blocks, seed=0):
         self.block = _check_int("bigbird: block", block, 1)
@@ -497,20 +748,26 @@ class BigBird(BlockPattern):
 
     def _make_layout(self, lq, lk):
         nq, nk = math.ceil(lq / self.block), math.ceil(lk / self.block)
-        qb = torch.arange(nq).view(-1, 1)
-        kb = torch.arange(nk).view(1, -1)
-        half = self.window_blocks // 2
-        fixed_part = ((qb - kb).abs() <= half) if self.window_blocks else torch.zeros(nq, nk, dtype=torch.bool)
-        g = self.global_blocks
-        fixed_part = fixed_part | (qb < g) | (kb < g)
-        layout = fixed_part.clone()
+        half, g = self.window_blocks // 2, self.global_blocks
+        layout = torch.zeros(nq, nk, dtype=torch.bool)
+        if self.window_blocks:
+            for d in range(-half, half + 1):
+                layout.diagonal(d).fill_(True)
+        layout[:g] = True
+        layout[:, :g] = True
         # Python's RNG, not torch's: the layout may first be built inside a
         # traced or vmapped mask function, where torch's random ops are refused.
         rng = random.Random(self.seed)
+        rows, cols = [], []
         for row in range(g, nq):
             # random key blocks among those the window and globals leave out
-            free = (~fixed_part[row]).nonzero().flatten().tolist()
-            layout[row, rng.sample(free, min(self.random_blocks, len(free)))] = True
+            lo, hi = (row - half, row + half + 1) if self.window_blocks else (nk, nk)
+            start = min(g, nk)
+            free = _Blocks(start, min(max(lo, start), nk), max(min(hi, nk), start), nk)
+            picked = rng.sample(free, min(self.random_blocks, len(free)))
+            rows += [row] * len(picked)
+            cols += picked
+        layout[rows, cols] = True
         return layout.unsqueeze(0)
 
     @property

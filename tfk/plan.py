@@ -10,6 +10,13 @@ results merge exactly by log-sum-exp.
 
 No backend visits a tile its plan does not list, and a plan lists only tiles
 that hold at least one allowed pair: work follows the pattern's density.
+
+``compile_plan`` builds a plan in time and memory proportional to its tiles:
+it reasons about blocks (``Pattern.tile_facts``) from coarse to fine, and
+evaluates the token mask only on tiles left undecided (the edges of a band).
+``compile_plan_exhaustive`` evaluates the mask on every pair; it serves
+patterns that cannot reason about blocks, and tests hold the fast plans
+equal to it.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import plan_refine as refine
 from .patterns import DENSE, IDENTITY, Pattern, Region
 
 # Elements of mask evaluated at once while compiling a plan.
@@ -55,6 +63,11 @@ class SubPass:
     @property
     def num_partial(self):
         return int(self.partial_masks.shape[0])
+
+    @property
+    def schedule_slots(self):
+        """Entries of the two padded schedules."""
+        return self.kv_blocks.numel() + self.q_blocks.numel()
 
 
 @dataclass(frozen=True)
@@ -139,7 +152,7 @@ def _compile_region(region, heads, lq, lk, bq, bk, device):
         c1 = min(nqb, c0 + rows_per_chunk)
         i = qpad[c0 * bq:c1 * bq].view(1, -1, 1)
         # int32 positions halve the memory traffic of evaluating the mask
-        m = region.mask(h, i.clamp(min=0).int(), kpos32, lq, lk)
+        m = region.pattern.mask(h, i.clamp(min=0).int(), kpos32, lq, lk)
         m = (m & (i >= 0) & kvalid).expand(hp, -1, -1).reshape(hp, c1 - c0, bq, nkb, bk)
         count = m.sum(dim=(2, 4), dtype=torch.int32)
         anys.append(count > 0)
@@ -176,27 +189,84 @@ def _compile_region(region, heads, lq, lk, bq, bk, device):
     )
 
 
+def _choose(pattern, lq, lk, bq, bk, device, region_plan, plain_cost):
+    """The sub-passes of ``pattern``'s regions or, when it needs fewer tiles
+    and no larger schedules, of the whole pattern in natural order (layouts
+    pay off at scale; on short sequences the natural order can need fewer
+    tiles). ``plain_cost(plain, bound)``: the natural order's (tiles, slots),
+    or (n >= bound, None)."""
+    pattern.check_lengths(lq, lk)
+    if lq == 0 or lk == 0:
+        return ()
+    subs = tuple(sp for sp in (region_plan(r) for r in pattern.regions()) if sp is not None)
+    if len(subs) > 1 or any(sp.q_index is not None or sp.kv_index is not None for sp in subs):
+        tiles = sum(sp.num_tiles for sp in subs)
+        slots = sum(sp.schedule_slots for sp in subs)
+        plain = Region(IDENTITY, IDENTITY, pattern)
+        plain_tiles, plain_slots = plain_cost(plain, tiles)
+        if plain_tiles < tiles and plain_slots <= slots:
+            subs = tuple(sp for sp in [region_plan(plain)] if sp is not None)
+    return subs
+
+
+def compile_plan_exhaustive(pattern: Pattern | None, lq: int, lk: int, block_q: int, block_k: int,
+                            device="cpu") -> Plan:
+    """The plan of ``compile_plan``, built by evaluating the pattern's mask on
+    every (query, key) pair: O(lq * lk)."""
+    device = torch.device(device)
+    pattern = DENSE if pattern is None else pattern
+
+    def region_plan(r):
+        return _compile_region(r, pattern.heads, lq, lk, block_q, block_k, device)
+
+    def plain_cost(plain, _):
+        sp = region_plan(plain)
+        return (0, 0) if sp is None else (sp.num_tiles, sp.schedule_slots)
+
+    subs = _choose(pattern, lq, lk, block_q, block_k, device, region_plan, plain_cost)
+    return Plan(subs, lq, lk, block_q, block_k, pattern.heads or 1)
+
+
 def compile_plan(pattern: Pattern | None, lq: int, lk: int, block_q: int, block_k: int, device="cpu") -> Plan:
     """Compile ``pattern`` (None = dense) for these lengths and tile sizes.
 
-    Evaluates the pattern's mask tile by tile, O(lq * lk) once (twice for a
-    pattern with layouts); plans are cached by ``get_plan``.
+    Time and memory follow the plan's tiles for every built-in pattern and
+    their compositions; a pattern without ``tile_facts`` has its mask
+    evaluated on every pair. Plans are cached by ``get_plan``.
     """
     device = torch.device(device)
     pattern = DENSE if pattern is None else pattern
-    pattern.check_lengths(lq, lk)
 
-    def build(regions):
-        subs = (_compile_region(r, pattern.heads, lq, lk, block_q, block_k, device) for r in regions)
-        return tuple(sp for sp in subs if sp is not None) if lq > 0 and lk > 0 else ()
+    layouts = {}
 
-    subs = build(pattern.regions())
-    if len(subs) > 1 or any(sp.q_index is not None or sp.kv_index is not None for sp in subs):
-        # Layouts pay off at scale; on short sequences the whole pattern in
-        # natural order can need fewer tiles. Take whichever needs fewer.
-        plain = build([Region(IDENTITY, IDENTITY, pattern.mask)])
-        if sum(sp.num_tiles for sp in plain) < sum(sp.num_tiles for sp in subs):
-            subs = plain
+    def layouts_of(r):
+        key = (r.q_layout, r.kv_layout)
+        if key not in layouts:
+            layouts[key] = refine.Layouts(r, lq, lk, block_q, block_k, device)
+        return layouts[key]
+
+    def region_plan(r):
+        lay = layouts_of(r)
+        if lay.empty:
+            return None
+        found = refine.schedules(r.pattern, pattern.heads, lay, lq, lk)
+        if found is None:   # no block-level reasoning: every pair
+            return _compile_region(r, pattern.heads, lq, lk, block_q, block_k, device)
+        if found["kv_count"].sum() == 0:
+            return None
+        return SubPass(q_index=None if r.q_layout == IDENTITY else lay.q_index,
+                       kv_index=None if r.kv_layout == IDENTITY else lay.kv_index,
+                       lq=lay.lq, lk=lay.lk, **found)
+
+    def plain_cost(plain, bound):
+        lay = layouts_of(plain)
+        cost = (0, 0) if lay.empty else refine.count_tiles(plain.pattern, pattern.heads, lay, lq, lk, bound)
+        if cost is None:
+            sp = _compile_region(plain, pattern.heads, lq, lk, block_q, block_k, device)
+            cost = (0, 0) if sp is None else (sp.num_tiles, sp.schedule_slots)
+        return cost
+
+    subs = _choose(pattern, lq, lk, block_q, block_k, device, region_plan, plain_cost)
     return Plan(subs, lq, lk, block_q, block_k, pattern.heads or 1)
 
 

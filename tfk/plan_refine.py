@@ -1,0 +1,237 @@
+"""Block schedules from block-level reasoning, in time and memory that follow
+the plan's tiles rather than Lq * Lk.
+
+A region's tiles are found from the coarsest blocks down: a tile of 2^l x 2^l
+plan blocks is judged by ``Pattern.tile_facts``; one sure to be empty is
+dropped, one sure to be full is kept whole, and only an undecided one is
+split in four. What stays undecided at the plan's blocks (the edges of a band,
+a diagonal) has its token mask evaluated, once per distinct tile where the
+pattern depends on i - j only. Schedules are then written from the kept
+rectangles row by row, without sorting the tiles themselves.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import tile_facts as tf
+
+# Tile-mask elements evaluated at once.
+TILE_CHUNK = 1 << 22
+
+
+class Layouts:
+    """A region's query and key layouts in blocks: positions (padded with -1
+    to whole blocks), and block descriptions at every level (level 0: the
+    plan's blocks; each next level pairs up the blocks of the one before,
+    until one block holds each whole layout)."""
+
+    def __init__(self, region, lq, lk, bq, bk, device):
+        self.q_index = region.q_layout.indices(lq, device)
+        self.kv_index = region.kv_layout.indices(lk, device)
+        self.lq, self.lk = self.q_index.numel(), self.kv_index.numel()
+        self.bq, self.bk = bq, bk
+        self.nqb, self.nkb = -(-self.lq // bq), -(-self.lk // bk)
+        self.empty = self.lq == 0 or self.lk == 0
+        if self.empty:
+            return
+        depth = max(self.nqb - 1, self.nkb - 1, 0).bit_length()
+        self.q_levels = [tf.describe(self.q_index, bq)]
+        self.k_levels = [tf.describe(self.kv_index, bk)]
+        for _ in range(depth):
+            self.q_levels.append(tf.coarser(self.q_levels[-1]))
+            self.k_levels.append(tf.coarser(self.k_levels[-1]))
+        self.q_shape = _shapes(self.q_index, self.q_levels[0], bq)
+        self.k_shape = _shapes(self.kv_index, self.k_levels[0], bk)
+
+    def padded(self, index, nb, block):
+        out = torch.full((nb * block,), -1, dtype=torch.int64, device=index.device)
+        out[:index.numel()] = index
+        return out
+
+
+def _shapes(index, blocks, block):
+    """Per level-0 block, an id of its shape: its positions less lo, in
+    order. Blocks of one shape are translates of each other."""
+    nb = blocks.lo.numel()
+    x = torch.cat([index, index.new_full((nb * block - index.numel(),), -1)]).view(nb, block)
+    offsets = torch.where(x >= 0, x - blocks.lo.view(-1, 1), -1)
+    return torch.unique(offsets, dim=0, return_inverse=True)[1]
+
+
+def _span(nodes, level, n):
+    """The level-0 blocks [first, end) under nodes of ``level`` (of n)."""
+    return nodes << level, ((nodes + 1) << level).clamp(max=n)
+
+
+def _refine(pattern, heads, lay, lq, lk, bound=None):
+    """The region's tiles: rectangles sure to be full, as (h, a, b, level)
+    nodes, and the level-0 tiles left undecided, as (h, a, b, some). None when
+    the pattern cannot reason about blocks.
+
+    With ``bound`` (counting): returns how many tiles are sure to hold an
+    allowed pair, as soon as that reaches ``bound``, else the count of tiles
+    in full rectangles together with the undecided ones.
+    """
+    device = lay.q_index.device
+    hp = heads or 1
+    h = torch.arange(hp, device=device)
+    a = torch.zeros(hp, dtype=torch.int64, device=device)
+    b = torch.zeros_like(a)
+    rects, counted = [], 0
+    quad_a = torch.tensor([0, 0, 1, 1], device=device)
+    quad_b = torch.tensor([0, 1, 0, 1], device=device)
+    top = len(lay.q_levels) - 1
+    for level in range(top, -1, -1):
+        q_level, k_level = lay.q_levels[level], lay.k_levels[level]
+        if level < top:   # split every undecided tile of the level above in four
+            a = (2 * a.view(-1, 1) + quad_a).flatten()
+            b = (2 * b.view(-1, 1) + quad_b).flatten()
+            h = h.repeat_interleave(4)
+            inside = (a < q_level.lo.numel()) & (b < k_level.lo.numel())
+            h, a, b = h[inside], a[inside], b[inside]
+        facts = pattern.tile_facts(h, q_level.take(a), k_level.take(b), lq, lk)
+        if facts is None:
+            return None
+        full = facts.full
+        if bound is None:
+            rects.append((h[full], a[full], b[full], level))
+        else:
+            q0, q1 = _span(a[full], level, lay.nqb)
+            k0, k1 = _span(b[full], level, lay.nkb)
+            counted += int(((q1 - q0) * (k1 - k0)).sum())
+        open_ = ~full & ~facts.none
+        h, a, b, some = h[open_], a[open_], b[open_], facts.some[open_]
+        if bound is not None and counted + int(some.sum()) >= bound:
+            return counted + int(some.sum())
+    if bound is not None:
+        return counted, (h, a, b, some)
+    return rects, (h, a, b, some)
+
+
+def _tile_masks(pattern, heads, lay, h, a, b, lq, lk):
+    """Allowed pairs of the listed level-0 tiles, False outside the layout:
+    (masks (K, bq, bk), kind (N,)), tile n's mask being masks[kind[n]]."""
+    device = lay.q_index.device
+    bq, bk = lay.bq, lay.bk
+    n = h.numel()
+    q, k = lay.q_levels[0].take(a), lay.k_levels[0].take(b)
+    cols = pattern.tile_kind(h, q, k, lq, lk) if n else None
+    if cols is None:
+        first, kind = torch.arange(n, device=device), torch.arange(n, device=device)
+    else:
+        cols = [c.expand(n) for c in cols] + [h, lay.q_shape[a], lay.k_shape[b]]
+        kinds, kind = torch.unique(torch.stack(cols, 1), dim=0, return_inverse=True)
+        first = torch.full((kinds.shape[0],), n, dtype=torch.int64, device=device).scatter_reduce_(
+            0, kind, torch.arange(n, device=device), "amin")
+    qpad, kpad = lay.padded(lay.q_index, lay.nqb, bq), lay.padded(lay.kv_index, lay.nkb, bk)
+    ar_q, ar_k = torch.arange(bq, device=device), torch.arange(bk, device=device)
+    out = torch.empty(first.numel(), bq, bk, dtype=torch.bool, device=device)
+    step = max(1, TILE_CHUNK // (bq * bk))
+    for c0 in range(0, first.numel(), step):
+        t = first[c0:c0 + step]
+        i = qpad[a[t].view(-1, 1) * bq + ar_q].unsqueeze(2)
+        j = kpad[b[t].view(-1, 1) * bk + ar_k].unsqueeze(1)
+        hh = h[t].view(-1, 1, 1) if heads else 0
+        # int32 positions, as the exhaustive compiler evaluates them
+        m = pattern.mask(hh, i.clamp(min=0).int(), j.clamp(min=0).int(), lq, lk)
+        out[c0:c0 + step] = m & ((i >= 0) & (j >= 0))
+    return out, kind
+
+
+def _pieces(rects, h, a, b, lay):
+    """Full rectangles (from ``_refine``) and single tiles (h, a, b) as
+    (h, first row, end row, first column, end column) in level-0 blocks."""
+    spans = [(r[0], *_span(r[1], r[3], lay.nqb), *_span(r[2], r[3], lay.nkb)) for r in rects]
+    spans.append((h, a, a + 1, b, b + 1))
+    return [torch.cat(part) for part in zip(*spans)]
+
+
+def _runs(h, r0, r1, c0, c1, hp, rows, cols):
+    """Rectangles of tiles cut into runs, one per (rectangle, row), in (row,
+    first column) order: (rectangle of each run, its head * rows + row), and
+    the tiles of every row."""
+    device = h.device
+    height = r1 - r0
+    piece = torch.repeat_interleave(torch.arange(h.numel(), device=device), height)
+    row = r0[piece] + torch.arange(piece.numel(), device=device) - (height.cumsum(0) - height)[piece]
+    row = h[piece] * rows + row
+    order = torch.argsort(row * cols + c0[piece])
+    piece, row = piece[order], row[order]
+    count = torch.zeros(hp * rows, dtype=torch.int64, device=device).index_add_(0, row, (c1 - c0)[piece])
+    return piece, row, count
+
+
+def count_tiles(pattern, heads, lay, lq, lk, bound):
+    """(tiles, schedule slots) the region needs, exact when it needs fewer
+    than ``bound`` tiles, else (some number >= bound, None); None when the
+    pattern cannot reason about blocks."""
+    found = _refine(pattern, heads, lay, lq, lk, bound=bound)
+    if found is None or isinstance(found, int):
+        return found if found is None else (found, None)
+    rects, (h, a, b, some) = _refine(pattern, heads, lay, lq, lk)
+    held = some.clone()
+    masks, kind = _tile_masks(pattern, heads, lay, h[~some], a[~some], b[~some], lq, lk)
+    held[~some] = masks.flatten(1).any(1)[kind]
+    ph, q0, q1, k0, k1 = _pieces(rects, h[held], a[held], b[held], lay)
+    hp = heads or 1
+    per_row = _runs(ph, q0, q1, k0, k1, hp, lay.nqb, lay.nkb)[2]
+    per_col = _runs(ph, k0, k1, q0, q1, hp, lay.nkb, lay.nqb)[2]
+    slots = hp * (lay.nqb * max(int(per_row.max()), 1) + lay.nkb * max(int(per_col.max()), 1))
+    return int(per_row.sum()), slots
+
+
+def schedules(pattern, heads, lay, lq, lk):
+    """The region's schedule tensors (``SubPass`` fields), or None when the
+    pattern cannot reason about blocks."""
+    found = _refine(pattern, heads, lay, lq, lk)
+    if found is None:
+        return None
+    rects, (h, a, b, _) = found
+    device = lay.q_index.device
+    # undecided tiles in (head, query block, key block) order: partial ids follow it
+    order = torch.argsort((h * lay.nqb + a) * lay.nkb + b)
+    h, a, b = h[order], a[order], b[order]
+    masks, kind = _tile_masks(pattern, heads, lay, h, a, b, lq, lk)
+    allowed = masks.sum(dim=(1, 2), dtype=torch.int64)[kind]
+    in_range = (lay.lq - a * lay.bq).clamp(max=lay.bq) * (lay.lk - b * lay.bk).clamp(max=lay.bk)
+    partial = (allowed > 0) & (allowed < in_range)
+    pid = torch.full_like(a, -1)
+    pid[partial] = torch.arange(int(partial.sum()), device=device)
+    keep = allowed > 0
+    # pieces: the full rectangles, and the single tiles that hold a pair
+    ph, q0, q1, k0, k1 = _pieces(rects, h[keep], a[keep], b[keep], lay)
+    pid = torch.cat([torch.full((ph.numel() - int(keep.sum()),), -1, device=device), pid[keep]])
+    hp = heads or 1
+    kv = _schedule(ph, q0, q1, k0, k1, pid, hp, lay.nqb, lay.nkb)
+    qs = _schedule(ph, k0, k1, q0, q1, pid, hp, lay.nkb, lay.nqb)
+    return dict(kv_count=kv[0], kv_blocks=kv[1], kv_partial=kv[2], q_count=qs[0], q_blocks=qs[1], q_partial=qs[2],
+                partial_masks=masks[kind[partial]])
+
+
+def _schedule(h, r0, r1, c0, c1, pid, hp, rows, cols):
+    """(count, blocks, partial) per row, as ``tfk.plan._schedule`` writes
+    them, from disjoint rectangles of tiles (rows [r0, r1) x columns [c0, c1),
+    of head h; partial id ``pid``, -1 for full ones)."""
+    device = h.device
+    piece, row, count = _runs(h, r0, r1, c0, c1, hp, rows, cols)
+    width = (c1 - c0)[piece]
+    nb = max(int(count.max()), 1)
+    # A run of columns fills consecutive slots of its row, so a row's blocks
+    # are the running sum of steps: 1 inside a run, the jump to the run's
+    # first column where it starts, 0 in the padding (which so repeats the
+    # last block, and is 0 in a row that visits none). Work in runs and in
+    # the output's size, with no per-tile scatter.
+    slot0 = width.cumsum(0) - width - (count.cumsum(0) - count)[row]
+    jump = c0[piece].clone()
+    same_row = row[1:] == row[:-1]
+    jump[1:] -= torch.where(same_row, (c0[piece] + width - 1)[:-1], 0)
+    steps = (torch.arange(nb, dtype=torch.int32, device=device) < count.view(-1, 1)).to(torch.int32)
+    steps.view(-1)[row * nb + slot0] = jump.to(torch.int32)
+    # (summed in float: exact below 2^24 blocks, and far faster than in int)
+    blocks = steps.to(torch.float32).cumsum(1).to(torch.int32)
+    flat0 = row * nb + slot0
+    part = torch.full((hp * rows * nb,), -1, dtype=torch.int32, device=device)
+    single = pid[piece] >= 0   # partial tiles come one per run
+    part[flat0[single]] = pid[piece][single].to(torch.int32)
+    part = part.view(hp * rows, nb)
+    return count.to(torch.int32).view(hp, rows), blocks.view(hp, rows, nb), part.view(hp, rows, nb)

@@ -1,0 +1,153 @@
+"""Block-level reasoning: what is known of a whole tile of (query, key) pairs
+from a few numbers per block, without evaluating a mask pair by pair.
+
+A block of a token layout is described by its positions' least and greatest
+values ``lo`` and ``hi``, the gcd ``step`` of their differences (0 for one
+position) and their ``count``. Every position of the block is then
+``lo + n * step <= hi``, and ``lo`` and ``hi`` are positions of the block.
+
+A pattern reasons over a tile (a query block against a key block) and states
+four facts, each True only when it is sure:
+
+- ``full``: every pair is allowed;     ``none``: no pair is allowed;
+- ``some``: some pair is allowed;      ``notall``: some pair is not allowed.
+
+Facts compose exactly as sets do (``&``, ``|``, ``~``), so unions,
+intersections and the disjoint pieces of a union reason as their parts.
+``tfk.plan`` refines tiles from coarse blocks to fine ones by these facts,
+and evaluates the token mask only on tiles that stay undecided.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# An unbounded end of a diagonal band.
+UNBOUNDED = 1 << 60
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Blocks of positions, one entry per tile being reasoned about: int64
+    tensors of the same shape."""
+    lo: torch.Tensor
+    hi: torch.Tensor
+    step: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def contiguous(self):
+        """Every integer from lo to hi is a position of the block."""
+        return self.hi - self.lo + 1 == self.count
+
+    def take(self, index):
+        return Blocks(self.lo[index], self.hi[index], self.step[index], self.count[index])
+
+
+def describe(positions, block):
+    """Blocks of ``block`` consecutive entries of ``positions`` (a layout's
+    positions in layout order; the last block may be short)."""
+    n = positions.numel()
+    nb = -(-n // block)
+    x = positions.to(torch.int64)
+    # padding repeats the last position: it changes neither lo, hi nor the gcd
+    x = torch.cat([x, x[-1:].expand(nb * block - n)]).view(nb, block)
+    lo, hi = x.amin(1), x.amax(1)
+    count = torch.full((nb,), block, dtype=torch.int64, device=x.device)
+    count[-1] = n - (nb - 1) * block
+    g = x - lo.view(-1, 1)
+    while g.shape[1] > 1:
+        if g.shape[1] % 2:
+            g = torch.cat([g, g.new_zeros(nb, 1)], 1)
+        half = g.shape[1] // 2
+        g = torch.gcd(g[:, :half], g[:, half:])
+    return Blocks(lo, hi, g.view(-1), count)
+
+
+def coarser(b):
+    """Blocks of two consecutive blocks of ``b`` (an odd last one alone)."""
+    if b.lo.numel() % 2:
+        b = Blocks(*(torch.cat([t, t[-1:]]) for t in (b.lo, b.hi, b.step)),
+                   torch.cat([b.count, b.count.new_zeros(1)]))
+    lo0, lo1 = b.lo[0::2], b.lo[1::2]
+    step = torch.gcd(torch.gcd(b.step[0::2], b.step[1::2]), (lo1 - lo0).abs())
+    return Blocks(torch.minimum(lo0, lo1), torch.maximum(b.hi[0::2], b.hi[1::2]), step,
+                  b.count[0::2] + b.count[1::2])
+
+
+@dataclass(frozen=True)
+class TileFacts:
+    full: torch.Tensor
+    none: torch.Tensor
+    some: torch.Tensor
+    notall: torch.Tensor
+
+    def __and__(self, o):
+        return TileFacts(self.full & o.full, self.none | o.none,
+                         (self.full & o.some) | (self.some & o.full), self.notall | o.notall)
+
+    def __or__(self, o):
+        return TileFacts(self.full | o.full, self.none & o.none,
+                         self.some | o.some, (self.none & o.notall) | (self.notall & o.none))
+
+    def __invert__(self):
+        return TileFacts(self.none, self.full, self.notall, self.some)
+
+
+def one_side(blocks, full, none, at_lo, at_hi):
+    """Facts of a predicate of one side's position only (the query's or the
+    key's), from its verdicts on the bounding interval (``full``, ``none``:
+    every or no integer from lo to hi passes) and on the two ends."""
+    whole = blocks.contiguous
+    return TileFacts(full, none, at_lo | at_hi | (whole & ~none), ~at_lo | ~at_hi | (whole & ~full))
+
+
+def diagonals(q, k, lo=-UNBOUNDED, hi=UNBOUNDED, modulus=1):
+    """Facts of ``lo <= i - j <= hi and (i - j) % modulus == 0``."""
+    dmin, dmax = q.lo - k.hi, q.hi - k.lo   # both reached by a pair of the tile
+    band_full = (dmin >= lo) & (dmax <= hi)
+    band_none = (dmax < lo) | (dmin > hi)
+    whole = q.contiguous & k.contiguous     # then i - j takes every value in [dmin, dmax]
+    end_inside = ((dmin >= lo) & (dmin <= hi)) | ((dmax >= lo) & (dmax <= hi))
+    band_some = end_inside | (whole & ~band_none)
+    if modulus == 1:
+        return TileFacts(band_full, band_none, band_some, ~band_full)
+    # one residue per block: i - j has one residue over the tile
+    uniform = (q.step % modulus == 0) & (k.step % modulus == 0)
+    same = uniform & ((q.lo - k.lo) % modulus == 0)
+    a, b = dmin.clamp(min=lo), dmax.clamp(max=hi)
+    has_multiple = torch.div(b, modulus, rounding_mode="floor") * modulus >= a
+    return TileFacts(
+        full=band_full & same,
+        none=band_none | (uniform & ~same) | (whole & ~has_multiple),
+        some=(same & band_some) | (whole & has_multiple),
+        notall=~band_full | (uniform & ~same) | (whole & (dmax > dmin)),
+    )
+
+
+def block_ids(lo_a, hi_a, lo_b, hi_b, before):
+    """Facts of ``ia < ib`` (``before``) or ``ia == ib`` over block ids
+    ``ia`` in [lo_a, hi_a], ``ib`` in [lo_b, hi_b], each range's every id
+    present when ``whole``; the ends are always present."""
+    if before:
+        full, none = hi_a < lo_b, lo_a >= hi_b
+        return full, none, ~none, ~full      # (hi_a .. lo_b) and (lo_a .. hi_b) are pairs of the tile
+    full = (lo_a == hi_a) & (lo_b == hi_b) & (lo_a == lo_b)
+    none = (hi_a < lo_b) | (hi_b < lo_a)
+    ends = (lo_a == lo_b) | (lo_a == hi_b) | (hi_a == lo_b) | (hi_a == hi_b)
+    return full, none, ends, ~full
+
+
+def layout_facts(prefix, corner, h, rows, cols, whole):
+    """Facts of ``layout[h, r, c]`` over r in rows=(r0, r1), c in cols=(c0, c1),
+    inclusive; ``prefix`` is the layout's 2-D running count, with a 0 row and
+    column in front, ``corner(h, r, c)`` reads the layout."""
+    (r0, r1), (c0, c1) = rows, cols
+    count = prefix[h, r1 + 1, c1 + 1] - prefix[h, r0, c1 + 1] - prefix[h, r1 + 1, c0] + prefix[h, r0, c0]
+    full = count == (r1 - r0 + 1) * (c1 - c0 + 1)
+    none = count == 0
+    ends = [corner(h, r, c) for r in (r0, r1) for c in (c0, c1)]
+    some = ends[0] | ends[1] | ends[2] | ends[3] | (whole & ~none)
+    notall = ~(ends[0] & ends[1] & ends[2] & ends[3]) | (whole & ~full)
+    return TileFacts(full, none, some, notall)
