@@ -194,6 +194,18 @@ def test_fast_plan_equals_exhaustive(seed):
     assert_same_plan(compile_plan(pattern, lq, lk, *block), compile_plan_exhaustive(pattern, lq, lk, *block))
 
 
+def test_fast_plan_counts_in_small_chunks(monkeypatch):
+    """Counting the natural order's tiles stops as soon as it is sure they
+    are too many; in chunks of 3 undecided tiles the plans stay equal."""
+    monkeypatch.setattr(plans.refine, "COUNT_CHUNK", 3)
+    for seed in range(CASES // 2):
+        rng = random.Random(1000 + seed)
+        lq, lk = rng.randrange(1, 300), rng.randrange(1, 300)
+        pattern = random_pattern(rng, lq, lk)
+        block = (rng.choice([4, 8, 16]), rng.choice([4, 8, 16]))
+        assert_same_plan(compile_plan(pattern, lq, lk, *block), compile_plan_exhaustive(pattern, lq, lk, *block))
+
+
 @pytest.mark.parametrize("pattern_id", PATTERN_IDS)
 @pytest.mark.parametrize("lengths", [(97, 97), (63, 150), (200, 71), (1, 1), (640, 640)], ids=str)
 def test_fast_plan_equals_exhaustive_for_every_pattern_kind(pattern_id, lengths):

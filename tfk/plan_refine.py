@@ -55,12 +55,23 @@ def _shapes(index, blocks, block):
     nb = blocks.lo.numel()
     x = torch.cat([index, index.new_full((nb * block - index.numel(),), -1)]).view(nb, block)
     offsets = torch.where(x >= 0, x - blocks.lo.view(-1, 1), -1)
-    return torch.unique(offsets, dim=0, return_inverse=True)[1]
+    ar = torch.arange(block, device=index.device)
+    # most blocks are lo, lo + step, ... in order: their shape is (step, count)
+    regular = ((offsets == ar * blocks.step.view(-1, 1)) | (offsets < 0)).all(1)
+    shape = blocks.step * (block + 1) + blocks.count
+    if not bool(regular.all()):
+        other = torch.unique(offsets[~regular], dim=0, return_inverse=True)[1]
+        shape[~regular] = -1 - other
+    return shape
 
 
 def _span(nodes, level, n):
     """The level-0 blocks [first, end) under nodes of ``level`` (of n)."""
     return nodes << level, ((nodes + 1) << level).clamp(max=n)
+
+
+# Undecided tiles split at once while counting, so a count can stop early.
+COUNT_CHUNK = 1 << 14
 
 
 def _refine(pattern, heads, lay, lq, lk, bound=None):
@@ -69,40 +80,51 @@ def _refine(pattern, heads, lay, lq, lk, bound=None):
     the pattern cannot reason about blocks.
 
     With ``bound`` (counting): returns how many tiles are sure to hold an
-    allowed pair, as soon as that reaches ``bound``, else the count of tiles
-    in full rectangles together with the undecided ones.
+    allowed pair as soon as that reaches ``bound``, else (the tiles in full
+    rectangles, the undecided level-0 tiles).
     """
     device = lay.q_index.device
     hp = heads or 1
     h = torch.arange(hp, device=device)
     a = torch.zeros(hp, dtype=torch.int64, device=device)
     b = torch.zeros_like(a)
+    some = torch.zeros(hp, dtype=torch.bool, device=device)
     rects, counted = [], 0
     quad_a = torch.tensor([0, 0, 1, 1], device=device)
     quad_b = torch.tensor([0, 1, 0, 1], device=device)
     top = len(lay.q_levels) - 1
     for level in range(top, -1, -1):
         q_level, k_level = lay.q_levels[level], lay.k_levels[level]
-        if level < top:   # split every undecided tile of the level above in four
-            a = (2 * a.view(-1, 1) + quad_a).flatten()
-            b = (2 * b.view(-1, 1) + quad_b).flatten()
-            h = h.repeat_interleave(4)
-            inside = (a < q_level.lo.numel()) & (b < k_level.lo.numel())
-            h, a, b = h[inside], a[inside], b[inside]
-        facts = pattern.tile_facts(h, q_level.take(a), k_level.take(b), lq, lk)
-        if facts is None:
-            return None
-        full = facts.full
-        if bound is None:
-            rects.append((h[full], a[full], b[full], level))
-        else:
-            q0, q1 = _span(a[full], level, lay.nqb)
-            k0, k1 = _span(b[full], level, lay.nkb)
-            counted += int(((q1 - q0) * (k1 - k0)).sum())
-        open_ = ~full & ~facts.none
-        h, a, b, some = h[open_], a[open_], b[open_], facts.some[open_]
-        if bound is not None and counted + int(some.sum()) >= bound:
-            return counted + int(some.sum())
+        parents = (h, a, b, some)
+        step = max(h.numel(), 1) if bound is None else COUNT_CHUNK
+        kept = []
+        for c0 in range(0, max(h.numel(), 1), step):
+            h, a, b = (t[c0:c0 + step] for t in parents[:3])
+            if level < top:   # split every undecided tile of the level above in four
+                a = (2 * a.view(-1, 1) + quad_a).flatten()
+                b = (2 * b.view(-1, 1) + quad_b).flatten()
+                h = h.repeat_interleave(4)
+                inside = (a < q_level.lo.numel()) & (b < k_level.lo.numel())
+                h, a, b = h[inside], a[inside], b[inside]
+            facts = pattern.tile_facts(h, q_level.take(a), k_level.take(b), lq, lk)
+            if facts is None:
+                return None
+            full = facts.full
+            if bound is None:
+                rects.append((h[full], a[full], b[full], level))
+            else:
+                q0, q1 = _span(a[full], level, lay.nqb)
+                k0, k1 = _span(b[full], level, lay.nkb)
+                counted += int(((q1 - q0) * (k1 - k0)).sum())
+            open_ = ~full & ~facts.none
+            kept.append((h[open_], a[open_], b[open_], facts.some[open_]))
+            if bound is not None:
+                # sure so far: full tiles, undecided ones known to hold a
+                # pair, and the tiles above not split yet that hold one
+                sure = counted + sum(int(k[3].sum()) for k in kept) + int(parents[3][c0 + step:].sum())
+                if sure >= bound:
+                    return sure
+        h, a, b, some = (torch.cat(t) for t in zip(*kept))
     if bound is not None:
         return counted, (h, a, b, some)
     return rects, (h, a, b, some)
