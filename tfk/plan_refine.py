@@ -5,9 +5,10 @@ A region's tiles are found from the coarsest blocks down: a tile of 2^l x 2^l
 plan blocks is judged by ``Pattern.tile_facts``; one sure to be empty is
 dropped, one sure to be full is kept whole, and only an undecided one is
 split in four. What stays undecided at the plan's blocks (the edges of a band,
-a diagonal) has its token mask evaluated, once per distinct tile where the
-pattern depends on i - j only. Schedules are then written from the kept
-rectangles row by row, without sorting the tiles themselves.
+a diagonal) has its token mask evaluated, once per kind of tile
+(``Pattern.tile_kind``: e.g. the same i - j offset for a window). Schedules
+are then written from the kept rectangles row by row, without sorting or
+scattering the tiles themselves.
 """
 from __future__ import annotations
 
