@@ -56,6 +56,16 @@ def test_auto_falls_back_with_a_warning_naming_the_reason_once(refusing):
     assert ran == ["torch", "torch"]
 
 
+def test_a_registered_backend_is_asked_about_plain_calls(refusing):
+    """A backend registered above "sdpa" is asked about every call, the plain
+    CPU ones "auto" otherwise sends straight to torch's kernel included."""
+    q = torch.randn(1, 1, 8, 16)
+    with backends.record_choices() as ran:
+        with pytest.warns(tfk.FallbackWarning, match=r"on 'sdpa', because refusing: head dim 16"):
+            tfk.scaled_dot_product_attention(q, q, q)
+    assert ran == ["sdpa"]
+
+
 def test_routing_is_not_a_fallback():
     """On CPU "auto" sends pattern calls to the block engine and plain ones to
     torch's kernel: by design, without a warning."""

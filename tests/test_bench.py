@@ -125,8 +125,35 @@ def test_report_check_op_catches_a_wrong_output(monkeypatch):
 
 def test_overhead_table_times_both_and_agrees():
     from bench import overhead
-    row = overhead.measure(overhead.CASES[0], calls=2, repeat=1)
+    row = overhead.measure(overhead.CASES[0], calls=2)
     assert row["backend"] == "sdpa" and row["max_diff"] == 0.0
     assert row["torch_us"] > 0 and row["tfk_us"] > 0
     assert row["ratio"] == pytest.approx(row["tfk_us"] / row["torch_us"])
     assert "decode_gqa_mask" in overhead.format_table([row])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda-sim"])
+def test_overhead_host_table_counts_launches_apart(backend):
+    """The host-side table runs a kernel backend's whole path with each kernel
+    launch only counted: one forward launch per plain or causal call, and the
+    stubs gone afterwards."""
+    from bench import overhead
+    from tfk.ops.attention import cuda_backend, triton_backend
+    saved = triton_backend._INTERPRET, cuda_backend._ops, triton_backend._kernels()._attn_fwd
+    rows = [overhead.measure_host(case, backend, calls=2) for case in overhead.HOST_CASES]
+    for row in rows:
+        assert row["backend"] == backend and row["launches"] == 1, row
+        assert row["call_us"] > 0 and row["op_us"] > 0 and row["body_us"] > 0
+    assert (triton_backend._INTERPRET, cuda_backend._ops, triton_backend._kernels()._attn_fwd) == saved
+    assert "small_causal" in overhead.format_host_table(rows)
+
+
+def test_generate_bench_same_tokens():
+    """bench.generate's three ways decode the same tokens, a padded batch
+    included, in its step loops and in model.generate."""
+    from bench import generate
+    rows = generate.measure(tokens=3, rounds=1, batch=2, layers=1)
+    assert [r["way"] for r in rows] == list(generate.WAYS)
+    for r in rows:
+        assert r["same_tokens"] and r["same_generate"] and r["ms"] > 0, r
+    assert "patch_torch" in generate.format_table(rows)

@@ -130,6 +130,61 @@ def test_shapes_broadcast_as_torchs(shapes, backend):
             torch.testing.assert_close(a, b, msg=lambda m: f"{kw}: {m}")
 
 
+DIRECT_CALLS = {  # (H, Hkv, Lq, Lk, kwargs): calls "auto" sends straight to torch's kernel on CPU
+    "plain": (3, 3, 33, 47, {}),
+    "causal_scale": (3, 3, 33, 47, {"is_causal": True, "scale": 0.3}),
+    "gqa_decode": (6, 2, 1, 47, {"enable_gqa": True}),
+    "gqa_same_heads": (3, 3, 33, 47, {"enable_gqa": True, "dropout_p": 0}),
+    **{f"mask_{m}": (3, 3, 33, 47, {"attn_mask": m}) for m in MASK_IDS if m != "none"},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(DIRECT_CALLS))
+def test_auto_on_cpu_takes_the_sdpa_backend_directly(case, dtype):
+    """On CPU "auto" runs these calls on torch's kernel without building the
+    canonical call: the same out and gradients, bit for bit, as backend "sdpa"
+    through the full path (masks broadcast, an empty row, a mask with a
+    gradient), recorded as "sdpa", the backend the full path's "auto" picks."""
+    H, Hkv, Lq, Lk, kw = DIRECT_CALLS[case]
+    q, k, v, dout = (t.to(dtype) for t in make_qkv(2, H, Hkv, Lq, Lk, 40))
+    mask = kw.get("attn_mask")
+    if mask is not None:
+        mask = _as_given(mask_cases(2, H, Lq, Lk)[mask], dtype)
+    runs = []
+    for backend in ("auto", "sdpa"):
+        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+        m_ = None if mask is None else mask.detach().requires_grad_(mask.is_floating_point())
+        with tfk.backends.record_choices() as ran:
+            out = tfk.scaled_dot_product_attention(q_, k_, v_, **dict(kw, attn_mask=m_), backend=backend)
+        out.backward(dout)
+        runs.append((ran, [out, q_.grad, k_.grad, v_.grad, None if m_ is None else m_.grad]))
+    (ran_auto, got), (ran_sdpa, want) = runs
+    assert ran_auto == ran_sdpa == ["sdpa"]
+    call = AttentionCall(q, k, v, P.causal() if kw.get("is_causal") else None, mask, 0.1, 0.0, False)
+    assert tfk.backends.select_backend("auto", call).name == "sdpa", "the full path's choice too"
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_direct_calls_skip_backend_selection(monkeypatch):
+    """The decode-shaped call (a padding mask, GQA) never reaches
+    select_backend; under TFK_BACKEND it does."""
+    from tfk.ops.attention import api
+
+    def select(*a):
+        raise AssertionError("selected")
+
+    monkeypatch.setattr(api, "select_backend", select)
+    q, k, v = torch.randn(1, 8, 1, 32), torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)
+    mask = torch.ones(1, 1, 1, 300, dtype=torch.bool)
+    out = tfk.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.equal(out, torch_sdpa(q, k, v, attn_mask=mask, enable_gqa=True))
+    monkeypatch.setenv("TFK_BACKEND", "sdpa")
+    with pytest.raises(AssertionError, match="selected"):
+        tfk.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 def test_dropout_zero_is_no_dropout_and_dropout_is_reproducible():
     q, k, v, _ = make_qkv(1, 2, 2, 40, 40, 16)
     a = tfk.scaled_dot_product_attention(q, k, v, dropout_p=0.0)

@@ -62,6 +62,28 @@ def test_model_matches_torch_attention(name, route, monkeypatch):
         torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("q_len,kv_len,mask_heads", [(1, 57, 1), (1, 57, 8), (1, 57, None), (9, 57, 1), (9, 9, None)],
+                         ids=str)
+def test_attention_function_matches_transformers_sdpa(q_len, kv_len, mask_heads):
+    """tfk's attention function computes what transformers' "sdpa" computes,
+    bit for bit, with GQA: decoding (one query per head, under a padding
+    mask shared by the heads or per head, or none) and prefill, so greedy
+    tokens cannot drift apart."""
+    import types
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from tfk.integrations.transformers import tfk_attention_forward
+
+    module = types.SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, q_len, 8, 32, generator=g).transpose(1, 2)  # (B, H, L, D) as models make it
+    k, v = (torch.randn(2, 2, kv_len, 32, generator=g) for _ in range(2))
+    mask = None if mask_heads is None else torch.rand(2, mask_heads, q_len, kv_len, generator=g) < 0.8
+    got = tfk_attention_forward(module, q, k, v, mask, scaling=0.2)[0]
+    want = sdpa_attention_forward(module, q, k, v, mask, scaling=0.2)[0]
+    assert got.shape == want.shape == (2, q_len, 8, 32)
+    assert torch.equal(got, want)
+
+
 CLIENT = """
 import sys, torch
 {first}

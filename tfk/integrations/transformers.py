@@ -9,6 +9,8 @@ import importlib.util
 import sys
 import warnings
 
+import torch
+
 from ..ops.attention.api import scaled_dot_product_attention
 
 
@@ -20,9 +22,19 @@ def tfk_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         raise ValueError("attn_implementation='tfk' does not support softcap yet")
     groups = getattr(module, "num_key_value_groups", 1)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+    q_len = query.shape[2]
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if groups > 1 and q_len == 1 and attention_mask is not None and not torch.compiler.is_compiling():
+        # Decoding under a mask: each group's queries become the rows of its
+        # key/value head, as transformers' "sdpa" does (the same numbers, and
+        # torch's kernel then needs no GQA broadcast).
+        query = query.reshape(query.shape[0], query.shape[1] // groups, groups, query.shape[-1])
+        if attention_mask.shape[1] != 1:
+            attention_mask = attention_mask.reshape(attention_mask.shape[0], -1, groups, attention_mask.shape[-1])
+        groups = 1
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                        scale=scaling, is_causal=is_causal, enable_gqa=groups > 1)
+    out = out.reshape(out.shape[0], -1, q_len, out.shape[-1])  # undoes the packing above
     return out.transpose(1, 2).contiguous(), None
 
 

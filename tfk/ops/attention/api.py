@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 import torch.nn.functional as F
 
-from ...backends import AttentionCall, Backend, register_backend, select_backend
+from ...backends import _BACKENDS, _RECORDERS, AttentionCall, Backend, register_backend, select_backend
 from ...patterns import Pattern, causal
 from ... import dropout as drop
 from .reference import attention_reference
@@ -19,6 +20,19 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Built once, outside any torch.compile trace (a pattern built while tracing
 # cannot be handed to the plan cache as a constant).
 _CAUSAL = causal()
+
+# The backend registry as tfk ships it, filled by tfk.ops.attention once every
+# built-in backend is registered. While the registry equals it, "auto" sends
+# every call _direct accepts to "sdpa" (the backends ranked above it take CUDA
+# tensors only), so such calls skip building and selecting.
+SHIPPED_BACKENDS: dict = {}
+_MASK_DTYPES = (torch.bool, torch.float32)
+# TFK_BACKEND, looked up in os.environ's own dict: os.environ.get raises and
+# catches a KeyError for an unset variable, several microseconds on the fast path.
+try:
+    _ENV, _ENV_KEY = os.environ._data, os.environ.encodekey("TFK_BACKEND")
+except AttributeError:
+    _ENV, _ENV_KEY = os.environ, "TFK_BACKEND"
 
 
 def _check_tensors(q, k, v):
@@ -116,6 +130,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     j <= i) and excludes ``attn_mask``. A query with no allowed key gets 0, as
     with torch. ``backend`` picks the implementation ("auto" by default).
     """
+    if backend == "auto" and _direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        for names in _RECORDERS:
+            names.append("sdpa")
+        return torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                          enable_gqa=query.shape[1] != key.shape[1])
     _check_tensors(query, key, value)
     q, k, v, lead = _canonical_qkv(query, key, value, bool(enable_gqa))
     _check_shapes(q, k, v, gqa=bool(enable_gqa))
@@ -128,6 +147,44 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     call = AttentionCall(q, k, v, _CAUSAL if is_causal else None, mask, scale, float(dropout_p), False)
     out = _run(call, backend, False)
     return out if out.shape[:2] == lead else out.reshape(*lead, *out.shape[2:])
+
+
+def _direct(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
+    """Whether the call is one "auto" would run on "sdpa" unchanged, by checks
+    cheaper than the full path's: plain 4-D CPU tensors of one float dtype,
+    valid shapes, scale and mask, no dropout, the registry as shipped, no
+    TFK_BACKEND, and not under torch.compile (which traces the full path).
+    Anything else, errors included, takes the full path."""
+    if torch.compiler.is_compiling() or not (type(q) is torch.Tensor and type(k) is torch.Tensor
+                                             and type(v) is torch.Tensor and q.is_cpu and k.is_cpu and v.is_cpu):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        return False
+    dtype = q.dtype
+    if dtype not in _DTYPES or k.dtype is not dtype or v.dtype is not dtype:
+        return False
+    B, H, L, E = qs
+    _, Hkv, S, _ = ks
+    if not (ks[0] == vs[0] == B and vs[1] == Hkv and vs[2] == S and ks[3] == E and E > 0 and Hkv > 0):
+        return False
+    if not (H == Hkv and enable_gqa is False or enable_gqa is True and H % Hkv == 0):
+        return False
+    if not (type(dropout_p) in (float, int) and dropout_p == 0 and (is_causal is False or is_causal is True)):
+        return False
+    if scale is not None and not (type(scale) is float and math.isfinite(scale)):
+        return False
+    if mask is not None:
+        if is_causal or type(mask) is not torch.Tensor or not mask.is_cpu \
+                or (mask.dtype not in _MASK_DTYPES and mask.dtype is not dtype):
+            return False
+        ms = mask.shape
+        if not 2 <= len(ms) <= 4:
+            return False
+        for m, f in zip(ms, (B, H, L, S)[4 - len(ms):]):
+            if m != 1 and m != f:
+                return False
+    return _BACKENDS == SHIPPED_BACKENDS and not _ENV.get(_ENV_KEY)
 
 
 def _broadcast(what, *shapes):
