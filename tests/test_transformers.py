@@ -82,6 +82,12 @@ def test_attention_function_matches_transformers_sdpa(q_len, kv_len, mask_heads)
     want = sdpa_attention_forward(module, q, k, v, mask, scaling=0.2)[0]
     assert got.shape == want.shape == (2, q_len, 8, 32)
     assert torch.equal(got, want)
+    # a T5-style position bias joins the mask, as transformers' "sdpa" joins it
+    bias = torch.randn(1, 8, q_len, kv_len, generator=g)
+    got = tfk_attention_forward(module, q, k, v, mask, scaling=0.2, position_bias=bias)[0]
+    want = sdpa_attention_forward(module, q, k, v, mask, scaling=0.2, position_bias=bias)[0]
+    assert torch.equal(got, want)
+    assert not torch.equal(got, tfk_attention_forward(module, q, k, v, mask, scaling=0.2)[0])
 
 
 CLIENT = """

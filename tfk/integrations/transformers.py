@@ -15,16 +15,24 @@ from ..ops.attention.api import scaled_dot_product_attention
 
 
 def tfk_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                          is_causal=None, **kwargs):
+                          is_causal=None, position_bias=None, **kwargs):
     """transformers' attention-function signature: (B, H, L, D) in,
-    ((B, L, H, Dv), None) out. Masks come from transformers' SDPA mask builder."""
+    ((B, L, H, Dv), None) out. Masks come from transformers' SDPA mask builder;
+    a ``position_bias`` (T5-style models) joins the mask as transformers'
+    "sdpa" joins it."""
     if kwargs.get("softcap") is not None:
         raise ValueError("attn_implementation='tfk' does not support softcap yet")
     groups = getattr(module, "num_key_value_groups", 1)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len = query.shape[2]
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
-    if groups > 1 and q_len == 1 and attention_mask is not None and not torch.compiler.is_compiling():
+    # (decided on the model's mask, before a position bias joins it, as transformers decides)
+    pack = groups > 1 and q_len == 1 and attention_mask is not None and not torch.compiler.is_compiling()
+    if position_bias is not None:
+        from transformers.integrations.sdpa_attention import create_position_bias_mask
+        attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+        is_causal = False
+    if pack:
         # Decoding under a mask: each group's queries become the rows of its
         # key/value head, as transformers' "sdpa" does (the same numbers, and
         # torch's kernel then needs no GQA broadcast).
