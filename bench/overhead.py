@@ -13,13 +13,14 @@ between the two outputs (they must agree).
 
 Table 2, host side of the kernel backends: the work the "triton" and "cuda"
 paths do on the host around their kernels (validation, backend selection,
-plan lookup, layouts, custom-op dispatch), timed per call with every kernel
+plan lookup, layouts, op dispatch), timed per call with every kernel
 launch replaced by a counter (``stubbed_launches``), so that no GPU is needed
 and the launches are counted apart. "cuda" is timed through "cuda-sim", the
 same Python path on CPU tensors. Nested times: ``call`` is the public
-function, ``op`` the backend's custom op called directly, ``body`` the op's
-implementation given the plan; call - op is tfk's own dispatch, op - body
-the custom op's. On a GPU each small torch op on the path (empty outputs,
+function, ``op`` the backend's op entry point called directly (its custom op
+under torch.compile; outside it, the same functions without the custom-op
+dispatcher), ``body`` the op's implementation given the plan; call - op is
+tfk's own dispatch, op - body the entry point's. On a GPU each small torch op on the path (empty outputs,
 copies) also launches a kernel, and each kernel launch adds its launcher's
 host time, which this table leaves out.
 """
@@ -136,7 +137,7 @@ def stubbed_launches():
 
 
 def _op_and_body(backend, pattern, q, k, v):
-    """The backend's custom op and its implementation, as functions of (q, k, v)."""
+    """The backend's op entry point and its implementation, as functions of (q, k, v)."""
     from tfk.ops.attention import cuda_backend, triton_backend
     from tfk.plan import get_plan, plan_id
 
