@@ -657,7 +657,11 @@ class BlockPattern(Pattern):
         if cached is None or cached[0] != (lq, lk, q.lo.device):
             # running counts in float: exact below 2^24, and torch sums float far faster than int
             dtype = torch.float32 if layout[0].numel() < 2 ** 24 else torch.float64
-            counts = torch.nn.functional.pad(layout.to(dtype).cumsum(2).cumsum(1), (1, 0, 1, 0))
+            counts = torch.zeros(layout.shape[0], layout.shape[1] + 1, layout.shape[2] + 1, dtype=dtype)
+            counts[:, 1:, 1:] = layout
+            counts = counts.cumsum(2)
+            for r in range(1, counts.shape[1]):   # row by row: a cumsum across rows is much slower
+                counts[:, r].add_(counts[:, r - 1])
             cached = self._prefix = ((lq, lk, q.lo.device), counts.to(q.lo.device), layout.to(q.lo.device))
         _, prefix, layout = cached
         h = h if layout.shape[0] > 1 else torch.zeros_like(h)
