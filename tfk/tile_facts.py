@@ -127,9 +127,10 @@ def diagonals(q, k, lo=-UNBOUNDED, hi=UNBOUNDED, modulus=1):
 
 
 def block_ids(lo_a, hi_a, lo_b, hi_b, before):
-    """Facts of ``ia < ib`` (``before``) or ``ia == ib`` over block ids
-    ``ia`` in [lo_a, hi_a], ``ib`` in [lo_b, hi_b], each range's every id
-    present when ``whole``; the ends are always present."""
+    """Facts (full, none, some, notall) of ``ia < ib`` (``before``) or
+    ``ia == ib`` over the ids ``ia`` of one side's positions, from lo_a to
+    hi_a, and ``ib`` of the other's, from lo_b to hi_b; the end ids belong to
+    positions of the tile."""
     if before:
         full, none = hi_a < lo_b, lo_a >= hi_b
         return full, none, ~none, ~full      # (hi_a .. lo_b) and (lo_a .. hi_b) are pairs of the tile
