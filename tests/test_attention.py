@@ -140,9 +140,34 @@ def test_backend_visits_exactly_the_plan(backend, pattern_id):
 @pytest.mark.parametrize("L,pattern", [(1024, P.causal()), (4096, P.sliding_window(256) | P.global_tokens(4))],
                          ids=["causal_1024", "longformer_4096"])
 def test_torch_engine_scores_only_the_plans_tiles_at_length(L, pattern):
-    """Schedule rows of different lengths in one chunk (causal; a window with
-    global rows) cost their own tiles, not the longest row's."""
+    """Schedule rows of different lengths (causal; a window with global rows)
+    cost their own tiles, not the longest row's."""
     check_backend_visits_the_plan("torch", pattern, torch.float32, 1, 1, 1, L, 8)
+
+
+@pytest.mark.parametrize("pattern_id", ["longformer", "window_dilated", "block_layout_per_head"])
+def test_torch_engine_thread_pool(monkeypatch, pattern_id):
+    """Large CPU calls run their (batch, key head) units on a thread pool: the
+    same tiles, the reference's results (GQA, permuted layouts, per-head
+    schedules), and inference mode carried into the workers."""
+    from tfk.ops.attention import torch_blocks
+    monkeypatch.setattr(torch_blocks, "PARALLEL_SCORES", 0)
+    monkeypatch.setattr(torch_blocks, "_POOL", {})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        B, H, Hkv, L = 2, 4, 2, 150
+        pattern = patterns_for_tests(H, L, L)[pattern_id]
+        check_backend_visits_the_plan("torch", pattern, torch.float32, B, H, Hkv, L, 16)
+        q, k, v, dout = make_qkv(B, H, Hkv, L, L, 16)
+        fn = lambda *a: tfk.attention(*a, pattern, backend="torch", return_lse=True)
+        check_against_reference(fn, q, k, v, dout, torch.float32, allowed=pattern_mask(pattern, L, L))
+        assert torch_blocks._POOL, "the pool ran"
+        with torch.inference_mode():
+            out = tfk.attention(q.float(), k.float(), v.float(), pattern, backend="torch")
+        torch.testing.assert_close(out, fn(q.float(), k.float(), v.float())[0])
+    finally:
+        torch.set_num_threads(threads)
 
 
 KERNEL_OPS = {"torch": "torch_attention_fwd", "triton": "triton_attention_fwd", "cuda-sim": "cuda_attention_fwd"}

@@ -1,15 +1,25 @@
 """Backend "torch": executes a plan tile by tile with torch ops.
 
-Runs on any device torch does. For each sub-pass it takes chunks of whole
-schedule rows (query blocks), gathers exactly the tiles their schedule lists,
-each with its key block, and computes all their scores in one batched matmul:
-no tile outside the plan is scored, and memory is O(tiles per chunk), never
-O(Lq * Lk). A row's softmax combines its tiles by segment reductions; sub-passes
-merge by log-sum-exp. The backward recomputes the scores of the same tiles with
-the merged lse and delta = rowsum(dO * O), as flash attention does, and adds
-each tile's dq, dk and dv at its positions.
+Runs on any device torch does. Each sub-pass's schedule rows (query blocks)
+are grouped by their tile count n; a chunk of such rows is, for one batch and
+key head, one batched matmul (rows, G*block_q, D) @ (rows, D, n*block_k):
+exactly the plan's tiles are scored (the G query heads of a key head stack
+along the rows), a row's softmax is a dense softmax over its n*block_k keys,
+and its output one more matmul. Memory is O(tiles per chunk), never
+O(Lq * Lk). Where a chunk's key blocks advance by a fixed step per row
+(windows), its keys are a strided view of the key tensor, not a copy; partial
+tiles add a 0/-inf bias (a bool masked_fill is several times slower on CPU).
+Scores are kept in base 2 (scale * log2(e)), as exp2 is the cheaper exp.
+On CPU, a large call's (batch, key head) units run on a pool of torch's
+thread count, each op on one thread. Sub-passes merge by log-sum-exp. The
+backward recomputes the scores of the same tiles with the merged lse and
+delta = rowsum(dO * O), as flash attention does.
 """
 from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -23,215 +33,358 @@ from .merge import merge_partials
 
 BLOCK_Q = 64
 BLOCK_K = 64
-# Scores per chunk (B * heads * tiles * BLOCK_Q * BLOCK_K); bounds the working set.
-CHUNK_ELEMENTS = 1 << 22
+# Scores per chunk (rows * G * block_q * n * block_k, for one batch and key
+# head): a chunk's elementwise passes then run in a core's cache.
+CHUNK_ELEMENTS = 1 << 18
+# Fewer scores than this a call (a few milliseconds) run on the calling thread.
+PARALLEL_SCORES = 1 << 21
+LOG2E = math.log2(math.e)
 
 
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _Tiles:
-    """The schedule's tiles of query blocks [c0, c1) of one sub-pass, as a flat
-    list in (schedule head, query block) order.
+def _padded(x, index, n):
+    """x (B, H, L, D) in a sub-pass's layout with zero rows up to n, each row
+    contiguous (a view when nothing moves)."""
+    x = to_layout(x, index)
+    if x.shape[2] != n:
+        x = F.pad(x, (0, 0, 0, n - x.shape[2]))
+    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        x = x.contiguous()
+    return x
 
-    Tensors are shaped (Hb, T, ...): Hb = H when the schedule is shared by
-    every head (each tile then stands for H of them), else 1, with each tile's
-    own head in ``head``.
-    """
 
-    def __init__(self, sp, H, c0, c1, bq, bk, device):
-        count = sp.kv_count[:, c0:c1].long()
-        hs, cq = count.shape
-        nb = max(int(count.max()), 1)
-        used = torch.arange(nb, device=device) < count.unsqueeze(-1)               # (Hs, cq, nb)
-        sh, qb, slot = used.nonzero(as_tuple=True)                                  # row-major: (head, qblock) order
-        kb = sp.kv_blocks[:, c0:c1][sh, qb, slot].long()
-        part = sp.kv_partial[:, c0:c1][sh, qb, slot].long()
-        self.num = (H if hs == 1 else 1) * kb.numel()  # (head, tile) pairs
-        # a row id per tile for segment reductions: rows are (schedule head, query block)
-        self.row = sh * cq + qb
-        self.rows = hs * cq
-        self.head = (torch.arange(H, device=device).view(H, 1) if hs == 1 else sh.view(1, -1))
-        ar_q, ar_k = torch.arange(bq, device=device), torch.arange(bk, device=device)
-        qpos = (c0 + qb).unsqueeze(-1) * bq + ar_q                                     # (T, bq) layout positions
-        kpos = kb.unsqueeze(-1) * bk + ar_k                                            # (T, bk)
-        allowed = (qpos < sp.lq).unsqueeze(-1) & (kpos < sp.lk).unsqueeze(-2)         # the sequences' edges
+class _Chunk:
+    """Schedule rows of one schedule head ``sh`` that all visit n key blocks:
+    query blocks ``qb`` (R,), with the bias and positions of their tiles."""
+
+    def __init__(self, sp, sh, qb, n, bq, bk):
+        self.sh, self.n, self.R, self.nbk, self.tiles = sh, n, qb.numel(), n * bk, qb.numel() * n
+        q0 = int(qb[0])
+        # a run of consecutive query blocks is a slice: a view, not a gather
+        self.qb = slice(q0, q0 + self.R) if int(qb[-1]) - q0 == self.R - 1 else qb
+        kb = sp.kv_blocks[sh, qb, :n].long()
+        part = sp.kv_partial[sh, qb, :n].long()
+        dev = kb.device
+        # key blocks kb0 + step*r + j: the keys are a strided view
+        self.step, self.kb0 = None, int(kb[0, 0])
+        step = int(kb[1, 0]) - self.kb0 if self.R > 1 else 1
+        if step >= 1 and torch.equal(kb, self.kb0 + step * torch.arange(self.R, device=dev).view(-1, 1)
+                                     + torch.arange(n, device=dev)):
+            self.step = step
+        qpos = qb.view(-1, 1) * bq + torch.arange(bq, device=dev)                     # (R, bq) layout positions
+        kpos = kb.unsqueeze(-1) * bk + torch.arange(bk, device=dev)                   # (R, n, bk)
+        self.kpos = kpos.view(self.R, self.nbk)
+        # positions that partial tiles forbid, or past the sequences' ends
+        allowed = (qpos < sp.lq).view(self.R, 1, bq, 1) & (kpos < sp.lk).view(self.R, n, 1, bk)
         if sp.num_partial:
-            tile = sp.partial_masks[part.clamp(min=0)]
-            allowed = torch.where((part >= 0).view(-1, 1, 1), tile, allowed)
-        self.allowed = allowed                                                         # (T, bq, bk)
-        self.qpad, self.kpad = qpos, kpos                                              # padded: where grads add up
-        self.qpos, self.kpos = qpos.clamp(max=sp.lq - 1), kpos.clamp(max=sp.lk - 1)    # where inputs are read
-        self.q_orig = self.qpos if sp.q_index is None else sp.q_index[self.qpos]
-        self.k_orig = self.kpos if sp.kv_index is None else sp.kv_index[self.kpos]
-        self.r0, self.r1 = c0 * bq, min(c1 * bq, sp.lq)  # the layout rows these blocks hold
+            allowed = torch.where((part >= 0).view(self.R, n, 1, 1), sp.partial_masks[part.clamp(min=0)] & allowed,
+                                  allowed)
+        blocked = ~allowed                                                            # (R, n, bq, bk)
+        # per tile column that masks anything: (j, what it blocks (R or 1, bq, bk)), one tile when
+        # every row's is the same (windows); full tiles inside the sequences cost nothing
+        self.blocked = []
+        for j in blocked.flatten(2).any(-1).any(0).nonzero().flatten().tolist():
+            bj = blocked[:, j]
+            self.blocked.append((j, bj[:1] if bool((bj == bj[:1]).all()) else bj))
+        self.biases = {}
+        # a query row with every key blocked has no softmax
+        self.may_empty = bool(blocked.all(-1).all(1).any())
+        # original positions, for attn_mask and dropout
+        self.q_orig = qpos.clamp(max=sp.lq - 1)
+        self.k_orig = self.kpos.clamp(max=sp.lk - 1)
+        if sp.q_index is not None:
+            self.q_orig = sp.q_index[self.q_orig]
+        if sp.kv_index is not None:
+            self.k_orig = sp.kv_index[self.k_orig]
 
-    def to_positions(self, x, H):
-        """Per-row results (B, Hb, rows, bq, ...) as (B, H, r1 - r0, ...), the
-        layout rows r0..r1 of every head."""
-        x = x.reshape(x.shape[0], H, -1, *x.shape[4:])
-        return x[:, :, :self.r1 - self.r0]
+    def bias(self, dtype):
+        """[(tile column j, its 0/-inf bias (R or 1, 1, bq, bk) in dtype)]: adding
+        is several times faster than a bool masked_fill on CPU."""
+        if dtype not in self.biases:
+            self.biases[dtype] = [(j, torch.zeros(b.shape, dtype=dtype, device=b.device).masked_fill_(b, -math.inf)
+                                   .unsqueeze(1)) for j, b in self.blocked]
+        return self.biases[dtype]
+
+
+_CHUNKS = {}  # (id(sub-pass), G): (sub-pass, chunks, empty rows); a few recent plans
+
+
+def _chunks(sp, G, bq, bk):
+    """Chunks of each schedule head's rows, grouped by tile count, each within
+    CHUNK_ELEMENTS scores; and the rows that visit nothing, as (schedule
+    head, query blocks)."""
+    key = (id(sp), G)
+    if key in _CHUNKS and _CHUNKS[key][0] is sp:
+        return _CHUNKS[key][1:]
+    chunks, empty = [], []
+    for sh in range(sp.kv_count.shape[0]):
+        count = sp.kv_count[sh].long()
+        for n in sorted(set(count.tolist())):
+            qb = (count == n).nonzero().flatten()
+            if n == 0:
+                empty.append((sh, qb))
+                continue
+            rows = max(1, CHUNK_ELEMENTS // (G * bq * n * bk))
+            chunks += [_Chunk(sp, sh, qb[r:r + rows], n, bq, bk) for r in range(0, qb.numel(), rows)]
+    while len(_CHUNKS) >= 8:
+        del _CHUNKS[next(iter(_CHUNKS))]
+    _CHUNKS[key] = (sp, chunks, empty)
+    return chunks, empty
+
+
+_POOL = {}  # (threads, process id): executor
+
+
+def _run_units(units, scores, fn, device):
+    """fn(*item) for every item of every unit. On CPU, a call that computes
+    enough scores runs its units concurrently on torch's intra-op thread
+    count, each op on one thread: one fork and join per call, where intra-op
+    threads would pay one per op (more than these small ops gain, and much
+    more on a busy machine). A unit's items run in order on one thread."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1 or len(units) == 1 or scores < PARALLEL_SCORES:
+        for unit in units:
+            for item in unit:
+                fn(*item)
+        return
+    key = (n, os.getpid())  # a forked child has none of its parent's threads
+    if key not in _POOL:
+        for pool in _POOL.values():
+            pool.shutdown(wait=False)
+        _POOL.clear()
+        _POOL[key] = ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,))
+    inference = torch.is_inference_mode_enabled()  # grad modes are per thread
+
+    def run(unit):
+        with torch.inference_mode(inference), torch.no_grad():
+            for item in unit:
+                fn(*item)
+    try:
+        for f in [_POOL[key].submit(run, unit) for unit in units]:
+            f.result()
+    finally:
+        torch.set_num_threads(n)  # a worker's setting is also the default for threads started later
 
 
 class _Engine:
-    """Everything one call needs, in the compute dtype and the plan's layouts."""
+    """Everything one call needs, in the compute dtype and the plan's layouts.
+
+    A chunk is computed per (batch b, query heads hq, key head hk): with a
+    schedule shared by every head, hq are the G = H // Hkv query heads of key
+    head hk, stacked along the rows of each matmul; with per-head schedules hq
+    is the chunk's own head (G = 1)."""
 
     def __init__(self, q, k, v, plan, attn_mask, scale, dropout_p, seed):
         self.dtype = _compute_dtype(q.dtype)
         self.q, self.k, self.v = (t.to(self.dtype) for t in (q, k, v))
         self.plan, self.scale, self.dropout_p, self.seed = plan, scale, dropout_p, seed
-        self.B, self.H, self.Lq, _ = q.shape
+        self.B, self.H, self.Lq, self.D = q.shape
         self.Hkv, self.Lk = k.shape[1], k.shape[2]
         self.Dv = v.shape[-1]
-        self.hk = torch.arange(self.H, device=q.device) // (self.H // self.Hkv)
+        self.bq, self.bk = plan.block_q, plan.block_k
         self.mask = None
         if attn_mask is not None:
             self.mask = attn_mask.expand(self.B, self.H, self.Lq, self.Lk)
+        self.zero = torch.zeros(1, 1, 1, dtype=self.dtype, device=q.device)  # baddbmm's input, unused (beta=0)
 
-    def layouts(self, sp):
-        return to_layout(self.q, sp.q_index), to_layout(self.k, sp.kv_index), to_layout(self.v, sp.kv_index)
+    def setup(self, sp):
+        """Per sub-pass: head groups, chunks, lengths padded to whole blocks."""
+        self.shared = sp.kv_count.shape[0] == 1
+        self.G = self.H // self.Hkv if self.shared else 1
+        self.nqb, self.nkb = sp.kv_count.shape[1], sp.q_count.shape[1]
+        self.nqp, self.nkp = self.nqb * self.bq, self.nkb * self.bk
+        self.chunks, self.empty = _chunks(sp, self.G, self.bq, self.bk)
+        for c in self.chunks:
+            c.bias(self.dtype)  # made here, not by the worker threads
 
-    def chunks(self, sp):
-        """_Tiles over runs of whole query blocks, each within CHUNK_ELEMENTS
-        scores (a block with more tiles than that is a chunk of its own)."""
-        bq, bk = self.plan.block_q, self.plan.block_k
-        per_tile = self.B * (self.H if sp.kv_count.shape[0] == 1 else 1) * bq * bk
-        budget = max(1, CHUNK_ELEMENTS // per_tile)
-        per_block = sp.kv_count.sum(0).tolist()
-        c0, tiles = 0, 0
-        for c, n in enumerate(per_block):
-            if c > c0 and tiles + n > budget:
-                yield _Tiles(sp, self.H, c0, c, bq, bk, self.q.device)
-                c0, tiles = c, 0
-            tiles += n
-        if per_block:
-            yield _Tiles(sp, self.H, c0, len(per_block), bq, bk, self.q.device)
-
-    def gather(self, x, t, pos):
-        """Rows ``pos`` (T, n) of x (B, H, L, ...) at each tile's heads: (B, Hb, T, n, ...)."""
-        return x[:, t.head.unsqueeze(-1), pos]
-
-    def gather_kv(self, x, t):
-        """Each tile's keys of x (B, Hkv, Lk, ...), for its heads' key heads: (B, Hb, T, bk, ...)."""
-        return x[:, self.hk[t.head].unsqueeze(-1), t.kpos]
-
-    def scores(self, t, q_l, k_l, pass_name):
-        """Masked scores (B, Hb, T, bq, bk), the gathered queries and keys, and
-        the dropout multiplier (or None)."""
-        backends.add_tiles(pass_name, self.B * t.num)
-        qc = self.gather(q_l, t, t.qpos)
-        kc = self.gather_kv(k_l, t)
-        s = (qc @ kc.transpose(-1, -2)) * self.scale
-        allowed = t.allowed
-        b = torch.arange(self.B, device=s.device).view(-1, 1, 1, 1, 1)
-        h = t.head.view(1, *t.head.shape, 1, 1)
-        i, j = t.q_orig.view(1, 1, -1, t.q_orig.shape[1], 1), t.k_orig.view(1, 1, -1, 1, t.k_orig.shape[1])
-        if self.mask is not None:
-            m = self.mask[b, h, i, j]
-            if m.dtype == torch.bool:
-                allowed = allowed & m
+    def units(self, pass_name):
+        """The work (b, hq, hk, chunk) in units of one (batch, key head), whose
+        key gradients add up in the same rows, and its number of scores.
+        Counts the tiles it scores."""
+        units = {}
+        for c in self.chunks:
+            if self.shared:
+                heads = [(slice(x * self.G, (x + 1) * self.G), x) for x in range(self.Hkv)]
             else:
-                s = s + m.to(s.dtype)
-        s = s.masked_fill(~allowed, float("-inf"))
-        mult = None
-        if self.dropout_p > 0:
-            kept = drop.keep(self.seed, b, h, i, j, self.H, self.dropout_p)
-            mult = kept.to(s.dtype) / (1.0 - self.dropout_p)
-        return s, qc, kc, mult
+                heads = [(slice(c.sh, c.sh + 1), c.sh // (self.H // self.Hkv))]
+            for b in range(self.B):
+                for hq, hk in heads:
+                    units.setdefault((b, hk), []).append((b, hq, hk, c))
+        tiles = self.B * (self.H if self.shared else 1) * sum(c.tiles for c in self.chunks)
+        backends.add_tiles(pass_name, tiles)
+        return list(units.values()), tiles * self.bq * self.bk
 
-    @staticmethod
-    def probs(s, lse):
-        """exp(s - lse), 0 in rows that saw no key."""
-        empty = torch.isneginf(lse)
-        return torch.where(empty, torch.zeros_like(s), torch.exp(s - lse.masked_fill(empty, 0)))
+    def query_side(self, x, index):
+        """x (B, H, L, D) in the layout, padded, as blocks (B, H, nqb, bq, D)."""
+        return _padded(x, index, self.nqp).view(self.B, self.H, self.nqb, self.bq, -1)
+
+    def rows(self, t, b, hq, c):
+        """Chunk c's query rows of t (B, H, nqb, bq, D): (R, G*bq, D), a view
+        when they are contiguous."""
+        if self.G == 1:
+            return t[b, hq.start, c.qb]
+        return t[b, hq, c.qb].transpose(0, 1).reshape(c.R, self.G * self.bq, -1)
+
+    def put_rows(self, t, b, hq, c, val):
+        """Write val (R, G*bq, D) at chunk c's rows of t (B, H, nqb, bq, D)."""
+        if self.G == 1:
+            t[b, hq.start, c.qb] = val
+        else:
+            t[b, hq, c.qb] = val.view(c.R, self.G, self.bq, -1).transpose(0, 1)
+
+    def direct(self, t, b, hq, c):
+        """The view of chunk c's rows of t to write a result in, or None."""
+        return t[b, hq.start, c.qb] if self.G == 1 and isinstance(c.qb, slice) else None
+
+    def keys(self, t, b, hk, c):
+        """Chunk c's keys of t (B, Hkv, nkp, D) with contiguous rows: (R, n*bk, D)."""
+        if c.step is None:
+            return t[b, hk, c.kpos]
+        D = t.shape[-1]
+        return t.as_strided((c.R, c.nbk, D), (c.step * self.bk * D, D, 1),
+                            t.storage_offset() + b * t.stride(0) + hk * t.stride(1) + c.kb0 * self.bk * D)
+
+    def add_keys(self, t, b, hk, c, val):
+        """Add val (R, n*bk, D) at chunk c's keys of t (B, Hkv, nkp, D)."""
+        t = t[b, hk]
+        if c.step is None:
+            t.index_add_(0, c.kpos.flatten(), val.flatten(0, 1))
+            return
+        blocks, val = t.view(self.nkb, self.bk, -1), val.view(c.R, c.n, self.bk, -1)
+        for j in range(c.n):  # tile column j of every row: blocks kb0 + j + step*r
+            blocks[c.kb0 + j:c.kb0 + j + c.step * (c.R - 1) + 1:c.step] += val[:, j]
+
+    def scores(self, qc, kc, b, hq, c):
+        """Masked base-2 scores (R, G*bq, n*bk) of chunk c at batch b, heads hq,
+        from query rows qc and keys kc; and the dropout multiplier (or None)."""
+        s = torch.baddbmm(self.zero, qc, kc.transpose(1, 2), beta=0, alpha=self.scale * LOG2E)
+        s4 = s.view(c.R, self.G, self.bq, c.nbk)
+        for j, bias in c.bias(s.dtype):
+            s4[..., j * self.bk:(j + 1) * self.bk].add_(bias)
+        mult = None
+        if self.mask is not None or self.dropout_p > 0:
+            h = torch.arange(hq.start, hq.stop, device=s.device).view(1, -1, 1, 1)
+            i, j = c.q_orig.view(c.R, 1, self.bq, 1), c.k_orig.view(c.R, 1, 1, c.nbk)
+            if self.mask is not None:
+                m = self.mask[b, h, i, j]
+                if m.dtype == torch.bool:
+                    s4.masked_fill_(~m, -math.inf)
+                else:
+                    s4.add_(m.to(s.dtype) * LOG2E)
+            if self.dropout_p > 0:
+                kept = drop.keep(self.seed, b, h, i, j, self.H, self.dropout_p)
+                mult = (kept.to(s.dtype) / (1.0 - self.dropout_p)).view(s.shape)
+        return s, mult
 
     # -- forward --------------------------------------------------------------
 
     def forward(self):
         out = lse = None
+        B, H, dev = self.B, self.H, self.q.device
         for sp in self.plan.subpasses:
-            q_l, k_l, v_l = self.layouts(sp)
-            o_l = backends.new_output((self.B, self.H, sp.lq, self.Dv), self.dtype, self.q.device)
-            lse_l = backends.new_output((self.B, self.H, sp.lq), self.dtype, self.q.device)
-            for t in self.chunks(sp):
-                s, _, _, mult = self.scores(t, q_l, k_l, "forward")
-                rows = (*s.shape[:2], t.rows, s.shape[-2])
-                # each row's softmax over its tiles: a segment max, then a segment sum
-                tile_max = s.amax(-1)
-                m = torch.full(rows, float("-inf"), dtype=s.dtype, device=s.device)
-                m.scatter_reduce_(2, t.row.view(1, 1, -1, 1).expand_as(tile_max), tile_max, "amax")
-                m.masked_fill_(torch.isneginf(m), 0)
-                e = torch.exp(s - m[:, :, t.row].unsqueeze(-1))
-                l = torch.zeros(rows, dtype=s.dtype, device=s.device).index_add_(2, t.row, e.sum(-1))
-                p = e / l.masked_fill(l == 0, 1)[:, :, t.row].unsqueeze(-1)
+            self.setup(sp)
+            ql = self.query_side(self.q, sp.q_index)
+            kl, vl = _padded(self.k, sp.kv_index, self.nkp), _padded(self.v, sp.kv_index, self.nkp)
+            o_l = backends.new_output((B, H, self.nqb, self.bq, self.Dv), self.dtype, dev)
+            lse_l = backends.new_output((B, H, self.nqb, self.bq, 1), self.dtype, dev)
+            for sh, qb in self.empty:  # rows that visit no key block
+                hq = slice(None) if self.shared else slice(sh, sh + 1)
+                o_l[:, hq, qb] = 0
+                lse_l[:, hq, qb] = -math.inf
+
+            def item(b, hq, hk, c):
+                s, mult = self.scores(self.rows(ql, b, hq, c), self.keys(kl, b, hk, c), b, hq, c)
+                m = s.amax(-1, keepdim=True)
+                check = c.may_empty or self.mask is not None
+                if check:  # a row that saw no key: exp2(-inf - 0) = 0 and lse = log 0
+                    m.masked_fill_(torch.isneginf(m), 0)
+                e = s.sub_(m).exp2_()
+                l = e.sum(-1, keepdim=True)
+                row_lse = m.add_(torch.log2(l)).mul_(math.log(2))
                 if mult is not None:
-                    p = p * mult
-                o = torch.zeros(*rows, self.Dv, dtype=s.dtype, device=s.device)
-                o.index_add_(2, t.row, p @ self.gather_kv(v_l, t))
-                o_l[:, :, t.r0:t.r1] = t.to_positions(o, self.H)
-                lse_l[:, :, t.r0:t.r1] = t.to_positions(m + torch.log(l), self.H)  # log 0: -inf for empty rows
+                    e.mul_(mult)
+                if check:
+                    l.masked_fill_(l == 0, 1)
+                o = self.direct(o_l, b, hq, c)
+                if o is None:
+                    self.put_rows(o_l, b, hq, c, torch.bmm(e, self.keys(vl, b, hk, c)).div_(l))
+                else:
+                    torch.bmm(e, self.keys(vl, b, hk, c), out=o).div_(l)
+                self.put_rows(lse_l, b, hq, c, row_lse)
+            _run_units(*self.units("forward"), item, dev)
             # queries outside this sub-pass's layout saw none of its keys
-            o_sp = from_layout(o_l, sp.q_index, self.Lq, 0.0)
-            lse_sp = from_layout(lse_l, sp.q_index, self.Lq, float("-inf"))
+            o_sp = from_layout(o_l.view(B, H, self.nqp, self.Dv)[:, :, :sp.lq], sp.q_index, self.Lq, 0.0)
+            lse_sp = from_layout(lse_l.view(B, H, self.nqp)[:, :, :sp.lq], sp.q_index, self.Lq, -math.inf)
             if out is None:
                 out, lse = o_sp, lse_sp
             else:
                 out, lse = merge_partials(out, lse, o_sp, lse_sp)
         if out is None:  # nothing allowed anywhere (or an empty sequence)
-            out = torch.zeros(self.B, self.H, self.Lq, self.Dv, dtype=self.dtype, device=self.q.device)
-            lse = torch.full((self.B, self.H, self.Lq), float("-inf"), dtype=self.dtype, device=self.q.device)
-        return out, lse
+            out = torch.zeros(B, H, self.Lq, self.Dv, dtype=self.dtype, device=dev)
+            lse = torch.full((B, H, self.Lq), -math.inf, dtype=self.dtype, device=dev)
+        return out.contiguous(), lse.contiguous()  # not views of padded buffers
 
     # -- backward -------------------------------------------------------------
 
     def backward(self, out, lse, dout, dlse):
         dout = dout.to(self.dtype)
         # dlse enters as an extra term: d lse / d s = p (undropped).
-        delta = (dout * out.to(self.dtype)).sum(-1) - dlse.to(self.dtype)
-        dq = torch.zeros_like(self.q)
-        dk = torch.zeros_like(self.k)
-        dv = torch.zeros_like(self.v)
-        B, H, dev = self.B, self.H, self.q.device
+        delta = (dout * out.to(self.dtype)).sum(-1, keepdim=True) - dlse.to(self.dtype).unsqueeze(-1)
+        # base 2; rows that saw no key score -inf everywhere: exp2(s - 0) = 0
+        lse2 = lse.to(self.dtype).unsqueeze(-1) * LOG2E
+        lse2 = lse2.masked_fill(torch.isneginf(lse2), 0)
+        # in the inputs' strides, as the op's fake implementation says
+        dq, dk, dv = torch.zeros_like(self.q), torch.zeros_like(self.k), torch.zeros_like(self.v)
+        B, dev = self.B, self.q.device
         for sp in self.plan.subpasses:
-            q_l, k_l, v_l = self.layouts(sp)
-            do_l = to_layout(dout, sp.q_index)
-            # row statistics padded to whole query blocks: padding rows get no probability
-            nqp = sp.kv_count.shape[1] * self.plan.block_q
-            pad = lambda x, fill: F.pad(to_layout(x, sp.q_index), (0, nqp - sp.lq), value=fill)
-            lse_p, delta_p = pad(lse, float("-inf")), pad(delta, 0.0)
-            dq_l = torch.zeros_like(q_l)
-            # key gradients per query head at padded key positions, folded onto key heads at the end
-            nkp = sp.q_count.shape[1] * self.plan.block_k
-            dk_h = torch.zeros(B, H * nkp, k_l.shape[-1], dtype=self.dtype, device=dev)
-            dv_h = torch.zeros(B, H * nkp, self.Dv, dtype=self.dtype, device=dev)
-            for t in self.chunks(sp):
-                s, qc, kc, mult = self.scores(t, q_l, k_l, "backward")
-                p = self.probs(s, self.gather(lse_p, t, t.qpad).unsqueeze(-1))
-                do_c = self.gather(do_l, t, t.qpos)
-                dp = do_c @ self.gather_kv(v_l, t).transpose(-1, -2)
-                pd = p
-                if mult is not None:
-                    pd, dp = p * mult, dp * mult
-                ds = p * (dp - self.gather(delta_p, t, t.qpad).unsqueeze(-1))
-                dq_rows = torch.zeros(*s.shape[:2], t.rows, s.shape[-2], q_l.shape[-1], dtype=s.dtype, device=dev)
-                dq_rows.index_add_(2, t.row, ds @ kc)
-                dq_l[:, :, t.r0:t.r1] += t.to_positions(dq_rows, H) * self.scale
-                at = (t.head.unsqueeze(-1) * nkp + t.kpad).flatten()          # (head, padded key) per score column
-                dv_h.index_add_(1, at, (pd.transpose(-1, -2) @ do_c).flatten(1, 3))
-                dk_h.index_add_(1, at, ((ds.transpose(-1, -2) @ qc) * self.scale).flatten(1, 3))
-            fold = lambda x: x.view(B, self.Hkv, H // self.Hkv, nkp, -1).sum(2)[:, :, :sp.lk]
-            if sp.q_index is None:
-                dq += dq_l
-            else:
-                dq.index_add_(2, sp.q_index, dq_l)
-            if sp.kv_index is None:
-                dk += fold(dk_h)
-                dv += fold(dv_h)
-            else:
-                dk.index_add_(2, sp.kv_index, fold(dk_h))
-                dv.index_add_(2, sp.kv_index, fold(dv_h))
-        return dq, dk, dv
+            self.setup(sp)
+            ql, dol = self.query_side(self.q, sp.q_index), self.query_side(dout, sp.q_index)
+            lse_l, delta_l = self.query_side(lse2, sp.q_index), self.query_side(delta, sp.q_index)
+            kl, vl = _padded(self.k, sp.kv_index, self.nkp), _padded(self.v, sp.kv_index, self.nkp)
+            # gradients add up in place where the layout is the identity, else in padded buffers
+            direct_q = sp.q_index is None and self.nqp == self.Lq and dq.is_contiguous()
+            direct_k = sp.kv_index is None and self.nkp == self.Lk and dk.is_contiguous() and dv.is_contiguous()
+            dq_l = dq.view(ql.shape) if direct_q else torch.zeros(ql.shape, dtype=self.dtype, device=dev)
+            dk_l = dk if direct_k else torch.zeros(kl.shape, dtype=self.dtype, device=dev)
+            dv_l = dv if direct_k else torch.zeros(vl.shape, dtype=self.dtype, device=dev)
+
+            def item(b, hq, hk, c):
+                qc, doc = self.rows(ql, b, hq, c), self.rows(dol, b, hq, c)
+                kc, vc = self.keys(kl, b, hk, c), self.keys(vl, b, hk, c)
+                s, mult = self.scores(qc, kc, b, hq, c)
+                p = s.sub_(self.rows(lse_l, b, hq, c)).exp2_()
+                if mult is None:
+                    pd, dp = p, torch.baddbmm(self.rows(delta_l, b, hq, c), doc, vc.transpose(1, 2), beta=-1)
+                else:
+                    pd = p * mult
+                    dp = torch.bmm(doc, vc.transpose(1, 2)).mul_(mult).sub_(self.rows(delta_l, b, hq, c))
+                ds = dp.mul_(p)
+                dqc = self.direct(dq_l, b, hq, c)
+                if dqc is None:
+                    self.put_rows(dq_l, b, hq, c, torch.baddbmm(self.rows(dq_l, b, hq, c), ds, kc, alpha=self.scale))
+                else:
+                    dqc.baddbmm_(ds, kc, alpha=self.scale)
+                self.add_keys(dv_l, b, hk, c, torch.bmm(pd.transpose(1, 2), doc))
+                self.add_keys(dk_l, b, hk, c, torch.bmm(ds.transpose(1, 2), qc))  # scaled once at the end
+            _run_units(*self.units("backward"), item, dev)
+            if not direct_q:
+                dq_l = dq_l.view(B, self.H, self.nqp, self.D)[:, :, :sp.lq]
+                if sp.q_index is None:
+                    dq += dq_l
+                else:
+                    dq.index_add_(2, sp.q_index, dq_l)
+            if not direct_k:
+                dk_l, dv_l = dk_l[:, :, :sp.lk], dv_l[:, :, :sp.lk]
+                if sp.kv_index is None:
+                    dk += dk_l
+                    dv += dv_l
+                else:
+                    dk.index_add_(2, sp.kv_index, dk_l)
+                    dv.index_add_(2, sp.kv_index, dv_l)
+        return dq, dk.mul_(self.scale), dv
 
 
 def _forward(q, k, v, plan, mask, scale, dropout_p, seed):
