@@ -23,6 +23,20 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _tell(message):
+    """One line to stderr, and to the user's terminal when there is one: pip
+    shows a build's own output only with -v, so a plain `pip install .` would
+    otherwise hide that the CUDA extension was skipped."""
+    print(message, file=sys.stderr)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(message + "\n")
+    except OSError:  # no terminal (CI, a pipe): stderr only
+        pass
+
+
 def _load_build_env():
     # By path: importing tfk here would import the package (and torch) too early.
     path = os.path.join(ROOT, "tfk", "_build_env.py")
@@ -143,9 +157,9 @@ def main():
     else:
         if os.environ.get("TFK_BUILD_CUDA") == "1":
             raise SystemExit(f"tfk: TFK_BUILD_CUDA=1 but tfk._C cannot be built: {reason}")
-        print(f"tfk: the CUDA extension tfk._C was NOT built: {reason}. To build it against your own CUDA "
+        _tell(f"tfk: the CUDA extension tfk._C was NOT built: {reason}. To build it against your own CUDA "
               "torch and toolkit: CUDA_HOME=/path/to/cuda TFK_CUDA_ARCHS='8.0;9.0' "
-              "pip install --no-build-isolation .", file=sys.stderr)
+              "pip install --no-build-isolation .")
     _write_build_config(reason)
     sim = _sim_extension()
     if sim is not None:

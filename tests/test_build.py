@@ -7,6 +7,7 @@ host-compiled merge kernel against merge_partials; (c) ptxas reports;
 import ctypes
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -321,9 +322,13 @@ def test_wheel_maps_triton_kernels_into_tfk(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc")
     for name in ("tfk", "triton_kernels", "csrc"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
-                    "-w", str(tmp_path / "dist"), str(src)], env=_clean_env(), check=True,
-                   capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+           "-w", str(tmp_path / "dist"), str(src)]
+    terminal = shutil.which("script")
+    if terminal:  # on a terminal, as a user at a prompt: pip -q hides the build's own output
+        cmd = [terminal, "-qec", shlex.join(cmd), "/dev/null"]
+    proc = subprocess.run(cmd, env=_clean_env(), check=True, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
     (wheel,) = (tmp_path / "dist").glob("tfk-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "tfk/triton_kernels/__init__.py" in names
@@ -331,6 +336,11 @@ def test_wheel_maps_triton_kernels_into_tfk(tmp_path):
     assert not [n for n in names if n.startswith("triton_kernels/")], names
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["tfk"]
+    if not terminal:
+        pytest.skip("the wheel is right; the line on the terminal needs util-linux `script` for a terminal")
+    # a build that skips the CUDA extension says so on the user's terminal, with the command that builds it
+    assert "tfk._C was NOT built: TFK_BUILD_CUDA=0" in proc.stdout, proc.stdout
+    assert "pip install --no-build-isolation ." in proc.stdout
 
 
 def test_build_info_reports_the_build_and_the_backends():

@@ -157,7 +157,8 @@ class CudaBackend(Backend):
         error = _import_error(self.module)
         if error is not None:
             return [f"tfk.{self.module} is not built ({error}); reinstall tfk with a C++ compiler"
-                    + (", nvcc and a CUDA build of torch" if self.module == "_C" else "")]
+                    + (", nvcc and a CUDA build of torch: CUDA_HOME=/path/to/cuda TFK_CUDA_ARCHS='8.0;9.0' "
+                       "pip install --no-build-isolation ." if self.module == "_C" else "")]
         why = self.device_reasons(q)
         if q.dtype not in _DTYPES:
             why.append(f"dtype {q.dtype} (supports float16, bfloat16)")
