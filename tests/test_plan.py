@@ -206,6 +206,19 @@ def test_fast_plan_counts_in_small_chunks(monkeypatch):
         assert_same_plan(compile_plan(pattern, lq, lk, *block), compile_plan_exhaustive(pattern, lq, lk, *block))
 
 
+@pytest.mark.parametrize("threshold", [0, 1 << 40], ids=["tile_by_tile", "row_by_row"])
+def test_fast_plan_writes_schedules_either_way(monkeypatch, threshold):
+    """Schedules that are mostly padding get their tiles written one by one,
+    the others row by row; forced either way, plans stay equal."""
+    monkeypatch.setattr(plans.refine, "SPARSE_SCHEDULE", threshold)
+    for seed in range(CASES // 2):
+        rng = random.Random(2000 + seed)
+        lq, lk = rng.randrange(1, 300), rng.randrange(1, 300)
+        pattern = random_pattern(rng, lq, lk)
+        block = (rng.choice([4, 8, 16]), rng.choice([4, 8, 16]))
+        assert_same_plan(compile_plan(pattern, lq, lk, *block), compile_plan_exhaustive(pattern, lq, lk, *block))
+
+
 @pytest.mark.parametrize("pattern_id", PATTERN_IDS)
 @pytest.mark.parametrize("lengths", [(97, 97), (63, 150), (200, 71), (1, 1), (640, 640)], ids=str)
 def test_fast_plan_equals_exhaustive_for_every_pattern_kind(pattern_id, lengths):

@@ -637,6 +637,19 @@ def fixed(block, summary):
     return Fixed(block, summary)
 
 
+def _prefix_counts(layout):
+    """``prefix[r, h, c]``: the True entries of ``layout[h, :r, :c]`` (a bool
+    (heads, R, C) layout), as (R + 1, heads, C + 1), contiguous."""
+    heads, rows, cols = layout.shape
+    dtype = torch.int32 if rows * cols < 2 ** 31 else torch.int64
+    prefix = torch.zeros(rows + 1, heads, cols + 1, dtype=dtype)
+    torch.cumsum(layout.transpose(0, 1), 2, dtype=dtype, out=prefix[1:, :, 1:])
+    rows_ = prefix.unbind(0)
+    for r in range(1, rows + 1):   # row by row: a running sum across rows is far slower in torch
+        rows_[r].add_(rows_[r - 1])
+    return prefix
+
+
 class BlockPattern(Pattern):
     """A pattern given by a bool block layout (heads or 1, nqb, nkb)."""
     block = None
@@ -655,19 +668,16 @@ class BlockPattern(Pattern):
         layout = self.block_layout(lq, lk)
         cached = getattr(self, "_prefix", None)
         if cached is None or cached[0] != (lq, lk, q.lo.device):
-            # running counts in float: exact below 2^24, and torch sums float far faster than int
-            dtype = torch.float32 if layout[0].numel() < 2 ** 24 else torch.float64
-            counts = torch.zeros(layout.shape[0], layout.shape[1] + 1, layout.shape[2] + 1, dtype=dtype)
-            counts[:, 1:, 1:] = layout
-            counts = counts.cumsum(2)
-            for r in range(1, counts.shape[1]):   # row by row: a cumsum across rows is much slower
-                counts[:, r].add_(counts[:, r - 1])
-            cached = self._prefix = ((lq, lk, q.lo.device), counts.to(q.lo.device), layout.to(q.lo.device))
+            cached = self._prefix = ((lq, lk, q.lo.device), _prefix_counts(layout).to(q.lo.device),
+                                     layout.to(q.lo.device).contiguous())
         _, prefix, layout = cached
         h = h if layout.shape[0] > 1 else torch.zeros_like(h)
-        b = self.block
-        return tf.layout_facts(prefix, lambda h, r, c: layout[h, r, c], h, (q.lo // b, q.hi // b),
-                               (k.lo // b, k.hi // b), q.contiguous & k.contiguous)
+
+        def ids(x):   # the block of each position (positions are >= 0)
+            b = self.block
+            return x >> (b.bit_length() - 1) if b & (b - 1) == 0 else x // b
+        return tf.layout_facts(prefix, layout, h, (ids(q.lo), ids(q.hi)), (ids(k.lo), ids(k.hi)),
+                               q.contiguous & k.contiguous)
 
     def tile_kind(self, h, q, k, lq, lk):
         return [h, q.lo, k.lo]

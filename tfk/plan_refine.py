@@ -7,8 +7,10 @@ dropped, one sure to be full is kept whole, and only an undecided one is
 split in four. What stays undecided at the plan's blocks (the edges of a band,
 a diagonal) has its token mask evaluated, once per kind of tile
 (``Pattern.tile_kind``: e.g. the same i - j offset for a window). Schedules
-are then written from the kept rectangles row by row, without sorting or
-scattering the tiles themselves.
+are then written from the kept rectangles cut into runs of columns, one per
+row: every tile's column is a running sum over the runs, and the tiles fill
+their rows' first slots in order, or, where a schedule is mostly padding (a
+few long rows), are written at their slots one by one.
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ class Layouts:
     until one block holds each whole layout)."""
 
     def __init__(self, region, lq, lk, bq, bk, device):
+        # the same layout on both sides (self-attention): describe it once
+        same = region.q_layout == region.kv_layout and (lq, bq) == (lk, bk)
         self.q_index = region.q_layout.indices(lq, device)
-        self.kv_index = region.kv_layout.indices(lk, device)
+        self.kv_index = self.q_index if same else region.kv_layout.indices(lk, device)
         self.lq, self.lk = self.q_index.numel(), self.kv_index.numel()
         self.bq, self.bk = bq, bk
         self.nqb, self.nkb = -(-self.lq // bq), -(-self.lk // bk)
@@ -37,11 +41,15 @@ class Layouts:
             return
         depth = max(self.nqb - 1, self.nkb - 1, 0).bit_length()
         self.q_levels = [tf.describe(self.q_index, bq)]
-        self.k_levels = [tf.describe(self.kv_index, bk)]
         for _ in range(depth):
             self.q_levels.append(tf.coarser(self.q_levels[-1]))
-            self.k_levels.append(tf.coarser(self.k_levels[-1]))
         self.q_shape = _shapes(self.q_index, self.q_levels[0], bq)
+        if same:
+            self.k_levels, self.k_shape = self.q_levels, self.q_shape
+            return
+        self.k_levels = [tf.describe(self.kv_index, bk)]
+        for _ in range(depth):
+            self.k_levels.append(tf.coarser(self.k_levels[-1]))
         self.k_shape = _shapes(self.kv_index, self.k_levels[0], bk)
 
     def padded(self, index, nb, block):
@@ -75,14 +83,21 @@ def _span(nodes, level, n):
 COUNT_CHUNK = 1 << 14
 
 
+def _select(mask, *tensors):
+    """The entries of ``tensors`` where ``mask`` holds (one nonzero for all:
+    indexing each with the mask would find them again every time)."""
+    index = torch.nonzero(mask).flatten()
+    return tuple(t.index_select(0, index) for t in tensors)
+
+
 def _refine(pattern, heads, lay, lq, lk, bound=None):
     """The region's tiles: rectangles sure to be full, as (h, a, b, level)
     nodes, and the level-0 tiles left undecided, as (h, a, b, some). None when
     the pattern cannot reason about blocks.
 
-    With ``bound`` (counting): returns how many tiles are sure to hold an
-    allowed pair as soon as that reaches ``bound``, else (the tiles in full
-    rectangles, the undecided level-0 tiles).
+    With ``bound`` (counting), undecided tiles are split a chunk at a time, and
+    as soon as the tiles sure to hold an allowed pair reach ``bound`` their
+    number (an int) is returned instead.
     """
     device = lay.q_index.device
     hp = heads or 1
@@ -96,6 +111,7 @@ def _refine(pattern, heads, lay, lq, lk, bound=None):
     top = len(lay.q_levels) - 1
     for level in range(top, -1, -1):
         q_level, k_level = lay.q_levels[level], lay.k_levels[level]
+        nq, nk = q_level.lo.numel(), k_level.lo.numel()
         parents = (h, a, b, some)
         step = max(h.numel(), 1) if bound is None else COUNT_CHUNK
         kept = []
@@ -105,29 +121,24 @@ def _refine(pattern, heads, lay, lq, lk, bound=None):
                 a = (2 * a.view(-1, 1) + quad_a).flatten()
                 b = (2 * b.view(-1, 1) + quad_b).flatten()
                 h = h.repeat_interleave(4)
-                inside = (a < q_level.lo.numel()) & (b < k_level.lo.numel())
-                h, a, b = h[inside], a[inside], b[inside]
+                if nq % 2 or nk % 2:   # an odd level's last block has no second half
+                    h, a, b = _select((a < nq) & (b < nk), h, a, b)
             facts = pattern.tile_facts(h, q_level.take(a), k_level.take(b), lq, lk)
             if facts is None:
                 return None
-            full = facts.full
-            if bound is None:
-                rects.append((h[full], a[full], b[full], level))
-            else:
-                q0, q1 = _span(a[full], level, lay.nqb)
-                k0, k1 = _span(b[full], level, lay.nkb)
-                counted += int(((q1 - q0) * (k1 - k0)).sum())
-            open_ = ~full & ~facts.none
-            kept.append((h[open_], a[open_], b[open_], facts.some[open_]))
+            full = _select(facts.full, h, a, b)
+            rects.append((*full, level))
+            kept.append(_select(~facts.full & ~facts.none, h, a, b, facts.some))
             if bound is not None:
                 # sure so far: full tiles, undecided ones known to hold a
                 # pair, and the tiles above not split yet that hold one
+                q0, q1 = _span(full[1], level, lay.nqb)
+                k0, k1 = _span(full[2], level, lay.nkb)
+                counted += int(((q1 - q0) * (k1 - k0)).sum())
                 sure = counted + sum(int(k[3].sum()) for k in kept) + int(parents[3][c0 + step:].sum())
                 if sure >= bound:
                     return sure
         h, a, b, some = (torch.cat(t) for t in zip(*kept))
-    if bound is not None:
-        return counted, (h, a, b, some)
     return rects, (h, a, b, some)
 
 
@@ -184,6 +195,16 @@ def _runs(h, r0, r1, c0, c1, hp, rows, cols):
     return piece, row, count
 
 
+def _row_tiles(h, r0, r1, c0, c1, hp, rows):
+    """Tiles in each (head, row) of disjoint rectangles (rows [r0, r1) x
+    columns [c0, c1) of head h): each one's width, summed from its first row
+    to its end."""
+    width = c1 - c0
+    step = torch.zeros(hp * rows + 1, dtype=torch.int64, device=h.device)
+    step.index_add_(0, h * rows + r0, width).index_add_(0, h * rows + r1, -width)
+    return step.cumsum(0)[:-1]
+
+
 def count_tiles(pattern, heads, lay, lq, lk, bound):
     """(tiles, schedule slots) the region needs, exact when it needs fewer
     than ``bound`` tiles, else (some number >= bound, None); None when the
@@ -191,14 +212,14 @@ def count_tiles(pattern, heads, lay, lq, lk, bound):
     found = _refine(pattern, heads, lay, lq, lk, bound=bound)
     if found is None or isinstance(found, int):
         return found if found is None else (found, None)
-    rects, (h, a, b, some) = _refine(pattern, heads, lay, lq, lk)
+    rects, (h, a, b, some) = found
     held = some.clone()
     masks, kind = _tile_masks(pattern, heads, lay, h[~some], a[~some], b[~some], lq, lk)
     held[~some] = masks.flatten(1).any(1)[kind]
-    ph, q0, q1, k0, k1 = _pieces(rects, h[held], a[held], b[held], lay)
+    ph, q0, q1, k0, k1 = _pieces(rects, *_select(held, h, a, b), lay)
     hp = heads or 1
-    per_row = _runs(ph, q0, q1, k0, k1, hp, lay.nqb, lay.nkb)[2]
-    per_col = _runs(ph, k0, k1, q0, q1, hp, lay.nkb, lay.nqb)[2]
+    per_row = _row_tiles(ph, q0, q1, k0, k1, hp, lay.nqb)
+    per_col = _row_tiles(ph, k0, k1, q0, q1, hp, lay.nkb)
     slots = hp * (lay.nqb * max(int(per_row.max()), 1) + lay.nkb * max(int(per_col.max()), 1))
     return int(per_row.sum()), slots
 
@@ -231,30 +252,40 @@ def schedules(pattern, heads, lay, lq, lk):
                 partial_masks=masks[kind[partial]])
 
 
+# A schedule with more than this many slots a tile has its tiles written one
+# by one; a denser one row by row (where per-tile indices would cost more).
+SPARSE_SCHEDULE = 4
+
+
 def _schedule(h, r0, r1, c0, c1, pid, hp, rows, cols):
     """(count, blocks, partial) per row, as ``tfk.plan._schedule`` writes
     them, from disjoint rectangles of tiles (rows [r0, r1) x columns [c0, c1),
     of head h; partial id ``pid``, -1 for full ones)."""
     device = h.device
     piece, row, count = _runs(h, r0, r1, c0, c1, hp, rows, cols)
-    width = (c1 - c0)[piece]
-    nb = max(int(count.max()), 1)
-    # A run of columns fills consecutive slots of its row, so a row's blocks
-    # are the running sum of steps: 1 inside a run, the jump to the run's
-    # first column where it starts, 0 in the padding (which so repeats the
-    # last block, and is 0 in a row that visits none). Work in runs and in
-    # the output's size, with no per-tile scatter.
-    slot0 = width.cumsum(0) - width - (count.cumsum(0) - count)[row]
-    jump = c0[piece].clone()
-    same_row = row[1:] == row[:-1]
-    jump[1:] -= torch.where(same_row, (c0[piece] + width - 1)[:-1], 0)
-    steps = (torch.arange(nb, dtype=torch.int32, device=device) < count.view(-1, 1)).to(torch.int32)
-    steps.view(-1)[row * nb + slot0] = jump.to(torch.int32)
-    # (summed in float: exact below 2^24 blocks, and far faster than in int)
-    blocks = steps.to(torch.float32).cumsum(1).to(torch.int32)
-    flat0 = row * nb + slot0
-    part = torch.full((hp * rows * nb,), -1, dtype=torch.int32, device=device)
-    single = pid[piece] >= 0   # partial tiles come one per run
-    part[flat0[single]] = pid[piece][single].to(torch.int32)
-    part = part.view(hp * rows, nb)
+    start, width = c0.index_select(0, piece), (c1 - c0).index_select(0, piece)
+    n, nb, tiles = hp * rows, max(int(count.max()), 1), int(count.sum())
+    # Every tile's column, in (row, column) order: a running sum of steps, 1
+    # inside a run and the jump from the tile before where a run starts.
+    first = width.cumsum(0) - width                 # each run's first tile
+    jump = start.clone()
+    jump[1:] -= (start + width - 1)[:-1]
+    steps = torch.ones(tiles, dtype=torch.int32, device=device)
+    steps[first] = jump.to(torch.int32)
+    column = steps.cumsum_(0)   # (in int32: torch's default, int64, is far slower)
+    # Each row's tiles fill its first slots; the padding repeats its last
+    # block (0 in a row that visits none).
+    ends = count.cumsum(0)
+    last = torch.where(count > 0, column[(ends - 1).clamp(min=0)] if tiles else 0, 0).to(torch.int32)
+    flat0 = row * nb + first - (ends - count)[row]    # a run's first slot, in the flat schedule
+    blocks = last.view(-1, 1).expand(n, nb).contiguous()
+    if SPARSE_SCHEDULE * tiles < n * nb:   # mostly padding: write the tiles at their slots
+        slot = torch.repeat_interleave(flat0 - first, width, output_size=tiles)
+        blocks.view(-1).index_copy_(0, slot.add_(torch.arange(tiles, device=device)), column)
+    else:   # each row's first count[row] slots, in order
+        ar = torch.arange(nb, dtype=torch.int32, device=device)
+        blocks.masked_scatter_(ar < count.to(torch.int32).view(-1, 1), column)
+    part = torch.full((n * nb,), -1, dtype=torch.int32, device=device)
+    single = pid.index_select(0, piece) >= 0   # partial tiles come one per run
+    part[flat0[single]] = pid.index_select(0, piece)[single].to(torch.int32)
     return count.to(torch.int32).view(hp, rows), blocks.view(hp, rows, nb), part.view(hp, rows, nb)
