@@ -17,10 +17,12 @@ plan lookup, layouts, op dispatch), timed per call with every kernel
 launch replaced by a counter (``stubbed_launches``), so that no GPU is needed
 and the launches are counted apart. "cuda" is timed through "cuda-sim", the
 same Python path on CPU tensors. Nested times: ``call`` is the public
-function, ``op`` the backend's op entry point called directly (its custom op
-under torch.compile; outside it, the same functions without the custom-op
-dispatcher), ``body`` the op's implementation given the plan; call - op is
-tfk's own dispatch, op - body the entry point's. On a GPU each small torch op on the path (empty outputs,
+function, ``op`` the backend's op entry point called directly, given the plan
+as the backends give it (``engine.op_plan``; under torch.compile it is the
+custom op, outside it the same functions without the custom-op dispatcher),
+``body`` the op's implementation given the plan; call - op is tfk's own
+dispatch (validation, backend selection, plan lookup), op - body the entry
+point's. On a GPU each small torch op on the path (empty outputs,
 copies) also launches a kernel, and each kernel launch adds its launcher's
 host time, which this table leaves out.
 """
@@ -139,7 +141,7 @@ def stubbed_launches():
 def _op_and_body(backend, pattern, q, k, v):
     """The backend's op entry point and its implementation, as functions of (q, k, v)."""
     from tfk.ops.attention import cuda_backend, triton_backend
-    from tfk.plan import get_plan, plan_id
+    from tfk.ops.attention.engine import op_plan
 
     scale = q.shape[-1] ** -0.5
     if backend == "triton":
@@ -148,9 +150,8 @@ def _op_and_body(backend, pattern, q, k, v):
     else:
         op, body = cuda_backend.attention_fwd, cuda_backend.attention_forward
         tiles = (cuda_backend.BLOCK, cuda_backend.BLOCK)
-    ident = plan_id(pattern, q.shape[2], k.shape[2], *tiles, q.device)
-    plan = get_plan(pattern, q.shape[2], k.shape[2], *tiles, q.device)
-    return (lambda: op(q, k, v, None, ident, scale, 0.0, 0)), (lambda: body(q, k, v, plan, None, scale, 0.0, 0))
+    plan = op_plan(pattern, q.shape[2], k.shape[2], *tiles, q.device)  # what the backends hand their op
+    return (lambda: op(q, k, v, None, plan, scale, 0.0, 0)), (lambda: body(q, k, v, plan, None, scale, 0.0, 0))
 
 
 def measure_host(case: Case, backend: str, calls=500) -> dict:

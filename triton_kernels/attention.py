@@ -20,6 +20,9 @@ File grammar: configs -> kernels -> host forward/backward.
 """
 from __future__ import annotations
 
+import functools
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
@@ -336,6 +339,25 @@ def _attn_bwd_dkdv(
 # Host side
 # -----------------------------------------------------------------------------
 
+_NO_DROPOUT = drop.kernel_args(0, 0.0)  # threshold 0: the kernels skip dropout
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_meta(D, DV, dtype, mask_kind, dropout, count_tiles):
+    """Per kernel name and (HAS_QIDX, HAS_KIDX), the constexprs and launch
+    options of a call with these head dims, dtype and options: a function of
+    them alone (no tensor data), so cached; read-only."""
+    head_dim = max(D, DV)
+    block_m, block_n = tile_config(head_dim, dtype)
+    heavy = mask_kind != 0 or dropout
+    common = dict(MASK_KIND=mask_kind, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
+                  PRECISION=dot_precision(dtype), COUNT_TILES=count_tiles)
+    return {(name, has_q, has_k): MappingProxyType(dict(common, HAS_QIDX=has_q, HAS_KIDX=has_k,
+                                                        **launch_config(name, head_dim, dtype, heavy)))
+            for name in KERNELS for has_q in (False, True) for has_k in (False, True)}
+
+
 class _Launch:
     """What the kernels of one call share: sizes, tiles, dropout, the mask."""
 
@@ -344,14 +366,8 @@ class _Launch:
         self.Hkv, self.Lk, self.DV = k.shape[1], k.shape[2], v.shape[-1]
         self.G = self.H // self.Hkv
         self.scale, self.qk_scale = scale, scale * LOG2E
-        block_m, block_n = tile_config(max(self.D, self.DV), q.dtype)
-        assert (plan.block_q, plan.block_k) == (block_m, block_n), "plan compiled for other tiles"
-        # tiles the kernels visit (forward, dQ, dK/dV), counted by the kernels
-        # themselves while a tfk.backends.count_tiles() block is open
-        self.count_tiles = backends.counting_tiles()
-        self.tiles = torch.zeros(3, dtype=torch.int32, device=q.device)
         # dropout: the hash key of tfk.dropout.keep, and its threshold
-        self.dropout = drop.kernel_args(seed, dropout_p)
+        self.dropout = _NO_DROPOUT if dropout_p == 0 else drop.kernel_args(seed, dropout_p)
         # a user mask is read through broadcast strides: a stride of 0 repeats
         if mask is None:
             self.mask, self.mask_strides, mask_kind = q, (0, 0, 0, 0), 0
@@ -360,31 +376,33 @@ class _Launch:
             mask_kind = 1 if m.dtype == torch.bool else 2
             self.mask = m.view(torch.uint8) if mask_kind == 1 else m
             self.mask_strides = self.mask.stride()
-        heavy = mask_kind != 0 or dropout_p > 0
-        self.launch = {name: launch_config(name, max(self.D, self.DV), q.dtype, heavy) for name in KERNELS}
-        self.meta = dict(MASK_KIND=mask_kind, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_D=max(16, triton.next_power_of_2(self.D)),
-                         BLOCK_DV=max(16, triton.next_power_of_2(self.DV)),
-                         PRECISION=dot_precision(q.dtype), COUNT_TILES=self.count_tiles)
+        # tiles the kernels visit (forward, dQ, dK/dV), counted by the kernels
+        # themselves while a tfk.backends.count_tiles() block is open
+        self.count_tiles = backends.counting_tiles()
+        self.tiles = torch.zeros(3, dtype=torch.int32, device=q.device) if self.count_tiles else None
+        self.meta = _kernel_meta(self.D, self.DV, q.dtype, mask_kind, dropout_p > 0, self.count_tiles)
+        meta = self.meta["_attn_fwd", False, False]
+        assert (plan.block_q, plan.block_k) == (meta["BLOCK_M"], meta["BLOCK_N"]), "plan compiled for other tiles"
 
     def subpass(self, sp, kernel):
         """Plan arguments of one sub-pass: indices, schedule, tile masks,
-        schedule strides (0 across heads for a shared schedule)."""
+        schedule strides (0 across heads for a shared schedule), and the
+        kernel's constexprs and launch options."""
         # dK/dV kernels walk the transposed schedule
         count, blocks, partial = ((sp.q_count, sp.q_blocks, sp.q_partial) if kernel == "_attn_bwd_dkdv"
                                   else (sp.kv_count, sp.kv_blocks, sp.kv_partial))
-        # kernels never read an absent index or mask table: any tensor fills the slot
+        # kernels never read an absent index or mask table, nor the tile
+        # counters while not counting: any tensor fills the slot
         fill = sp.kv_count
         per_head = count.shape[0] > 1
         args = (sp.q_index if sp.q_index is not None else fill,
                 sp.kv_index if sp.kv_index is not None else fill,
                 count, blocks, partial,
-                sp.partial_masks.view(torch.uint8) if sp.num_partial else fill, self.tiles)
+                sp.partial_masks.view(torch.uint8) if sp.num_partial else fill,
+                self.tiles if self.count_tiles else fill)
         strides = (count.stride(0) if per_head else 0, count.stride(1),
                    blocks.stride(0) if per_head else 0, blocks.stride(1))
-        meta = dict(self.meta, HAS_QIDX=sp.q_index is not None, HAS_KIDX=sp.kv_index is not None,
-                    **self.launch[kernel])
-        return args, strides, meta
+        return args, strides, self.meta[kernel, sp.q_index is not None, sp.kv_index is not None]
 
     def finish(self):
         if self.count_tiles:

@@ -27,40 +27,35 @@ _CAUSAL = causal()
 # tensors only), so such calls skip building and selecting.
 SHIPPED_BACKENDS: dict = {}
 _MASK_DTYPES = (torch.bool, torch.float32)
-# TFK_BACKEND, looked up in os.environ's own dict: os.environ.get raises and
-# catches a KeyError for an unset variable, several microseconds on the fast path.
-try:
-    _ENV, _ENV_KEY = os.environ._data, os.environ.encodekey("TFK_BACKEND")
-except AttributeError:
-    _ENV, _ENV_KEY = os.environ, "TFK_BACKEND"
 
 
 def _check_tensors(q, k, v):
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if not torch.is_tensor(t):
+        if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"query must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    dtype, device = q.dtype, q.device
+    if dtype not in _DTYPES:
+        raise TypeError(f"query must be float16, bfloat16, float32 or float64, got {dtype}")
     for name, t in (("key", k), ("value", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected query's dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, expected query's device {q.device}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected query's dtype {dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected query's device {device}")
 
 
 def _check_shapes(q, k, v, gqa):
-    """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)."""
-    if q.shape[-1] == 0:
+    """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), all 4-D."""
+    (B, H, _, D), (Bk, Hkv, Lk, Dk), (Bv, Hv, Lv, _) = q.shape, k.shape, v.shape
+    if D == 0:
         raise ValueError("query's head dim must be > 0")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"key's head dim {k.shape[-1]} does not match query's {q.shape[-1]}")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"value has {v.shape[-2]} positions, expected key's {k.shape[-2]}")
-    if q.shape[0] != k.shape[0] or v.shape[0] != k.shape[0]:
-        raise ValueError(f"batch sizes differ: query {q.shape[0]}, key {k.shape[0]}, value {v.shape[0]}")
-    H, Hkv = q.shape[1], k.shape[1]
-    if v.shape[1] != Hkv:
-        raise ValueError(f"value has {v.shape[1]} heads, expected key's {Hkv}")
+    if Dk != D:
+        raise ValueError(f"key's head dim {Dk} does not match query's {D}")
+    if Lv != Lk:
+        raise ValueError(f"value has {Lv} positions, expected key's {Lk}")
+    if B != Bk or Bv != Bk:
+        raise ValueError(f"batch sizes differ: query {B}, key {Bk}, value {Bv}")
+    if Hv != Hkv:
+        raise ValueError(f"value has {Hv} heads, expected key's {Hkv}")
     if gqa:
         if Hkv == 0 or H % Hkv:
             raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
@@ -69,11 +64,11 @@ def _check_shapes(q, k, v, gqa):
 
 
 def _check_common(scale, dropout_p, D):
-    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
+    if not (type(dropout_p) is float or isinstance(dropout_p, numbers.Real)) or not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if scale is None:
         return 1.0 / math.sqrt(D)
-    if not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+    if not (type(scale) is float or isinstance(scale, numbers.Real)) or not math.isfinite(float(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     return float(scale)
 
@@ -184,7 +179,9 @@ def _direct(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
         for m, f in zip(ms, (B, H, L, S)[4 - len(ms):]):
             if m != 1 and m != f:
                 return False
-    return _BACKENDS == SHIPPED_BACKENDS and not _ENV.get(_ENV_KEY)
+    # TFK_BACKEND is read on every call (tests and users set it at run time),
+    # last: an unset variable costs os.environ.get a raised KeyError (~1 us)
+    return _BACKENDS == SHIPPED_BACKENDS and not os.environ.get("TFK_BACKEND")
 
 
 def _broadcast(what, *shapes):
@@ -203,14 +200,14 @@ def _canonical_qkv(query, key, value, enable_gqa):
     """query, key, value as (B, H, L, E), (B, Hkv, S, E), (B, Hkv, S, Ev)
     (views where the shapes allow), and ``lead``, the output's leading dims
     ((..., L, Ev) = (*lead, L, Ev))."""
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0] and (enable_gqa or qs[1] == ks[1] == vs[1]):
+        return query, key, value, (qs[0], qs[1])  # the common case: no broadcast
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
         if enable_gqa and t.dim() < 3:
             raise ValueError(f"enable_gqa needs dim -3 to hold the heads: {name} has shape {tuple(t.shape)}")
-    if query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0] \
-            and (enable_gqa or query.shape[1] == key.shape[1] == value.shape[1]):
-        return query, key, value, tuple(query.shape[:2])  # the common case: no broadcast
     gqa = enable_gqa and min(query.dim(), key.dim(), value.dim()) >= 3 and query.shape[-3] != key.shape[-3]
     if gqa:  # dim -3 holds the heads: H over Hkv; only the dims before it broadcast
         batch = _broadcast("query, key and value batch dims", query.shape[:-3], key.shape[:-3], value.shape[:-3])

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from ... import backends
 from ... import dropout as drop
 from ...backends import AttentionCall, Backend, register_backend
-from ...plan import plan_id
-from .engine import attention_ops, backward_over_plan, delta_of, forward_over_plan, kernel_reasons
+from .engine import attention_ops, backward_over_plan, delta_of, forward_over_plan, kernel_reasons, op_plan
 
 BLOCK = 64            # kBlockM = kBlockN in csrc/attention/attention.h
 HEAD_DIMS = (64, 128)  # the instantiated kernels
@@ -55,7 +54,10 @@ def _ops(device):
 
 def kernel_head_dim(d: int) -> int:
     """The instantiated head dim that holds ``d`` (<= 128)."""
-    return next(h for h in HEAD_DIMS if d <= h)
+    for h in HEAD_DIMS:
+        if d <= h:
+            return h
+    raise ValueError(f"head dim {d} > {HEAD_DIMS[-1]}")
 
 
 def _pad(x, hd):
@@ -72,9 +74,15 @@ def _kernel_mask(mask, shape):
     return mask.to(torch.float32).expand(shape)
 
 
+_DROPOUT_ARGS = ("drop_key", "drop_threshold", "drop_scale")
+_NO_DROPOUT = dict(zip(_DROPOUT_ARGS, drop.kernel_args(0, 0.0)))  # threshold 0: the kernels skip dropout
+
+
 def _dropout_args(dropout_p, seed):
     """The ops' drop_key, drop_threshold, drop_scale (tfk.dropout's hash)."""
-    return dict(zip(("drop_key", "drop_threshold", "drop_scale"), drop.kernel_args(seed, dropout_p)))
+    if dropout_p == 0:
+        return _NO_DROPOUT
+    return dict(zip(_DROPOUT_ARGS, drop.kernel_args(seed, dropout_p)))
 
 
 def _schedules(sp, backward):
@@ -88,7 +96,7 @@ def _prepare(q, k, v, mask):
     it, and the tile counters the kernels fill (forward, dQ, dK/dV), None
     unless a tfk.backends.count_tiles() block is open."""
     hd = kernel_head_dim(max(q.shape[-1], v.shape[-1]))
-    m = _kernel_mask(mask, (*q.shape[:3], k.shape[2]))
+    m = None if mask is None else _kernel_mask(mask, (*q.shape[:3], k.shape[2]))
     tiles = torch.zeros(3, dtype=torch.int32, device=q.device) if backends.counting_tiles() else None
     return hd, _ops(q.device), m, tiles
 
@@ -168,10 +176,10 @@ class CudaBackend(Backend):
         return call.q.is_cuda
 
     def run(self, call: AttentionCall):
-        q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
-        ident = plan_id(call.pattern, q.shape[2], k.shape[2], BLOCK, BLOCK, q.device)
+        q, k, v = call.q.contiguous(), call.k.contiguous(), call.v.contiguous()
+        plan = op_plan(call.pattern, q.shape[2], k.shape[2], BLOCK, BLOCK, q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
-        return attention_fwd(q, k, v, call.attn_mask, ident, call.scale, call.dropout_p, seed)
+        return attention_fwd(q, k, v, call.attn_mask, plan, call.scale, call.dropout_p, seed)
 
 
 class CudaSimBackend(CudaBackend):

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ...backends import new_output
-from ...plan import from_layout, plan_by_id, to_layout
+from ...plan import Plan, from_layout, get_plan, plan_by_id, plan_id, to_layout
 from .merge import merge_partials
 
 
@@ -39,7 +39,7 @@ def forward_over_plan(plan, q, k, v, dv, run):
     if out is None:  # nothing allowed anywhere
         return (torch.zeros(B, H, Lq, dv, dtype=q.dtype, device=q.device),
                 torch.full((B, H, Lq), float("-inf"), device=q.device))
-    return out.to(q.dtype), lse
+    return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
 
 
 def delta_of(out, dout, dlse):
@@ -73,11 +73,24 @@ def backward_over_plan(plan, q, k, v, dout, lse, delta, run):
 def kernel_reasons(call, max_head_dim):
     """Why fused kernels with head dims up to ``max_head_dim`` cannot run
     ``call``, for what all kernel backends share."""
-    why = [f"{name} {d} > {max_head_dim}" for name, d in (("head dim", call.q.shape[-1]),
-                                                          ("value head dim", call.v.shape[-1])) if d > max_head_dim]
+    why = []
+    D, Dv = call.q.shape[-1], call.v.shape[-1]
+    if D > max_head_dim:
+        why.append(f"head dim {D} > {max_head_dim}")
+    if Dv > max_head_dim:
+        why.append(f"value head dim {Dv} > {max_head_dim}")
     if call.attn_mask is not None and call.attn_mask.requires_grad and torch.is_grad_enabled():
         why.append("no gradient with respect to attn_mask (detach it, or use backend='reference')")
     return why
+
+
+def op_plan(pattern, lq, lk, block_q, block_k, device):
+    """What a backend hands its op (``attention_ops``) for the plan of these
+    arguments: under torch.compile the plan's id (custom ops take ints; a
+    constant to the trace), elsewhere the plan itself (one cache lookup)."""
+    if torch.compiler.is_compiling():
+        return plan_id(pattern, lq, lk, block_q, block_k, device)
+    return get_plan(pattern, lq, lk, block_q, block_k, device)
 
 
 def attention_ops(name, forward, backward):
@@ -87,9 +100,10 @@ def attention_ops(name, forward, backward):
 
     forward(q, k, v, plan, mask, scale, dropout_p, seed) -> (out, lse)
     backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed) -> (dq, dk, dv)
-    Returns run(q, k, v, mask, plan_id, scale, dropout_p, seed): the forward
+    Returns run(q, k, v, mask, plan, scale, dropout_p, seed): the forward
     op under torch.compile, the same functions without the dispatcher
-    elsewhere; ``run.op`` is the op.
+    elsewhere; ``run.op`` is the op. ``plan`` is a plan id, or outside
+    torch.compile the plan itself (see ``op_plan``).
     """
     @torch.library.custom_op(f"tfk::{name}_fwd", mutates_args=())
     def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], plan_id: int,
@@ -132,25 +146,27 @@ def attention_ops(name, forward, backward):
         (tens of microseconds a call): what runs outside torch.compile."""
 
         @staticmethod
-        def forward(ctx, q, k, v, mask, plan_id, scale, dropout_p, seed):
-            out, lse = forward(q, k, v, plan_by_id(plan_id), mask, scale, dropout_p, seed)
+        def forward(ctx, q, k, v, mask, plan, scale, dropout_p, seed):
+            out, lse = forward(q, k, v, plan, mask, scale, dropout_p, seed)
             ctx.save_for_backward(q, k, v, out, lse, mask)
-            ctx.args = (plan_id, scale, dropout_p, seed)
+            ctx.args = (plan, scale, dropout_p, seed)
             return out, lse
 
         @staticmethod
         def backward(ctx, dout, dlse):
             q, k, v, out, lse, mask = ctx.saved_tensors
-            plan_id, scale, dropout_p, seed = ctx.args
-            dq, dk, dv = backward(dout, dlse, q, k, v, out, lse, plan_by_id(plan_id), mask, scale, dropout_p, seed)
+            plan, scale, dropout_p, seed = ctx.args
+            dq, dk, dv = backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed)
             return dq, dk, dv, None, None, None, None, None
 
-    def run(q, k, v, mask, plan_id, scale, dropout_p, seed):
+    def run(q, k, v, mask, plan, scale, dropout_p, seed):
         if torch.compiler.is_compiling():
-            return fwd(q, k, v, mask, plan_id, scale, dropout_p, seed)
+            return fwd(q, k, v, mask, plan, scale, dropout_p, seed)
+        if not isinstance(plan, Plan):
+            plan = plan_by_id(plan)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return Eager.apply(q, k, v, mask, plan_id, scale, dropout_p, seed)
-        return forward(q, k, v, plan_by_id(plan_id), mask, scale, dropout_p, seed)
+            return Eager.apply(q, k, v, mask, plan, scale, dropout_p, seed)
+        return forward(q, k, v, plan, mask, scale, dropout_p, seed)
 
     run.op = fwd
     return run

@@ -15,21 +15,27 @@ import torch
 
 from ... import dropout as drop
 from ...backends import AttentionCall, Backend, register_backend
-from ...plan import plan_id
-from .engine import attention_ops, kernel_reasons
+from .engine import attention_ops, kernel_reasons, op_plan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+_KERNELS = None
+
+
 def _kernels():
-    from ...triton_kernels import attention
-    return attention
+    """tfk.triton_kernels.attention, imported on first use (it imports triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ...triton_kernels import attention
+        _KERNELS = attention
+    return _KERNELS
 
 
-def _plan_id(pattern, lq, lk, head_dim, dtype, device):
-    return plan_id(pattern, lq, lk, *_kernels().tile_config(head_dim, dtype), device)
+def _plan(pattern, lq, lk, head_dim, dtype, device):
+    return op_plan(pattern, lq, lk, *_kernels().tile_config(head_dim, dtype), device)
 
 
 def _forward(q, k, v, plan, mask, scale, dropout_p, seed):
@@ -49,11 +55,11 @@ class TritonBackend(Backend):
     priority = 20
 
     def reasons(self, call):
-        why = []
-        q = call.q
         if not _HAS_TRITON:
             return ["triton is not installed"]
-        if not q.is_cuda and not (q.device.type == "cpu" and _INTERPRET):
+        why = []
+        q = call.q
+        if not q.is_cuda and not (q.is_cpu and _INTERPRET):
             why.append(f"tensors on {q.device}: needs CUDA, or CPU tensors with TRITON_INTERPRET=1 "
                        "set before tfk is imported")
         if q.dtype not in _DTYPES:
@@ -70,10 +76,10 @@ class TritonBackend(Backend):
 
     def run(self, call: AttentionCall):
         # gradients share their inputs' strides: contiguous keeps that simple
-        q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
-        plan_id = _plan_id(call.pattern, q.shape[2], k.shape[2], max(q.shape[-1], v.shape[-1]), q.dtype, q.device)
+        q, k, v = call.q.contiguous(), call.k.contiguous(), call.v.contiguous()
+        plan = _plan(call.pattern, q.shape[2], k.shape[2], max(q.shape[-1], v.shape[-1]), q.dtype, q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
-        return attention_fwd(q, k, v, call.attn_mask, plan_id, call.scale, call.dropout_p, seed)
+        return attention_fwd(q, k, v, call.attn_mask, plan, call.scale, call.dropout_p, seed)
 
 
 register_backend(TritonBackend())
