@@ -20,7 +20,7 @@ float32 otherwise.
 Without a GPU a second table runs the CUDA kernels (csrc/attention/) on the
 CPU through backend "cuda-sim" (tfk's host-execution layer) in float16 and
 bfloat16, for every op, checked the same way and not timed: the layer emulates a GPU, its speed says nothing about one.
-``--no-sim`` skips it.
+``--no-sim`` skips it. Then the same for the MoE ops (bench/report_moe.py).
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ import tfk
 from tfk import dropout as drop
 from tfk import patterns as P
 from tfk.ops.attention import attention_reference
+
+from . import report_moe
 
 # Relative tolerance per dtype: fp32 is absolute-relative; fp16/bf16 add this
 # floor to 2x the error of the reference computed in that dtype.
@@ -333,19 +335,20 @@ def _check_all(ops, device, dtypes, **kw):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", nargs="+", metavar="OP", help=f"ops to run, from: {', '.join(o.name for o in OPS)}")
+    names = [o.name for o in OPS + report_moe.OPS]
+    ap.add_argument("--only", nargs="+", metavar="OP", help=f"ops to run, from: {', '.join(names)}")
     ap.add_argument("--backend", default="auto", help="backend to check (default: auto)")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per measurement on CPU (median)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--no-sim", action="store_true", help="skip the CUDA kernels on the CPU (backend cuda-sim)")
     args = ap.parse_args(argv)
-    ops = OPS
+    ops, moe_ops = OPS, report_moe.OPS
     if args.only:
-        known = {o.name: o for o in OPS}
-        missing = [n for n in args.only if n not in known]
+        missing = [n for n in args.only if n not in names]
         if missing:
-            ap.error(f"unknown op(s) {missing}; known: {', '.join(known)}")
-        ops = [known[n] for n in args.only]
+            ap.error(f"unknown op(s) {missing}; known: {', '.join(names)}")
+        ops = [o for o in OPS if o.name in args.only]
+        moe_ops = [o for o in report_moe.OPS if o.name in args.only]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
 
@@ -354,17 +357,34 @@ def main(argv=None):
     print(f"errors: max|tfk - ref| / max|ref| against the float64 reference; tolerance fp32 {TOL_FP32:g}"
           + ("; fp16/bf16: 2x the reference's own error in that dtype + floor" if device.type == "cuda" else "")
           + "; times: median, fwd under no_grad\n")
-    rows = _check_all(ops, device, dtypes, backend=args.backend, repeat=args.repeat)
-    print(format_rows(rows))
-    if device.type == "cpu" and args.backend == "auto" and not args.no_sim and _sim_built():
-        print("\nThe CUDA kernels on the CPU: backend cuda-sim (the csrc/attention/ sources through tfk's "
-              "host-execution layer), untimed:", flush=True)
-        sim = _check_all(ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
-        print(format_rows(sim))
-        rows += sim
+    sim = device.type == "cpu" and args.backend == "auto" and not args.no_sim and _sim_built()
+    rows = []
+    if ops:
+        rows = _check_all(ops, device, dtypes, backend=args.backend, repeat=args.repeat)
+        print(format_rows(rows))
+        if sim:
+            print("\nThe CUDA kernels on the CPU: backend cuda-sim (the csrc/attention/ sources through tfk's "
+                  "host-execution layer), untimed:", flush=True)
+            sim_rows = _check_all(ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
+            print(format_rows(sim_rows))
+            rows += sim_rows
+    if moe_ops:
+        print("\nMixture-of-Experts (tfk.moe); err grads: the largest over the inputs' gradients:", flush=True)
+        moe_rows = report_moe.check_all(moe_ops, device, dtypes, backend=args.backend, repeat=args.repeat,
+                                        timer=_timed_ms)
+        print(report_moe.format_rows(moe_rows))
+        kernel_ops = [o for o in moe_ops if o.kind != "route"]  # routing has no kernel backend yet
+        if sim and kernel_ops:
+            print("\nThe MoE CUDA kernels (csrc/moe/) on the CPU: backend cuda-sim, untimed:", flush=True)
+            sim_rows = report_moe.check_all(kernel_ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
+            print(report_moe.format_rows(sim_rows))
+            moe_rows += sim_rows
+        rows += moe_rows
     print()
     for op in ops:
         print(f"  {op.name:<26} B={op.B} H={op.H} Lq={op.Lq} Lk={op.Lk} D={op.D}: {op.describe()}")
+    for op in moe_ops:
+        print(f"  {op.name:<26} {op.describe()}")
     for r in rows:
         if r.get("error"):
             print(f"\n{r['op']} ({r['dtype']}) failed:\n{r['error']}")

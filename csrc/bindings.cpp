@@ -17,6 +17,7 @@
 
 #include "attention/ops.h"
 #include "merge/merge_lse.h"
+#include "moe/ops.h"
 
 namespace tfk {
 namespace {
@@ -64,6 +65,7 @@ void merge_lse_cuda(const at::Tensor& out_acc, const at::Tensor& lse_acc, const 
 struct Cuda {
   static constexpr const char* kFwdName = "tfk::attention_fwd_";
   static constexpr const char* kBwdName = "tfk::attention_bwd_";
+  static constexpr const char* kNamespace = "tfk";  // for the MoE ops' messages
   using Guard = c10::cuda::CUDAGuard;
   static void* stream(const at::Tensor& q) {
     TORCH_CHECK(q.is_cuda(), "tfk: tensors must be on a CUDA device, got ", q.device());
@@ -79,12 +81,14 @@ TORCH_LIBRARY(tfk, m) {
   m.def("merge_lse_(Tensor(a!) out_acc, Tensor(b!) lse_acc, Tensor out_i, Tensor lse_i) -> ()");
   m.def(tfk::attention::kFwdSchema);
   m.def(tfk::attention::kBwdSchema);
+  TFK_MOE_DEFS(m);
 }
 
 TORCH_LIBRARY_IMPL(tfk, CUDA, m) {
   m.impl("merge_lse_", &tfk::merge_lse_cuda);
   m.impl("attention_fwd_", &tfk::attention::ops::attention_fwd<tfk::Cuda>);
   m.impl("attention_bwd_", &tfk::attention::ops::attention_bwd<tfk::Cuda>);
+  TFK_MOE_IMPLS(m, tfk::Cuda);
 }
 
 // `import tfk._C` loads this library, which runs the registrations above; the

@@ -15,7 +15,7 @@ from tolerances import assert_close
 # Every backend under test, with the dtypes it is checked in here: the
 # interpreter computes bf16 wrongly (triton's bf16 is checked on a GPU), and
 # the CUDA kernels take fp16 and bf16 only. The reference is the oracle, not a
-# backend under test (tests/test_reference.py checks it by other means).
+# backend under test (tests/attention/test_reference.py checks it by other means).
 BACKEND_DTYPES = {
     "torch": [torch.float32, torch.float16],
     "triton": [torch.float32, torch.float16],

@@ -365,8 +365,13 @@ def test_build_info_reports_the_build_and_the_backends():
     assert info["extensions"]["_sim"] == "built"
     assert info["backends"]["reference"]["runs"] == ["float16", "bfloat16", "float32"]
     assert info["backends"]["cuda-sim"]["runs"] == ([] if torch.cuda.is_available() else ["float16", "bfloat16"])
+    moe = info["moe_backends"]
+    assert moe["torch"]["runs"] == moe["reference"]["runs"] == ["float16", "bfloat16", "float32"]
+    assert moe["cuda-sim"]["runs"] == ([] if torch.cuda.is_available() else ["float16", "bfloat16", "float32"])
     if not torch.cuda.is_available():  # the tests run Triton in its interpreter: no bf16
-        assert info["backends"]["triton"]["runs"] == ["float16", "float32"]
+        assert info["backends"]["triton"]["runs"] == moe["triton"]["runs"] == ["float16", "float32"]
         assert any("needs CUDA tensors" in r for r in info["backends"]["cuda"]["reasons"])
+        assert any("needs CUDA tensors" in r for r in moe["cuda"]["reasons"])
+    assert "moe       backend torch" in text
     for name in tfk.backend_names():
         assert f"backend {name}" in text

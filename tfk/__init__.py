@@ -1,9 +1,10 @@
-"""tfk: Triton and CUDA kernels for the Transformer attention family, each
-checked against a float64 reference.
+"""tfk: Triton and CUDA kernels for the Transformer attention family and for
+Mixture-of-Experts dispatch, each checked against a float64 reference.
 
     import tfk
     out = tfk.scaled_dot_product_attention(q, k, v, is_causal=True)
     out = tfk.attention(q, k, v, tfk.patterns.sliding_window(256) | tfk.patterns.global_tokens(4))
+    y = tfk.moe.experts(x, ids, weights, gate_up_proj, down_proj)   # Mixture-of-Experts, HF layout
     tfk.build_info()   # what this install was built with, and which backends run here
 """
 __version__ = "0.1.0"
@@ -13,10 +14,11 @@ from .backends import BackendUnavailable, FallbackWarning, backend_names  # noqa
 from .info import build_info  # noqa: E402,F401
 from .integrations.transformers import register_when_imported as _register_when_imported  # noqa: E402
 from .ops.attention import attention, scaled_dot_product_attention  # noqa: E402,F401
+from . import moe  # noqa: E402,F401
 from .patch import patch_torch  # noqa: E402,F401
 from .plan import get_plan  # noqa: E402,F401
 
-_register_when_imported()  # attn_implementation="tfk", without importing transformers
+_register_when_imported()  # attn_implementation="tfk" and experts_implementation="tfk", without importing transformers
 
-__all__ = ["attention", "scaled_dot_product_attention", "patterns", "patch_torch", "backend_names",
+__all__ = ["attention", "scaled_dot_product_attention", "moe", "patterns", "patch_torch", "backend_names",
            "BackendUnavailable", "FallbackWarning", "get_plan", "build_info"]

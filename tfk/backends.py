@@ -42,6 +42,7 @@ class AttentionCall:
 
 class Backend:
     name = "?"
+    family = "attention"  # the kernel family it serves: "attention" or "moe"
     priority = 0          # higher wins under "auto"
     # True for a backend that "auto" takes only for the calls it can run: its
     # refusals route a call on to the next backend, and are no fallback
@@ -63,6 +64,8 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+# Each kernel family's registry, by family name; attention's is _BACKENDS.
+_FAMILIES: dict[str, dict[str, Backend]] = {"attention": _BACKENDS}
 
 # Tests set this: outputs start as NaN, so an element a backend forgets to
 # write fails the comparison instead of passing as 0.
@@ -77,18 +80,20 @@ def new_output(shape, dtype, device):
 
 
 def register_backend(backend: Backend):
-    _BACKENDS[backend.name] = backend
+    _FAMILIES.setdefault(backend.family, {})[backend.name] = backend
     return backend
 
 
-def backend_names():
-    return sorted(_BACKENDS, key=lambda n: -_BACKENDS[n].priority)
+def backend_names(family: str = "attention"):
+    registry = _FAMILIES.get(family, {})
+    return sorted(registry, key=lambda n: -registry[n].priority)
 
 
-def get_backend(name: str) -> Backend:
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {backend_names()}, got {name!r}")
-    return _BACKENDS[name]
+def get_backend(name: str, family: str = "attention") -> Backend:
+    registry = _FAMILIES.get(family, {})
+    if name not in registry:
+        raise ValueError(f"backend must be 'auto' or one of {backend_names(family)}, got {name!r}")
+    return registry[name]
 
 
 class BackendUnavailable(RuntimeError):
@@ -147,27 +152,29 @@ def add_kernel_tiles(tiles):
         add_tiles(name, n)
 
 
-def select_backend(name: str, call: AttentionCall) -> Backend:
-    backend = _select(name, call)
+def select_backend(name: str, call: AttentionCall, family: str = "attention") -> Backend:
+    backend = _select(name, call, family)
     for names in _RECORDERS:
         names.append(backend.name)
     return backend
 
 
-def _select(name: str, call: AttentionCall) -> Backend:
+def _select(name: str, call: AttentionCall, family: str = "attention") -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name == "auto":
         name = os.environ.get("TFK_BACKEND", "auto") or "auto"
+        if family != "attention" and name not in _FAMILIES.get(family, {}):
+            name = "auto"  # another family's backend: this family's "auto"
     if name != "auto":
-        backend = get_backend(name)
+        backend = get_backend(name, family)
         why = backend.reasons(call)
         if why:
             raise BackendUnavailable(f"backend {name!r} cannot run this call: " + "; ".join(why))
         return backend
     refused = []
-    for n in backend_names():
-        backend = _BACKENDS[n]
+    for n in backend_names(family):
+        backend = _FAMILIES[family][n]
         if not backend.auto_for(call):
             continue
         why = backend.reasons(call)

@@ -20,11 +20,35 @@ def _probe_calls():
         yield dtype, AttentionCall(x, x, x, None, None, 0.125, 0.0, False)
 
 
+def _probe_moe_calls():
+    """The same for the MoE family: a small experts call in each dtype."""
+    from .ops.moe import ExpertsCall
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.zeros(2, 64, dtype=dtype, device=device)
+        ids = torch.zeros(2, 1, dtype=torch.long, device=device)
+        w1, w2 = torch.zeros(1, 128, 64, dtype=dtype, device=device), torch.zeros(1, 64, 64, dtype=dtype, device=device)
+        yield dtype, ExpertsCall(x, ids, torch.ones(2, 1, device=device), w1, w2, "silu", None)
+
+
+def _usable(family, probes):
+    """For each backend of ``family``: the dtypes it runs here, or why it cannot."""
+    backends = {}
+    for name in backend_names(family):
+        runs, why = [], []
+        for dtype, call in probes():
+            reasons = get_backend(name, family).reasons(call)
+            (why.extend(r for r in reasons if r not in why) if reasons else runs.append(str(dtype)[6:]))
+        backends[name] = {"runs": runs, "reasons": [] if runs else why}
+    return backends
+
+
 def build_info(file=None) -> dict:
     """Print (to ``file``, default stdout) and return: versions, the build of
     the extensions (tfk._C: the CUDA kernels, with the archs and toolkit it was
     compiled for; tfk._sim: the same kernels for the CPU), and, for each
-    backend, the dtypes it runs here or why it cannot."""
+    backend of each family (attention, moe), the dtypes it runs here or why
+    it cannot."""
     try:
         triton = importlib.import_module("triton").__version__
     except ImportError:
@@ -40,17 +64,12 @@ def build_info(file=None) -> dict:
             extensions[name] = "built"
         except ImportError as e:
             extensions[name] = f"not importable: {e}"
-    backends = {}
-    for name in backend_names():
-        runs, why = [], []
-        for dtype, call in _probe_calls():
-            reasons = get_backend(name).reasons(call)
-            (why.extend(r for r in reasons if r not in why) if reasons else runs.append(str(dtype)[6:]))
-        backends[name] = {"runs": runs, "reasons": [] if runs else why}
+    backends = _usable("attention", _probe_calls)
+    moe_backends = _usable("moe", _probe_moe_calls)
     info = {
         "tfk": __version__, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": triton,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "build": build, "extensions": extensions, "backends": backends,
+        "build": build, "extensions": extensions, "backends": backends, "moe_backends": moe_backends,
     }
     out = file or sys.stdout
     print(f"tfk {info['tfk']}: torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
@@ -65,7 +84,8 @@ def build_info(file=None) -> dict:
               "TFK_CUDA_ARCHS='8.0;9.0' pip install --no-build-isolation .", file=out)
     print(f"tfk._sim: {extensions['_sim']}", file=out)
     device = "the GPU" if info["gpu"] else "the CPU"
-    for name, b in backends.items():
-        state = ("runs " + ", ".join(b["runs"])) if b["runs"] else "cannot run: " + "; ".join(b["reasons"])
-        print(f"  backend {name:<9} on {device}: {state}", file=out)
+    for family, table in (("attention", backends), ("moe", moe_backends)):
+        for name, b in table.items():
+            state = ("runs " + ", ".join(b["runs"])) if b["runs"] else "cannot run: " + "; ".join(b["reasons"])
+            print(f"  {family:<9} backend {name:<9} on {device}: {state}", file=out)
     return info

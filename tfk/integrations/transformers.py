@@ -1,8 +1,9 @@
-"""``attn_implementation="tfk"`` for Hugging Face transformers.
+"""``attn_implementation="tfk"`` and ``experts_implementation="tfk"`` for
+Hugging Face transformers.
 
-``import tfk`` registers "tfk" with transformers' attention interfaces: at
-once when transformers is already imported, else right after its first
-import (an import hook; tfk never imports transformers itself).
+``import tfk`` registers "tfk" with transformers' attention and experts
+interfaces: at once when transformers is already imported, else right after
+its first import (an import hook; tfk never imports transformers itself).
 """
 import importlib.abc
 import importlib.util
@@ -46,15 +47,58 @@ def tfk_attention_forward(module, query, key, value, attention_mask, dropout=0.0
     return out.transpose(1, 2).contiguous(), None
 
 
+# transformers' hidden_act names of the activations tfk's experts fuse
+_EXPERT_ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu",
+                       "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu"}
+
+
+def _experts_refusal(module):
+    """Why tfk's experts cannot stand in for this experts module, or None."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    if not getattr(module, "has_gate", True):
+        return "its experts have no gate (an up_proj only)"
+    if getattr(module, "has_bias", False):
+        return "its experts have biases"
+    if getattr(module, "is_transposed", False):
+        return "its expert weights are stored transposed"
+    if not getattr(module, "is_concatenated", True):
+        return "its gate and up weights are interleaved, not concatenated"
+    if getattr(module, "has_post_expert_norm", False):
+        return "it normalises each expert's output"
+    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        return "it has its own gate function (_apply_gate)"
+    act = getattr(getattr(module, "config", None), "hidden_act", None)
+    if act not in _EXPERT_ACTIVATIONS:
+        return f"its activation {act!r} (tfk fuses {sorted(_EXPERT_ACTIVATIONS)})"
+    return None
+
+
+def tfk_experts_forward(module, hidden_states, top_k_index, top_k_weights):
+    """transformers' experts signature: hidden_states (T, H), top_k_index and
+    top_k_weights (T, k) in; (T, H) out. For experts with the concatenated
+    gate_up layout: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
+    why = _experts_refusal(module)
+    if why is not None:
+        raise ValueError(f"experts_implementation='tfk' cannot run {type(module).__name__}: {why}. "
+                         "Use experts_implementation='eager' or 'grouped_mm' for this model.")
+    from ..ops.moe import experts
+
+    return experts(hidden_states, top_k_index, top_k_weights, module.gate_up_proj, module.down_proj,
+                   activation=_EXPERT_ACTIVATIONS[module.config.hidden_act])
+
+
 def register():
     """Register "tfk" with transformers, if it is importable. Returns whether it was."""
     try:
         from transformers import AttentionInterface
+        from transformers.integrations.moe import ExpertsInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return False
     AttentionInterface.register("tfk", tfk_attention_forward)
     AttentionMaskInterface.register("tfk", sdpa_mask)
+    ExpertsInterface.register("tfk", tfk_experts_forward)
     return True
 
 
@@ -76,7 +120,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
             try:
                 register()
             except Exception as e:  # noqa: BLE001 - never break the user's import of transformers
-                warnings.warn(f"tfk: could not register attn_implementation='tfk' with transformers: {e}")
+                warnings.warn(f"tfk: could not register 'tfk' with transformers: {e}")
 
         spec.loader.exec_module = exec_module
         return spec

@@ -5,7 +5,7 @@ with no dropout and no lse. On CPU it is the fastest path for those calls, so
 ("torch"). Its attn_mask may require grad: torch differentiates it.
 
 On CPU torch's kernel gives a query with no allowed key output 0 and zero
-gradients, tfk's rule (tests/test_sdpa.py checks it against the reference);
+gradients, tfk's rule (tests/attention/test_sdpa.py checks it against the reference);
 other devices' kernels are not relied on for that, so masks stay on CPU."""
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from tfk.ops.attention import cuda_backend
 from tfk.plan import get_plan
 from helpers import BACKEND_DTYPES, check_against_reference, make_qkv, pattern_mask, patterns_for_tests, require_backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DTYPES = BACKEND_DTYPES["cuda-sim"]
 
 

@@ -1,0 +1,209 @@
+"""Backends "triton", "cuda" and "cuda-sim" of the MoE family: the torch
+backend's decomposition (torch_backend.py) with its GEMMs, activation and
+combine run by kernels. Both kernel sets (triton_kernels/moe.py,
+cuda_kernels.py for csrc/moe/) give the same launchers:
+
+    grouped_gemm(a, b, offs, *, gather, trans_b, act, row_scale)   rows by group
+    grouped_gemm_tn(a, b, offs, *, gather_a)                        per group a^T b
+    act_backward(gate_up, grad_h, act)                              d(act(gate) * up)
+    combine(y, index, k)                                            slot-ordered sums
+
+Forward: rows = x[order // k] (read through the permutation, never copied)
+@ gate_up[e]^T with act(gate) * up in the epilogue; @ down[e]^T times the
+routing weight in the epilogue; each token's k rows summed in slot order.
+Backward recomputes the gate_up product (only the inputs are kept):
+
+    dA rows = dout[t] @ down[e]              d weight = rowsum(dA * A)
+    dH = act_backward(H, w * dA)             d down[e] = dout_e^T @ (w * A)_e
+    d gate_up[e] = (x_e^T @ dH_e)^T          dx rows = dH @ gate_up[e]
+
+Every product is a grouped GEMM over the same expert offsets; empty experts
+get zero gradients. The permutation (a stable sort by expert, capacity
+drops) runs with torch ops on the host side.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from ...backends import new_output, register_backend
+from . import torch_backend
+from .api import MoEBackend, kernel_reasons
+from .functions import experts_ops, grouped_mm_ops
+
+_KERNEL_ACT = {"silu": "silu", "gelu": "gelu_tanh", "relu": "relu"}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _rows(experts, num_experts, capacity):
+    """(order, offsets, inverse (T*k,) with -1 where an assignment has no row, M)."""
+    order, offsets, inverse, _ = torch_backend.permute(experts, num_experts, None if capacity < 0 else capacity)
+    M = order.numel()
+    return order, offsets, inverse.masked_fill(inverse == M, -1), M
+
+
+def _experts_forward(kernels):
+    def forward(x, experts, weights, gate_up_proj, down_proj, activation, capacity):
+        T, H = x.shape
+        k = experts.shape[1]
+        order, offs, inverse, M = _rows(experts, gate_up_proj.shape[0], capacity)
+        if M == 0:
+            return new_output((T, H), x.dtype, x.device).zero_()
+        wrow = weights.reshape(-1).index_select(0, order).float()
+        a = kernels.grouped_gemm(x, gate_up_proj, offs, gather=order // k, trans_b=True, act=_KERNEL_ACT[activation])
+        y = kernels.grouped_gemm(a, down_proj, offs, trans_b=True, row_scale=wrow)
+        return kernels.combine(y, inverse, k)
+    return forward
+
+
+def _experts_backward(kernels):
+    def backward(dout, x, experts, weights, gate_up_proj, down_proj, activation, capacity):
+        T, H = x.shape
+        k = experts.shape[1]
+        dout = dout.to(x.dtype)
+        order, offs, inverse, M = _rows(experts, gate_up_proj.shape[0], capacity)
+        if M == 0:
+            return (torch.zeros_like(x), torch.zeros_like(weights), torch.zeros_like(gate_up_proj),
+                    torch.zeros_like(down_proj))
+        token = order // k
+        wrow = weights.reshape(-1).index_select(0, order).float()
+        h = kernels.grouped_gemm(x, gate_up_proj, offs, gather=token, trans_b=True)         # (M, 2I), recomputed
+        act = torch_backend._activate(h, activation)                                        # (M, I) float32
+        dA = kernels.grouped_gemm(dout, down_proj, offs, gather=token)                      # (M, I)
+        drow = (dA.float() * act).sum(-1)
+        dh = kernels.act_backward(h, (dA.float() * wrow[:, None]).to(x.dtype), _KERNEL_ACT[activation])
+        d_down = kernels.grouped_gemm_tn(dout, (act * wrow[:, None]).to(x.dtype), offs, gather_a=token)
+        d_gate_up = kernels.grouped_gemm_tn(x, dh, offs, gather_a=token).transpose(1, 2)
+        dx = kernels.combine(kernels.grouped_gemm(dh, gate_up_proj, offs), inverse, k)
+        dweights = torch.cat([drow, drow.new_zeros(1)])[inverse].view(T, k).to(weights.dtype)
+        return dx, dweights, d_gate_up.contiguous(), d_down
+    return backward
+
+
+def _grouped_mm_forward(kernels):
+    def forward(a, b, offs):
+        return kernels.grouped_gemm(a, b, offs)
+    return forward
+
+
+def _grouped_mm_backward(kernels):
+    def backward(dout, a, b, offs):
+        dout = dout.to(a.dtype)
+        return kernels.grouped_gemm(dout, b, offs, trans_b=True), kernels.grouped_gemm_tn(a, dout, offs)
+    return backward
+
+
+class _KernelBackend(MoEBackend):
+    """The shared host side; a subclass names its kernels and where they run."""
+    kernels_module = None
+
+    def __init__(self):
+        self._experts = self._grouped_mm = None
+
+    def kernels(self):
+        return importlib.import_module(self.kernels_module, __package__)
+
+    def _ops(self):
+        if self._experts is None:
+            k, name = self.kernels(), self.name.replace("-", "_")
+            self._experts = experts_ops(name, _experts_forward(k), _experts_backward(k))
+            self._grouped_mm = grouped_mm_ops(name, _grouped_mm_forward(k), _grouped_mm_backward(k))
+
+    def device_reasons(self, t):
+        raise NotImplementedError
+
+    def reasons(self, call):
+        t = call.hidden_states if hasattr(call, "hidden_states") else call.a
+        why = self.device_reasons(t)
+        if t.dtype not in _DTYPES:
+            why.append(f"dtype {t.dtype} (supports float16, bfloat16, float32)")
+        return why + kernel_reasons(call)
+
+    def experts(self, call):
+        self._ops()
+        return self._experts(call.hidden_states, call.experts, call.weights, call.gate_up_proj, call.down_proj,
+                             call.activation, -1 if call.capacity is None else call.capacity)
+
+    def grouped_mm(self, call):
+        self._ops()
+        return self._grouped_mm(call.a, call.b, call.offs.long())
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend(_KernelBackend):
+    """triton_kernels/moe.py: on CUDA tensors, or CPU tensors in Triton's interpreter."""
+    name = "triton"
+    priority = 20
+    kernels_module = "...triton_kernels.moe"
+
+    def device_reasons(self, t):
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed"]
+        if not t.is_cuda and not (t.device.type == "cpu" and _INTERPRET):
+            return [f"tensors on {t.device}: needs CUDA, or CPU tensors with TRITON_INTERPRET=1 set before tfk "
+                    "is imported"]
+        if t.dtype == torch.bfloat16 and not t.is_cuda:
+            return ["bfloat16 arithmetic is wrong in Triton's interpreter: bf16 runs on GPU only"]
+        return []
+
+    def auto_for(self, call):
+        t = call.hidden_states if hasattr(call, "hidden_states") else call.a
+        return t.is_cuda
+
+
+register_backend(TritonBackend())
+
+
+class CudaBackend(_KernelBackend):
+    """csrc/moe/ through tfk._C, on a GPU."""
+    name = "cuda"
+    priority = 15  # below "triton" under "auto" until measured on a GPU, as attention's
+    kernels_module = ".cuda_kernels"
+    module = "_C"
+
+    def device_reasons(self, t):
+        error = _import_error(self.module)
+        if error is not None:
+            return [f"tfk.{self.module} is not built ({error})"]
+        if not t.is_cuda:
+            return [f"tensors on {t.device}: needs CUDA tensors (backend 'cuda-sim' runs the kernels on CPU)"]
+        return []
+
+    def auto_for(self, call):
+        t = call.hidden_states if hasattr(call, "hidden_states") else call.a
+        return t.is_cuda
+
+
+class CudaSimBackend(CudaBackend):
+    """The same kernels on CPU tensors through the host-execution layer (tfk._sim); never "auto"."""
+    name = "cuda-sim"
+    priority = 0
+    module = "_sim"
+
+    def device_reasons(self, t):
+        error = _import_error(self.module)
+        if error is not None:
+            return [f"tfk.{self.module} is not built ({error})"]
+        if t.device.type != "cpu":
+            return [f"tensors on {t.device}: runs on CPU tensors (backend 'cuda' runs on the GPU)"]
+        return []
+
+    def auto_for(self, call):
+        return False
+
+
+def _import_error(module):
+    try:
+        importlib.import_module(f"tfk.{module}")
+        return None
+    except ImportError as e:
+        return str(e)
+
+
+register_backend(CudaBackend())
+register_backend(CudaSimBackend())
