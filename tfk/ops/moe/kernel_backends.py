@@ -18,8 +18,9 @@ Backward recomputes the gate_up product (only the inputs are kept):
     d gate_up[e] = (x_e^T @ dH_e)^T          dx rows = dH @ gate_up[e]
 
 Every product is a grouped GEMM over the same expert offsets; empty experts
-get zero gradients. The permutation (a stable sort by expert, capacity
-drops) runs with torch ops on the host side.
+get zero gradients. The permutation is the kernels' own (triton: histogram,
+scan and scatter kernels) when dropless, else torch ops (a stable sort by
+expert with the capacity drops).
 """
 from __future__ import annotations
 
@@ -38,8 +39,14 @@ _KERNEL_ACT = {"silu": "silu", "gelu": "gelu_tanh", "relu": "relu"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _rows(experts, num_experts, capacity):
-    """(order, offsets, inverse (T*k,) with -1 where an assignment has no row, M)."""
+def _rows(kernels, experts, num_experts, capacity):
+    """(order, offsets, inverse (T*k,) with -1 where an assignment has no row, M):
+    by the kernels' own permutation where they have one (dropless), else with
+    torch ops (a capacity keeps (slot, token) order; see torch_backend.permute)."""
+    if capacity < 0 and hasattr(kernels, "permute"):
+        order, offsets, inverse = kernels.permute(experts, num_experts)
+        M = int(offsets[-1])   # the rows past it are the sentinels'
+        return order[:M], offsets, inverse, M
     order, offsets, inverse, _ = torch_backend.permute(experts, num_experts, None if capacity < 0 else capacity)
     M = order.numel()
     return order, offsets, inverse.masked_fill(inverse == M, -1), M
@@ -49,7 +56,7 @@ def _experts_forward(kernels):
     def forward(x, experts, weights, gate_up_proj, down_proj, activation, capacity):
         T, H = x.shape
         k = experts.shape[1]
-        order, offs, inverse, M = _rows(experts, gate_up_proj.shape[0], capacity)
+        order, offs, inverse, M = _rows(kernels, experts, gate_up_proj.shape[0], capacity)
         if M == 0:
             return new_output((T, H), x.dtype, x.device).zero_()
         wrow = weights.reshape(-1).index_select(0, order).float()
@@ -64,7 +71,7 @@ def _experts_backward(kernels):
         T, H = x.shape
         k = experts.shape[1]
         dout = dout.to(x.dtype)
-        order, offs, inverse, M = _rows(experts, gate_up_proj.shape[0], capacity)
+        order, offs, inverse, M = _rows(kernels, experts, gate_up_proj.shape[0], capacity)
         if M == 0:
             return (torch.zeros_like(x), torch.zeros_like(weights), torch.zeros_like(gate_up_proj),
                     torch.zeros_like(down_proj))
