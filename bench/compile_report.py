@@ -1,19 +1,30 @@
 """Compile report: resources of every shipped kernel, per arch, with no GPU.
 
     python -m bench.compile_report [--build-dir build/cmake] [--archs 80,90]
-        [--quick | --extended] [--no-cuda] [--no-triton] [--jobs N] [--ptxas triton|toolkit]
+        [--quick | --extended] [--no-cuda] [--no-triton] [--families attention,moe]
+        [--jobs N] [--ptxas triton|toolkit]
 
 CUDA: configures and builds the CMake project (CMakeLists.txt), which compiles
 each csrc/**/*.cu to a cubin per arch with `-Xptxas -v`, and reads the ptxas logs.
 
-Triton: compiles every shipped config of triton_kernels/attention.py ahead of
-time (triton.compile for GPUTarget("cuda", arch, 32)) with the argument types
-Triton's launcher derives from a representative call, and reads the log of
-the ptxas run Triton itself makes (its bundled ptxas unless --ptxas toolkit).
-Default matrix: 3 kernels x {fp16, bf16, fp32 (tf32 dots)} x D = Dv in
-{64, 80, 128, 256} x {plain, all features on} x each arch; --extended adds a
-third pattern, plain with a bool mask; --quick is one config per kernel per
-arch (the test's).
+Triton: compiles every shipped config of triton_kernels/attention.py and
+triton_kernels/moe.py ahead of time (triton.compile for GPUTarget("cuda",
+arch, 32)) with the argument types Triton's launcher derives from a
+representative call, and reads the log of the ptxas run Triton itself makes
+(its bundled ptxas unless --ptxas toolkit).
+Attention, default matrix: 3 kernels x {fp16, bf16, fp32 (tf32 dots)} x
+D = Dv in {64, 80, 128, 256} x {plain, all features on} x each arch;
+--extended adds a third pattern, plain with a bool mask.
+MoE (see MOE_* below): the launchers themselves (grouped_gemm, grouped_gemm_tn,
+route, act_backward, combine, permute) are called on meta tensors and their
+kernel launches captured, so constexprs, tiles, dot precision and launch
+options are the launchers' own: grouped_gemm for each dtype x activation x
+gather x row scale x weight layout, route for every BLOCK_E it can take
+(E = 1..256) plain and with every feature, the others per dtype, activation
+or BLOCK_E; --extended adds the least tiles and the rest of the constexpr
+ranges (route's k = 1..8, int32 ids, ...).
+--quick is one config per kernel per arch (the tests'). --families picks
+the modules (default attention,moe).
 
 Prints registers, shared memory, spills and stack per kernel (and config).
 Exits non-zero, naming them, when any kernel spills, fails to compile, or
@@ -196,11 +207,14 @@ def cuda_rows(build_dir: str | os.PathLike, archs: list[str]) -> list[dict]:
 # Triton section
 # -----------------------------------------------------------------------------
 #
-# Each shipped config of triton_kernels/attention.py is compiled ahead of time
-# for a named target (no GPU needed) with the argument types and
-# specialisations Triton's launcher would derive from one representative call
-# of the host code (attention_forward / attention_backward): the launcher's own
-# binder is run on stand-in tensors of the right dtypes and on realistic ints.
+# Each shipped config of a Triton module (TRITON_FAMILIES: attention, moe;
+# each with its matrix of configs and its way to build a config's launch
+# arguments) is compiled ahead of time for a named target (no GPU needed)
+# with the argument types and specialisations Triton's launcher would derive
+# from one representative call of the host code (attention_forward /
+# attention_backward; the MoE launchers themselves, see below): the
+# launcher's own binder is run on stand-in tensors of the right dtypes and on
+# realistic ints.
 # Registers, spills and stack come from the log of the ptxas run Triton does
 # itself (TRITON_DUMP_PTXAS_LOG); shared memory is Triton's dynamic allocation
 # (metadata.shared, what a launch requests) plus any static smem ptxas reports.
@@ -253,27 +267,33 @@ _TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _LOG2E = 1.4426950408889634
 
 
-def triton_configs(archs: list[str], quick: bool = False, extended: bool = False) -> list[dict]:
-    """The Triton matrix: one dict per (kernel, dtype, precision, head dim,
+def _caps(archs: list[str]) -> list[int]:
+    return sorted({int(re.match(r"\d+", str(a)).group(0)) for a in archs})
+
+
+def attention_configs(archs: list[str], quick: bool = False, extended: bool = False) -> list[dict]:
+    """The attention matrix: one dict per (kernel, dtype, precision, head dim,
     pattern, arch); `archs` as capabilities ("80", "90", "90a"). `quick`: one
     config per kernel per arch; `extended`: adds the bool-mask pattern."""
-    caps = sorted({int(re.match(r"\d+", str(a)).group(0)) for a in archs})
+    caps = _caps(archs)
     if quick:
         dtypes, dims, patterns = (TRITON_QUICK[0],), (TRITON_QUICK[1],), (TRITON_QUICK[2],)
     elif extended:
         dtypes, dims, patterns = TRITON_DTYPES, TRITON_HEAD_DIMS, tuple(TRITON_PATTERNS)
     else:
         dtypes, dims, patterns = TRITON_DTYPES, TRITON_HEAD_DIMS, TRITON_PATTERNS_DEFAULT
-    return [dict(kernel=k, dtype=dt, precision=prec, head_dim=d, pattern=p, cap=cap)
+    return [dict(family="attention", kernel=k, dtype=dt, precision=prec, head_dim=d, pattern=p, cap=cap)
             for cap in caps for k in TRITON_KERNELS for (dt, prec) in dtypes for d in dims for p in patterns]
 
 
 def _config_name(cfg: dict) -> str:
+    if "name" in cfg:  # MoE configs carry theirs
+        return cfg["name"]
     prec = "/tf32" if cfg["precision"] == "tf32" else ""
     return f"{cfg['dtype']}{prec} D={cfg['head_dim']} {cfg['pattern']}"
 
 
-def _launch_args(mod, cfg: dict) -> tuple[dict, dict]:
+def _attention_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
     """(argument values by name, constexprs and launch options) of the
     representative call of `cfg`'s kernel, as the host code passes them.
     Tensors are stand-ins (triton's MockTensor: a dtype, a 16-aligned pointer)."""
@@ -343,6 +363,269 @@ def _launch_args(mod, cfg: dict) -> tuple[dict, dict]:
     return v, meta
 
 
+# MoE (triton_kernels/moe.py). A config names a launcher call: the launcher
+# (by its kernel), the input dtype and the options and sizes of the call.
+# _moe_launch_args runs that launcher on meta tensors (shapes and strides, no
+# data) with the module's kernels swapped for recorders and takes its launch
+# of the config's kernel, so the constexprs (tiles from gemm_tiles and _block,
+# route's BLOCK_T/BLOCK_E/BLOCK_G/BLOCK_K, permute's BLOCK_E), the dot
+# precision (dot_precision) and the launch options (launch_config) are
+# moe.py's own, not a copy kept here. The report keeps only which calls to
+# make. MOE_DTYPES' precisions are checked against what the launcher passes.
+#
+# Default matrix, per arch (the launchers' largest tiles, at the
+# representative sizes below):
+#   _moe_grouped_gemm: 3 dtypes x act {none, silu, gelu_tanh, relu} x
+#     {without, with} gather x {without, with} row scale x weight layout
+#     {b (G, K, N), b (G, N, K) with trans_b}: 96.
+#   _moe_grouped_gemm_tn: 3 dtypes x {without, with} gather: 6.
+#   _moe_route: 3 logits dtypes x E in MOE_EXPERTS (every BLOCK_E route can
+#     take: next_power_of_2(E) for 1 <= E <= 256, BLOCK_T = 16, 8 at 256) x
+#     {plain: softmax, k = min(8, E); all: sigmoid, a bias, the most groups
+#     (n_group = E / 2: the largest BLOCK_G for that E) keeping half of them,
+#     the largest k they allow}: 54. TOP_K, N_GROUP and TOPK_GROUP are loop
+#     trip counts (range, not static_range); the tiles [BLOCK_T, BLOCK_E],
+#     [BLOCK_T, BLOCK_G] and [BLOCK_T, BLOCK_K] set the registers, and k = 8
+#     gives the largest BLOCK_K. --extended adds k = 1..7 at E = 256 and E = 8,
+#     and softmax with a bias and groups, unnormalised.
+#   _moe_act_bwd: 3 dtypes x act {silu, gelu_tanh, relu}: 9.
+#   _moe_combine: 3 dtypes, k = 8, int64 index (permute's inverse): 3.
+#   _moe_histogram, _moe_scan, _moe_scatter (permute): int64 ids, E in
+#     MOE_EXPERTS: every BLOCK_E = next_power_of_2(E + 1) in 2..512: 9 each.
+# --extended adds the least tiles (H = I = 16: 16-wide N and K tiles) for the
+# GEMMs, act_bwd and combine, int32 ids and index, and combine with k = 1.
+# --quick: one config per kernel per arch, the register worst case (fp16,
+# every feature on; route: bf16 logits, E = 128, whose [16, 128] and [16, 64]
+# tiles need more registers than E = 256's [8, 256] and [8, 128]; permute:
+# E = 256).
+#
+# Measured (Triton 3.8, default matrix, 390 configs on sm_80 and sm_90, 424 s
+# of compiles: 234 s on 2 cores shared with a test run): registers at most
+# 153/142 (grouped_gemm, sm_80/sm_90), 166/168 (route, E = 128 with groups),
+# 187 (histogram, E = 256, sm_90); shared memory at most 36 KiB. Two configs
+# spill, both route on sm_90a with groups at 48 and 96 registers (4-8 bytes:
+# not register pressure): fp16 E=64 and bf16 E=32, "sigmoid bias groups";
+# the report fails on them (moe.py's to fix).
+
+MOE_MODULE = "tfk.triton_kernels.moe"
+MOE_SOURCE = "triton_kernels/moe.py"
+MOE_KERNELS = ("_moe_grouped_gemm", "_moe_grouped_gemm_tn", "_moe_route", "_moe_act_bwd", "_moe_combine",
+               "_moe_histogram", "_moe_scan", "_moe_scatter")
+MOE_DTYPES = TRITON_DTYPES  # moe.dot_precision: tf32 dots for fp32, as attention
+MOE_ACTS = ("none", "silu", "gelu_tanh", "relu")  # grouped_gemm's act ("none": act=None)
+# One E per power of two up to moe.MAX_EXPERTS: every BLOCK_E of route
+# (next_power_of_2(E): 1..256) and of permute (next_power_of_2(E + 1): 2..512).
+MOE_EXPERTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The representative call: T = 1000 tokens (not a multiple of 16, as the
+# attention's L), hidden H = 2048, expert width I = 768, E = 128 experts,
+# k = 8 (Qwen3-30B-A3B's layer); M = T * k routed rows. H and I are multiples
+# of 64, so the GEMM tiles are the launchers' upper bounds (gemm_tiles).
+_MOE_CALL = dict(T=1000, H=2048, I=768, E=128, k=8)
+# --extended: sizes at which the launchers shrink the N and K tiles to 16
+_MOE_SMALL = dict(H=16, I=16)
+
+
+def _moe_name(kernel: str, dtype: str, precision: str | None, o: dict) -> str:
+    parts = [dtype + ("/tf32" if precision == "tf32" else "")]
+    if kernel == "_moe_grouped_gemm":
+        parts += [o["act"], "gather" if o["gather"] else "", "scale" if o["scale"] else "",
+                  "b(G,N,K)" if o["trans_b"] else "b(G,K,N)"]
+    elif kernel == "_moe_grouped_gemm_tn":
+        parts += ["gather" if o["gather"] else ""]
+    elif kernel == "_moe_route":
+        parts += [f"E={o['E']} k={o['k']}", o["score"], "bias" if o["bias"] else "",
+                  f"groups {o['n_group']}/{o['topk_group']}" if o["n_group"] else "",
+                  "" if o["normalize"] else "unnormalised"]
+    elif kernel == "_moe_act_bwd":
+        parts += [o["act"]]
+    elif kernel == "_moe_combine":
+        parts += [f"k={o['k']}", f"{o['index']} index"]
+    else:
+        parts += [f"E={o['E']}"]
+    if o.get("small"):
+        parts.append("small")
+    return " ".join(p for p in parts if p)
+
+
+def _moe_table():
+    """(tier, kernel, dtype, precision, launcher options) of one arch, tier
+    "quick" (also in the default matrix), "default" or "extended"; a series'
+    configs in the order they compile."""
+    def tier(quick, extended=False):
+        return "quick" if quick else "extended" if extended else "default"
+
+    for dt, prec in MOE_DTYPES:
+        for small in (False, True):
+            for trans_b in (False, True):
+                for act in MOE_ACTS:
+                    for gather in (False, True):
+                        for scale in (False, True):
+                            q = dt == "fp16" and act == "silu" and gather and scale and trans_b and not small
+                            yield (tier(q, small), "_moe_grouped_gemm", dt, prec,
+                                   dict(act=act, gather=gather, scale=scale, trans_b=trans_b, small=small))
+    for dt, prec in MOE_DTYPES:
+        for small in (False, True):
+            for gather in (False, True):
+                yield (tier(dt == "fp16" and gather and not small, small), "_moe_grouped_gemm_tn", dt, prec,
+                       dict(gather=gather, small=small))
+    for dt, _ in MOE_DTYPES:
+        for E in MOE_EXPERTS:
+            ng = E // 2 if E >= 4 else None  # groups of 2 experts: the largest BLOCK_G
+            tg = ng // 2 if ng else None
+            k_all = min(8, E, 2 * tg if tg else E)
+            patterns = [(False, dict(k=min(8, E), score="softmax", bias=False, normalize=True)),
+                        (dt == "bf16" and E == 128, dict(k=k_all, score="sigmoid", bias=True, normalize=True,
+                                                         n_group=ng, topk_group=tg))]
+            for q, p in patterns:
+                yield tier(q), "_moe_route", dt, None, dict(dict(E=E, n_group=None, topk_group=None), **p)
+            if E in (8, 256) and dt == "bf16":  # the other k (BLOCK_K 1..8)
+                for q, p in patterns:
+                    for k in range(1, p["k"]):
+                        yield tier(False, True), "_moe_route", dt, None, dict(
+                            dict(E=E, n_group=None, topk_group=None), **dict(p, k=k))
+            if E >= 4:
+                yield tier(False, True), "_moe_route", dt, None, dict(
+                    E=E, k=k_all, score="softmax", bias=True, normalize=False, n_group=ng, topk_group=tg)
+    for dt, _ in MOE_DTYPES:
+        for small in (False, True):
+            for act in MOE_ACTS[1:]:
+                yield (tier(dt == "fp16" and act == "gelu_tanh" and not small, small), "_moe_act_bwd", dt, None,
+                       dict(act=act, small=small))
+    for dt, _ in MOE_DTYPES:
+        for small in (False, True):
+            for index in ("int64", "int32"):
+                for k in (8, 1):
+                    ext = small or index == "int32" or k == 1
+                    yield (tier(dt == "fp16" and not ext, ext), "_moe_combine", dt, None,
+                           dict(k=k, index=index, small=small))
+    for kernel in ("_moe_histogram", "_moe_scan", "_moe_scatter"):
+        for ids in ("int64", "int32"):
+            for E in MOE_EXPERTS:
+                yield tier(ids == "int64" and E == 256, ids == "int32"), kernel, ids, None, dict(E=E)
+
+
+def moe_configs(archs: list[str], quick: bool = False, extended: bool = False) -> list[dict]:
+    """The MoE matrix (see above): one dict per (kernel, dtype, launcher
+    options, arch), with its name."""
+    tiers = {"quick"} if quick else {"quick", "default", "extended"} if extended else {"quick", "default"}
+    return [dict(family="moe", kernel=k, dtype=dt, precision=prec, opts=o, cap=cap, name=_moe_name(k, dt, prec, o))
+            for cap in _caps(archs) for (t, k, dt, prec, o) in _moe_table() if t in tiers]
+
+
+def _capture_launch(mod, kernel: str, call) -> tuple[tuple, dict]:
+    """Run call() (a launcher of `mod`) with every @triton.jit function of
+    `mod` replaced by a recorder; (positional, keyword arguments) of its one
+    launch of `kernel`."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, args, kwargs))
+
+    saved = {n: f for n, f in vars(mod).items() if isinstance(f, JITFunction)}
+    try:
+        for n in saved:
+            setattr(mod, n, Recorder(n))
+        call()
+    finally:
+        for n, f in saved.items():
+            setattr(mod, n, f)
+    mine = [(args, kwargs) for n, args, kwargs in launches if n == kernel]
+    if len(mine) != 1:
+        raise RuntimeError(f"the launcher launched {kernel} {len(mine)} times, expected once "
+                           f"(launches: {[n for n, _, _ in launches]})")
+    return mine[0]
+
+
+def _moe_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
+    """(argument values by name, constexprs and launch options) of `cfg`'s
+    kernel as its launcher passes them for the representative call (meta
+    tensors, see above); tensors become MockTensors of their dtypes."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    o, kernel = cfg["opts"], cfg["kernel"]
+    z = dict(_MOE_CALL, **(_MOE_SMALL if o.get("small") else {}))
+    T, H, I, E, k = z["T"], z["H"], z["I"], z["E"], z["k"]
+    M = T * k
+    dt = getattr(torch, _TORCH_DTYPES.get(cfg["dtype"], cfg["dtype"]))
+    i64, f32 = torch.int64, torch.float32
+
+    def t(*shape, dtype=dt):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    if kernel == "_moe_grouped_gemm":  # gate_up (act: b holds [gate | up]) or down, x gathered by token
+        N = 2 * I if o["act"] != "none" else I
+        call = lambda: mod.grouped_gemm(  # noqa: E731
+            t(T if o["gather"] else M, H), t(E, N, H) if o["trans_b"] else t(E, H, N), t(E, dtype=i64),
+            gather=t(M, dtype=i64) if o["gather"] else None, trans_b=o["trans_b"],
+            act=None if o["act"] == "none" else o["act"], row_scale=t(M, dtype=f32) if o["scale"] else None)
+    elif kernel == "_moe_grouped_gemm_tn":  # d down: dout (gathered by token)^T @ (w * act)
+        call = lambda: mod.grouped_gemm_tn(  # noqa: E731
+            t(T if o["gather"] else M, H), t(M, I), t(E, dtype=i64),
+            gather_a=t(M, dtype=i64) if o["gather"] else None)
+    elif kernel == "_moe_route":  # a bias in float32, as DeepSeek-V3's correction bias
+        call = lambda: mod.route(  # noqa: E731
+            t(T, o["E"]), o["k"], score=o["score"], normalize=o["normalize"],
+            bias=t(o["E"], dtype=f32) if o["bias"] else None, n_group=o["n_group"], topk_group=o["topk_group"])
+    elif kernel == "_moe_act_bwd":
+        call = lambda: mod.act_backward(t(M, 2 * I), t(M, I), o["act"])  # noqa: E731
+    elif kernel == "_moe_combine":
+        call = lambda: mod.combine(t(T * o["k"], H), t(T * o["k"], dtype=getattr(torch, o["index"])),  # noqa: E731
+                                   o["k"])
+    elif kernel in ("_moe_histogram", "_moe_scan", "_moe_scatter"):
+        call = lambda: mod.permute(t(T, k), o["E"])  # noqa: E731
+    else:
+        raise RuntimeError(f"no launcher known for {kernel}")
+    args, kwargs = _capture_launch(mod, kernel, call)
+    names = [p.name for p in getattr(mod, kernel).params]
+    if len(args) > len(names):
+        raise RuntimeError(f"the launcher passes {len(args)} positional arguments, {kernel} has {len(names)}")
+    mock = lambda v: MockTensor(v.dtype) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    values = {n: mock(v) for n, v in zip(names, args)}
+    meta = {n: mock(v) for n, v in kwargs.items()}
+    if cfg.get("precision") and meta.get("PRECISION") != cfg["precision"]:
+        raise RuntimeError(f"the launcher passes PRECISION={meta.get('PRECISION')!r} for {cfg['dtype']}, "
+                           f"the report's matrix says {cfg['precision']!r}")
+    return values, meta
+
+
+def _moe_tile(meta: dict) -> str:
+    """The BLOCK_* constexprs: "M64 N64 K32", "T8 E256 G128 K8", "64 E512"."""
+    return " ".join(f"{n[6:]}{v}" for n, v in meta.items() if n == "BLOCK" or n.startswith("BLOCK_"))
+
+
+# The Triton modules the report compiles: where each lives, its configs and
+# how to build a config's launch arguments.
+TRITON_FAMILIES = {
+    "attention": dict(module=TRITON_MODULE, source=TRITON_SOURCE, configs=attention_configs,
+                      launch_args=_attention_launch_args, tile=lambda meta: f"{meta['BLOCK_M']}x{meta['BLOCK_N']}"),
+    "moe": dict(module=MOE_MODULE, source=MOE_SOURCE, configs=moe_configs, launch_args=_moe_launch_args,
+                tile=_moe_tile),
+}
+
+
+def _family(cfg: dict) -> dict:
+    return TRITON_FAMILIES[cfg.get("family", "attention")]
+
+
+def triton_configs(archs: list[str], quick: bool = False, extended: bool = False,
+                   families: tuple | list | None = None) -> list[dict]:
+    """Every family's matrix (attention_configs, moe_configs), `families`
+    (default all of TRITON_FAMILIES) in order."""
+    return [c for f in (families or TRITON_FAMILIES) for c in TRITON_FAMILIES[f]["configs"](archs, quick, extended)]
+
+
+def _launch_args(mod, cfg: dict) -> tuple[dict, dict]:
+    """(argument values by name, constexprs and launch options) of `cfg`."""
+    return _family(cfg)["launch_args"](mod, cfg)
+
+
 def _ptxas_log_of(fn_compile):
     """Run fn_compile(), returning (its result, what it printed to stdout)."""
     import contextlib
@@ -364,7 +647,7 @@ def _sm_arch(cap: int) -> str:
 
 def _failed_row(cfg: dict) -> dict:
     """A row with no results yet (error None until one is set)."""
-    return {"source": TRITON_SOURCE, "kernel": cfg["kernel"], "mangled": cfg["kernel"],
+    return {"source": _family(cfg)["source"], "kernel": cfg["kernel"], "mangled": cfg["kernel"],
             "config": _config_name(cfg), "arch": _sm_arch(cfg["cap"]), "registers": None, "smem": None,
             "spill_stores": None, "spill_loads": None, "stack": None, "error": None, "same_as": None,
             "skipped": None}
@@ -423,7 +706,7 @@ def _triton_compile_one(mod, cfg: dict, seen: dict) -> dict:
         bound, spec, opts = binder(*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
         row.update(num_warps=options.num_warps, num_stages=options.num_stages,
-                   block=f"{meta['BLOCK_M']}x{meta['BLOCK_N']}")
+                   block=_family(cfg)["tile"](meta))
         key = repr((cfg["kernel"], cap, sorted(signature.items()), sorted(constexprs.items()),
                     sorted(attrs.items()), sorted(options.__dict__.items())))
         if key in seen:  # same binary as an earlier config (e.g. D=80 and D=128)
@@ -435,9 +718,9 @@ def _triton_compile_one(mod, cfg: dict, seen: dict) -> dict:
         t0 = time.monotonic()
         kernel, printed = _ptxas_log_of(lambda: triton.compile(src, target=target, options=options.__dict__))
         row["seconds"] = round(time.monotonic() - t0, 1)
-        logs = parse_ptxas_log(printed, TRITON_SOURCE)
+        logs = parse_ptxas_log(printed, row["source"])
         if not logs:  # Triton did not print its ptxas log: run ptxas -v on the PTX
-            logs = parse_ptxas_log(_run_ptxas(kernel.asm["ptx"], cap), TRITON_SOURCE)
+            logs = parse_ptxas_log(_run_ptxas(kernel.asm["ptx"], cap), row["source"])
         if len(logs) != 1:
             raise RuntimeError(f"expected one entry function in the ptxas log, got {len(logs)}")
         log = logs[0]
@@ -493,12 +776,18 @@ def _triton_worker(in_path: str, out_path: str) -> None:
     knobs.compilation.always_compile = True
     series = spec["series"]
     rows: list[list[dict]] = []
-    try:
-        mod = importlib.import_module(spec["module"])
-    except Exception as e:  # noqa: BLE001
-        err = f"import of {spec['module']} failed: {_error_text(e)}"
-        rows = [[dict(_failed_row(c), error=err) for c in ser] for ser in series]
-    else:
+    loaded: dict = {}  # family -> its module, or why it did not import
+    broken: dict = {}  # (family, kernel) -> why it cannot compile
+
+    def load(family: str):
+        if family in loaded:
+            return loaded[family]
+        name = spec["modules"][family]
+        try:
+            mod = importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001
+            loaded[family] = f"import of {name} failed: {_error_text(e)}"
+            return loaded[family]
         # A kernel whose source Triton cannot hash (e.g. it calls a host Python
         # function) fails at its first launch. A failed hash leaves placeholder
         # hashes behind on the kernel and the helpers it walked, after which
@@ -507,30 +796,37 @@ def _triton_worker(in_path: str, out_path: str) -> None:
         # and fail all configs of a kernel that does not pass.
         from triton.runtime.jit import JITFunction
         jitted = [f for f in vars(mod).values() if isinstance(f, JITFunction)]
-        broken = {}
-        for name in dict.fromkeys(c["kernel"] for ser in series for c in ser):
+        for kname in dict.fromkeys(c["kernel"] for ser in series for c in ser
+                                   if c.get("family", "attention") == family):
             try:
-                getattr(mod, name).cache_key
+                getattr(mod, kname).cache_key
             except Exception as e:  # noqa: BLE001
-                broken[name] = "the kernel's source does not pass Triton's dependency check " \
-                               f"(JITFunction.cache_key): {_error_text(e)}"
+                broken[(family, kname)] = "the kernel's source does not pass Triton's dependency check " \
+                                          f"(JITFunction.cache_key): {_error_text(e)}"
                 for f in jitted:
                     if str(getattr(f, "hash", None)).startswith("recursion:"):
                         f.hash = None
-        seen: dict = {}
-        for ser in series:
-            out, failed = [], None
-            for cfg in ser:
-                if cfg["kernel"] in broken:
-                    row = dict(_failed_row(cfg), error=broken[cfg["kernel"]])
-                elif failed is not None:
-                    row = dict(_failed_row(cfg), skipped=f"after {failed} failed")
-                else:
-                    row = _triton_compile_one(mod, cfg, seen)
-                if failed is None and _row_problems(row) and not spec["keep_going"]:
-                    failed = row["config"]
-                out.append(row)
-            rows.append(out)
+        loaded[family] = mod
+        return mod
+
+    seen: dict = {}
+    for ser in series:
+        out, failed = [], None
+        for cfg in ser:
+            family = cfg.get("family", "attention")
+            mod = load(family)
+            if isinstance(mod, str):
+                row = dict(_failed_row(cfg), error=mod)
+            elif (family, cfg["kernel"]) in broken:
+                row = dict(_failed_row(cfg), error=broken[(family, cfg["kernel"])])
+            elif failed is not None:
+                row = dict(_failed_row(cfg), skipped=f"after {failed} failed")
+            else:
+                row = _triton_compile_one(mod, cfg, seen)
+            if failed is None and _row_problems(row) and not spec["keep_going"]:
+                failed = row["config"]
+            out.append(row)
+        rows.append(out)
     caps = sorted({c["cap"] for ser in series for c in ser}) or [90]
     ptxas = get_ptxas(caps[-1]).path
     Path(out_path).write_text(json.dumps({"rows": rows, "ptxas": ptxas}))
@@ -543,24 +839,27 @@ def ptxas_version(path: str) -> str:
 
 
 def triton_rows(archs: list[str], quick: bool = False, jobs: int | None = None, ptxas: str = "triton",
-                module: str = TRITON_MODULE, info: dict | None = None, extended: bool = False,
-                keep_going: bool = False) -> list[dict]:
+                info: dict | None = None, extended: bool = False, keep_going: bool = False,
+                families: tuple | list | None = None, modules: dict | None = None) -> list[dict]:
     """Rows for the shipped Triton configs: the keys of cuda_rows (source,
     kernel, mangled, arch, registers, smem, spill_stores, spill_loads, stack)
-    plus config ("fp16 D=128 all"), block, num_warps, num_stages, error (None,
+    plus config ("fp16 D=128 all"), block (the tile), num_warps, num_stages, error (None,
     or why the config did not compile), same_as (the config whose binary this
     one shares, or None) and perf_warnings (ptxas "Potential Performance Loss"
     notes), skipped (None, or why the config was not compiled: only after an
     earlier config of the same kernel, dtype and arch failed, unless
     keep_going). `archs` as capabilities ("80", "90"). `ptxas`: "triton" (the
     ptxas Triton bundles and uses at run time) or "toolkit" (the CUDA toolkit's).
+    `families`: which of TRITON_FAMILIES (default all); `modules`: module
+    names to import instead of a family's (e.g. {"moe": "my_moe"}).
     `info`, when given, receives {"ptxas": path, "ptxas_version", "seconds"}.
     """
     import json
     import tempfile
 
     start = time.monotonic()
-    configs = triton_configs(archs, quick, extended)
+    configs = triton_configs(archs, quick, extended, families)
+    module_names = {f: (modules or {}).get(f, TRITON_FAMILIES[f]["module"]) for f in TRITON_FAMILIES}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     if ptxas == "toolkit":
@@ -570,16 +869,14 @@ def triton_rows(archs: list[str], quick: bool = False, jobs: int | None = None, 
         env["TRITON_PTXAS_PATH"] = str(Path(home) / "bin" / "ptxas")
     elif ptxas != "triton":
         raise ValueError(f"ptxas must be 'triton' or 'toolkit', not {ptxas!r}")
-    # A series: the configs of one (arch, kernel, dtype, precision), head dims
-    # ascending, plain before all. One worker compiles a series in order, so
-    # configs that share a binary (head dims that pad alike) compile once, and
-    # (unless keep_going) a series stops at its first failure.
+    # A series: the configs of one (family, arch, kernel, dtype, precision), in
+    # the order the matrix lists them (attention: head dims ascending, plain
+    # before all). One worker compiles a series in order, so configs that
+    # share a binary (head dims that pad alike) compile once, and (unless
+    # keep_going) a series stops at its first failure.
     series: dict = {}
     for i, c in enumerate(configs):
-        series.setdefault((c["cap"], c["kernel"], c["dtype"], c["precision"]), []).append(i)
-    order = {p: n for n, p in enumerate(TRITON_PATTERNS)}
-    for idx in series.values():
-        idx.sort(key=lambda i: (configs[i]["head_dim"], order[configs[i]["pattern"]]))
+        series.setdefault((c["family"], c["cap"], c["kernel"], c["dtype"], c["precision"]), []).append(i)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(series)))
     # balance by config count: measured (Triton 3.8, default matrix, 2 cores),
     # no series is clearly slower: a compile takes 1.4-1.5 s on average for
@@ -600,7 +897,7 @@ def triton_rows(archs: list[str], quick: bool = False, jobs: int | None = None, 
             if not shard:
                 continue
             inp, out = Path(tmp) / f"in{n}.json", Path(tmp) / f"out{n}.json"
-            inp.write_text(json.dumps({"module": module, "keep_going": keep_going,
+            inp.write_text(json.dumps({"modules": module_names, "keep_going": keep_going,
                                        "series": [[configs[i] for i in ser] for ser in shard]}))
             log = Path(tmp) / f"log{n}.txt"  # a file, not a pipe: a full pipe would stall a worker
             with open(log, "w") as f:
@@ -628,7 +925,7 @@ def triton_rows(archs: list[str], quick: bool = False, jobs: int | None = None, 
 def collect(build_dir: str | os.PathLike = DEFAULT_BUILD_DIR, archs: list[str] | None = None, *,
             cuda: bool = True, triton: bool = True, quick: bool = False, jobs: int | None = None,
             ptxas: str = "triton", info: dict | None = None, extended: bool = False,
-            keep_going: bool = False) -> list[dict]:
+            keep_going: bool = False, families: tuple | list | None = None) -> list[dict]:
     """Build, then return one row per (kernel, arch): source, kernel (demangled),
     mangled, arch ("sm_80"), registers, smem, spill_stores, spill_loads, stack
     (bytes); Triton rows add config, error and the other keys of triton_rows.
@@ -647,7 +944,7 @@ def collect(build_dir: str | os.PathLike = DEFAULT_BUILD_DIR, archs: list[str] |
     if triton:
         info["triton"] = {}
         rows += triton_rows(archs, quick=quick, jobs=jobs, ptxas=ptxas, info=info["triton"], extended=extended,
-                            keep_going=keep_going)
+                            keep_going=keep_going, families=families)
     return rows
 
 
@@ -689,7 +986,7 @@ def _table(head: tuple, body: list[tuple]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """CUDA rows (no "config" key) as one table, Triton rows as another."""
+    """CUDA rows (no "config" key) as one table, Triton rows as one per source."""
     parts = []
     cuda = [r for r in rows if "config" not in r]
     if cuda:
@@ -697,8 +994,8 @@ def format_table(rows: list[dict]) -> str:
         parts.append("CUDA kernels (csrc/):\n" + _table(head, [(_short(r["kernel"]), r["arch"], str(r["registers"]), str(r["smem"]),
                                     str(r["spill_stores"]), str(r["spill_loads"]), str(r["stack"]), r["source"])
                                    for r in cuda]))
-    tri = [r for r in rows if "config" in r]
-    if tri:
+    for source in dict.fromkeys(r["source"] for r in rows if "config" in r):
+        tri = [r for r in rows if "config" in r and r["source"] == source]
         head = ("kernel", "config", "arch", "tile", "warps", "stages", "regs", "smem B", "spill st B",
                 "spill ld B", "stack B", "note")
         body = []
@@ -711,7 +1008,7 @@ def format_table(rows: list[dict]) -> str:
             body.append((r["kernel"], r["config"], r["arch"], _cell(r.get("block")), _cell(r.get("num_warps")),
                          _cell(r.get("num_stages")), _cell(r["registers"]), _cell(r["smem"]),
                          _cell(r["spill_stores"]), _cell(r["spill_loads"]), _cell(r["stack"]), note))
-        parts.append(f"Triton kernels ({tri[0]['source']}):\n" + _table(head, body))
+        parts.append(f"Triton kernels ({source}):\n" + _table(head, body))
     return "\n\n".join(parts)
 
 
@@ -732,6 +1029,9 @@ def main(argv: list[str] | None = None) -> int:
                          "at its first failing config")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA (CMake) section")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton section")
+    ap.add_argument("--families", default=",".join(TRITON_FAMILIES),
+                    help=f"Triton: the kernel modules to compile, of {','.join(TRITON_FAMILIES)} "
+                         "(default all)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="parallel Triton compile processes (default: the number of CPUs)")
     ap.add_argument("--ptxas", choices=("triton", "toolkit"), default="triton",
@@ -747,10 +1047,15 @@ def main(argv: list[str] | None = None) -> int:
     if not build_dir.is_absolute():
         build_dir = ROOT / build_dir
 
+    families = [f for f in args.families.split(",") if f]
+    if not families:
+        ap.error("--families: none given")
+    if unknown := [f for f in families if f not in TRITON_FAMILIES]:
+        ap.error(f"--families: unknown {unknown}; known: {list(TRITON_FAMILIES)}")
     info: dict = {}
     rows = collect(build_dir, archs, cuda=not args.no_cuda, triton=not args.no_triton, quick=args.quick,
                    jobs=args.jobs, ptxas=args.ptxas, info=info, extended=args.extended,
-                   keep_going=args.keep_going)
+                   keep_going=args.keep_going, families=families)
     if not args.no_cuda and not info.get("cuda"):
         print("compile_report: no CUDA section: CMake found no CUDA compiler "
               "(set CUDA_HOME or CUDAToolkit_ROOT)", file=sys.stderr)
@@ -764,7 +1069,9 @@ def main(argv: list[str] | None = None) -> int:
         matrix = "quick" if args.quick else "extended" if args.extended else "default"
         compiled = sum(1 for r in tri if r["registers"] is not None and not r.get("same_as"))
         skipped = sum(1 for r in tri if r.get("skipped"))
-        print(f"\nTriton: {len(tri)} configs ({matrix} matrix), {compiled} compiles"
+        per_source = ", ".join(f"{sum(1 for r in tri if r['source'] == src)} of {src}"
+                               for src in dict.fromkeys(r["source"] for r in tri))
+        print(f"\nTriton: {len(tri)} configs ({matrix} matrix: {per_source}), {compiled} compiles"
               + (f", {skipped} skipped after a failure (--keep-going compiles them)" if skipped else "")
               + f", {t['seconds']:.0f} s; ptxas {t['ptxas']} ({t['ptxas_version']})")
     bad = problems(rows)

@@ -1,6 +1,7 @@
-"""The compile report's Triton section: every shipped Triton kernel compiles
-ahead of time, with no GPU, for sm_80 and sm_90 without spilling and within
-the arch's shared memory; and the ptxas-log parser it relies on.
+"""The compile report's Triton section: every shipped Triton kernel
+(triton_kernels/attention.py, triton_kernels/moe.py) compiles ahead of time,
+with no GPU, for sm_80 and sm_90 without spilling and within the arch's
+shared memory; and the ptxas-log parser it relies on.
 
 The compiles run in worker processes with TRITON_INTERPRET unset, so this
 works under conftest.py's interpreter mode.
@@ -84,7 +85,8 @@ def test_problems_name_failed_spilling_and_oversized_triton_configs():
 
 
 def test_triton_matrix_covers_the_shipped_configs():
-    full = cr.triton_configs(ARCHS)
+    full = cr.triton_configs(ARCHS, families=["attention"])
+    assert full == cr.attention_configs(ARCHS)
     keys = {(c["kernel"], c["dtype"], c["precision"], c["head_dim"], c["pattern"], c["cap"]) for c in full}
     assert len(keys) == len(full)
     for kernel in cr.TRITON_KERNELS:
@@ -94,9 +96,10 @@ def test_triton_matrix_covers_the_shipped_configs():
                     for cap in (80, 90):
                         assert (kernel, dtype, precision, d, pattern, cap) in keys
     assert cr.TRITON_PATTERNS["all"] == dict(HAS_QIDX=True, HAS_KIDX=True, MASK_KIND=2, DROPOUT=True)
-    quick = cr.triton_configs(ARCHS, quick=True)
+    quick = cr.triton_configs(ARCHS, quick=True, families=["attention"])
     assert sorted((c["kernel"], c["cap"]) for c in quick) == sorted(
         (k, cap) for k in cr.TRITON_KERNELS for cap in (80, 90))
+    assert cr.triton_configs(ARCHS) == full + cr.moe_configs(ARCHS)  # every family by default
 
 
 def test_triton_shipped_matrix_compiles_without_spills_for_sm80_sm90():
@@ -105,9 +108,9 @@ def test_triton_shipped_matrix_compiles_without_spills_for_sm80_sm90():
     shared memory over the limit fails here."""
     interpret = os.environ.get("TRITON_INTERPRET")
     info = {}
-    rows = cr.triton_rows(ARCHS, keep_going=True, info=info)
+    rows = cr.triton_rows(ARCHS, keep_going=True, info=info, families=["attention"])
     assert os.environ.get("TRITON_INTERPRET") == interpret  # the caller's mode is left alone
-    assert len(rows) == len(cr.triton_configs(ARCHS))
+    assert len(rows) == len(cr.attention_configs(ARCHS))
     assert info["ptxas"] and info["ptxas_version"]
     errors = [f"{r['kernel']} [{r['config']}] [{r['arch']}]: {r['error']}" for r in rows if r["error"]]
     assert not errors, "\n".join(errors)
@@ -125,7 +128,7 @@ def test_triton_report_fails_a_kernel_that_calls_a_host_function(tmp_path, monke
     src = (cr.ROOT / cr.TRITON_SOURCE).read_text()
     (tmp_path / "shadowed_attention.py").write_text(src + "\n\ndef _mix32(x):\n    return x\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    rows = cr.triton_rows(["90"], quick=True, module="shadowed_attention")
+    rows = cr.triton_rows(["90"], quick=True, families=["attention"], modules={"attention": "shadowed_attention"})
     assert sorted(r["kernel"] for r in rows) == sorted(cr.TRITON_KERNELS)
     for r in rows:
         assert r["error"] and "Unsupported function referenced" in r["error"], r
@@ -158,7 +161,7 @@ def test_triton_config_fails_on_an_argument_the_kernel_does_not_have(monkeypatch
 
     monkeypatch.setattr(triton, "compile", compile_reached)
     options = set(make_backend(GPUTarget("cuda", 90, 32)).parse_options({}).__dict__)
-    configs = cr.triton_configs(["90"], extended=True)
+    configs = cr.attention_configs(["90"], extended=True)
     for cfg in configs:  # the shipped arguments pass the check
         params = {p.name: p.is_constexpr for p in getattr(mod, cfg["kernel"]).params}
         cr.check_kernel_arguments(cfg["kernel"], params, *cr._launch_args(mod, cfg), options)
@@ -197,3 +200,170 @@ def test_kernel_argument_check_names_every_kind_of_mismatch():
             (dict(Q=0), dict(BLOCK_M=64), "no value for argument(s) ['H'] of _k")):
         with pytest.raises(RuntimeError, match=re.escape(expected)):
             cr.check_kernel_arguments("_k", params, values, meta, options)
+
+
+# -----------------------------------------------------------------------------
+# MoE kernels (triton_kernels/moe.py)
+# -----------------------------------------------------------------------------
+
+def _compilable_moe_module(monkeypatch, name="_tfk_moe_compilable"):
+    """triton_kernels/moe.py loaded afresh with TRITON_INTERPRET unset (see
+    _compilable_attention_module)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location(name, cr.ROOT / cr.MOE_SOURCE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_moe_matrix_covers_the_launchers_configs():
+    default = cr.moe_configs(ARCHS)
+    keys = [(c["kernel"], c["name"], c["cap"]) for c in default]
+    assert len(set(keys)) == len(keys)
+    opts = {(c["kernel"], c["dtype"], c["precision"], c["cap"], tuple(sorted(c["opts"].items()))) for c in default}
+    for cap in (80, 90):
+        for dtype, precision in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
+            for act in ("none", "silu", "gelu_tanh", "relu"):
+                for gather in (False, True):
+                    for scale in (False, True):
+                        for trans_b in (False, True):
+                            o = dict(act=act, gather=gather, scale=scale, trans_b=trans_b, small=False)
+                            assert ("_moe_grouped_gemm", dtype, precision, cap, tuple(sorted(o.items()))) in opts
+            for gather in (False, True):
+                o = dict(gather=gather, small=False)
+                assert ("_moe_grouped_gemm_tn", dtype, precision, cap, tuple(sorted(o.items()))) in opts
+            for act in ("silu", "gelu_tanh", "relu"):
+                assert ("_moe_act_bwd", dtype, None, cap, (("act", act), ("small", False))) in opts
+            route = [c["opts"] for c in default if c["kernel"] == "_moe_route" and c["dtype"] == dtype
+                     and c["cap"] == cap]
+            # every BLOCK_E (next_power_of_2(E), E = 1..256), plain and with every feature
+            assert sorted({o["E"] for o in route}) == [2 ** i for i in range(9)]
+            for E in cr.MOE_EXPERTS:
+                assert dict(E=E, k=min(8, E), score="softmax", bias=False, normalize=True, n_group=None,
+                            topk_group=None) in route
+                assert any(o["E"] == E and o["score"] == "sigmoid" and o["bias"] and
+                           (o["n_group"] == E // 2 or E < 4) for o in route)
+        for kernel in ("_moe_histogram", "_moe_scan", "_moe_scatter"):
+            assert sorted(c["opts"]["E"] for c in default if c["kernel"] == kernel and c["cap"] == cap) == \
+                list(cr.MOE_EXPERTS)
+    quick = cr.moe_configs(ARCHS, quick=True)
+    assert sorted((c["kernel"], c["cap"]) for c in quick) == sorted(
+        (k, cap) for k in cr.MOE_KERNELS for cap in (80, 90))
+    assert all(c in default for c in quick)
+    extended = cr.moe_configs(ARCHS, extended=True)
+    assert all(c in extended for c in default) and len(extended) > len(default)
+
+
+def test_moe_launch_args_are_the_launchers_own(monkeypatch):
+    """Every MoE config's arguments, from its launcher run on meta tensors,
+    pass the argument check; the tiles, dot precision and launch options are
+    moe.py's (gemm_tiles, dot_precision, launch_config), and route and
+    permute reach every BLOCK_E they can take. No compile."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    mod = _compilable_moe_module(monkeypatch)
+    options = set(make_backend(GPUTarget("cuda", 90, 32)).parse_options({}).__dict__)
+    block_e = {"_moe_route": set(), "_moe_histogram": set(), "_moe_scan": set(), "_moe_scatter": set()}
+    for cfg in cr.moe_configs(["90"], extended=True):
+        values, meta = cr._launch_args(mod, cfg)
+        params = {p.name: p.is_constexpr for p in getattr(mod, cfg["kernel"]).params}
+        cr.check_kernel_arguments(cfg["kernel"], params, values, meta, options)
+        dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(cfg["dtype"], "int64"))
+        if cfg["kernel"] in ("_moe_grouped_gemm", "_moe_grouped_gemm_tn"):
+            bm, bn, bk = mod.gemm_tiles(dtype)
+            assert meta["PRECISION"] == mod.dot_precision(dtype) == cfg["precision"]
+            assert meta["BLOCK_M"] == bm
+            if not cfg["opts"]["small"]:  # the launchers' upper bounds
+                assert (meta["BLOCK_N"], meta["BLOCK_K"]) == (bn, bk), cfg
+        if cfg["kernel"] in mod.KERNELS[:5]:
+            assert {k: meta[k] for k in ("num_warps", "num_stages")} == mod.launch_config(cfg["kernel"], dtype)
+        if cfg["kernel"] in block_e:
+            block_e[cfg["kernel"]].add(meta["BLOCK_E"])
+    assert block_e["_moe_route"] == {2 ** i for i in range(9)}  # 1..256
+    for kernel in ("_moe_histogram", "_moe_scan", "_moe_scatter"):
+        assert block_e[kernel] == {2 ** i for i in range(1, 10)}  # 2..512
+
+
+def test_moe_config_fails_when_the_launcher_and_the_report_disagree(monkeypatch):
+    """A launcher passing a constexpr its kernel lacks, launching the kernel
+    twice, or a dot precision other than the report's fails the config,
+    naming the reason. In-process: these fail before Triton binds the
+    arguments (triton.compile stopped anyway; this process's triton.language
+    was built for the interpreter, so binding would not work here)."""
+    import triton
+    mod = _compilable_moe_module(monkeypatch)
+
+    def compile_reached(*args, **kwargs):
+        raise RuntimeError("reached triton.compile")
+
+    monkeypatch.setattr(triton, "compile", compile_reached)
+    quick = {c["kernel"]: c for c in cr.moe_configs(["90"], quick=True)}
+    shipped = mod.launch_config
+    monkeypatch.setattr(mod, "launch_config", lambda kernel, dtype: dict(shipped(kernel, dtype), BOGUS=1))
+    row = cr._triton_compile_one(mod, quick["_moe_route"], {})
+    assert "constexpr(s) ['BOGUS'] that _moe_route does not have" in row["error"]
+    monkeypatch.setattr(mod, "launch_config", shipped)
+
+    fp32 = next(c for c in cr.moe_configs(["90"]) if c["kernel"] == "_moe_grouped_gemm" and c["dtype"] == "fp32")
+    monkeypatch.setattr(mod, "dot_precision", lambda dtype: "ieee")
+    row = cr._triton_compile_one(mod, fp32, {})
+    assert "PRECISION='ieee' for fp32, the report's matrix says 'tf32'" in row["error"]
+
+    shipped_combine = mod.combine
+    monkeypatch.setattr(mod, "combine", lambda y, index, k: (shipped_combine(y, index, k),
+                                                             shipped_combine(y, index, k))[0])
+    row = cr._triton_compile_one(mod, quick["_moe_combine"], {})
+    assert "launched _moe_combine 2 times, expected once" in row["error"]
+    # the recorders are gone again: the module's kernels are its JITFunctions
+    assert all(hasattr(getattr(mod, k), "params") for k in mod.KERNELS)
+
+
+@pytest.mark.parametrize("matrix", ["quick", pytest.param("default", marks=pytest.mark.slow)])
+def test_moe_shipped_matrix_compiles_without_spills_for_sm80_sm90(matrix):
+    """A real check over the MoE matrix: each kernel's register worst case on
+    both archs (quick, the default tier: 16 compiles, 33 s on 2 shared cores) or every config of the
+    report's default matrix (the long tier): it compiles, with no spill and
+    shared memory within the arch's limit."""
+    quick = matrix == "quick"
+    rows = cr.triton_rows(ARCHS, quick=quick, keep_going=True, families=["moe"])
+    assert len(rows) == len(cr.moe_configs(ARCHS, quick=quick))
+    errors = [f"{r['kernel']} [{r['config']}] [{r['arch']}]: {r['error']}" for r in rows if r["error"]]
+    assert not errors, "\n".join(errors)
+    assert {r["kernel"] for r in rows} == set(cr.MOE_KERNELS)
+    assert all(r["source"] == cr.MOE_SOURCE and r["registers"] > 0 for r in rows)
+    assert cr.problems(rows) == [], "\n" + cr.format_table(rows)
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows)
+
+
+PLANTED_MOE = '''
+
+def gemm_tiles(dtype):  # planted: accumulators of 64 x 256 fp32, two of them with an act: spills
+    return (64, 256, 64)
+
+
+PERMUTE_BLOCK = 48  # planted: not a power of two, tl.arange refuses it
+'''
+
+
+def test_moe_report_fails_planted_spill_and_compile_error(tmp_path, monkeypatch):
+    """moe.py with GEMM tiles too big for the registers and a permute block
+    that is not a power of two: the report names the spilling grouped GEMM
+    and the two permute kernels that do not compile; the other kernels pass."""
+    src = (cr.ROOT / cr.MOE_SOURCE).read_text()
+    (tmp_path / "planted_moe.py").write_text(src + PLANTED_MOE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    rows = cr.triton_rows(["90"], quick=True, families=["moe"], modules={"moe": "planted_moe"})
+    by_kernel = {r["kernel"]: r for r in rows}
+    assert sorted(by_kernel) == sorted(cr.MOE_KERNELS)
+    gemm = by_kernel["_moe_grouped_gemm"]
+    assert gemm["error"] is None and gemm["block"].startswith("M64 N256 K64") and gemm["spill_stores"] > 0, gemm
+    bad = cr.problems(rows)
+    assert any(line.startswith("_moe_grouped_gemm [fp16 silu gather scale b(G,N,K)] [sm_90a] spills")
+               for line in bad), bad
+    for kernel in ("_moe_histogram", "_moe_scatter"):
+        assert by_kernel[kernel]["error"] and "power of 2" in by_kernel[kernel]["error"], by_kernel[kernel]
+        assert any(line.startswith(f"{kernel} [int64 E=256] [sm_90a] failed to compile") for line in bad)
+    for kernel in ("_moe_route", "_moe_act_bwd", "_moe_combine", "_moe_scan"):
+        assert not cr._row_problems(by_kernel[kernel]), by_kernel[kernel]
+    assert "FAILED" in cr.format_table(rows)
