@@ -27,6 +27,9 @@ import torch
 
 import tfk
 
+from . import table
+from .table import Col
+
 WAYS = ("sdpa", "tfk", "patch_torch")
 
 
@@ -101,12 +104,9 @@ def measure(tokens=100, rounds=3, batch=1, layers=2) -> list[dict]:
 
 
 def format_table(rows) -> str:
-    head = f"{'way':<12} {'ms':>9} {'/ sdpa':>7} {'same tokens':>12} {'generate same':>14}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['way']:<12} {r['ms']:>9.1f} {r['ratio']:>7.3f} {str(r['same_tokens']):>12} "
-                     f"{str(r['same_generate']):>14}")
-    return "\n".join(lines)
+    cols = [Col("way", "<"), Col("ms"), Col("/ sdpa"), Col("same tokens"), Col("generate same")]
+    return table.format_table(cols, [[r["way"], f"{r['ms']:.1f}", f"{r['ratio']:.3f}", str(r["same_tokens"]),
+                                      str(r["same_generate"])] for r in rows])
 
 
 def main(argv=None):

@@ -39,6 +39,9 @@ import torch
 import tfk
 from tfk.ops.attention import api, torch_sdpa
 
+from . import table
+from .table import Col
+
 
 @dataclass(frozen=True)
 class Case:
@@ -99,12 +102,9 @@ def measure(case: Case, calls=500) -> dict:
 
 
 def format_table(rows) -> str:
-    head = f"{'case':<22} {'backend':<8} {'torch us':>9} {'tfk us':>9} {'tfk/torch':>9} {'max diff':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['case']:<22} {r['backend']:<8} {r['torch_us']:>9.1f} {r['tfk_us']:>9.1f} "
-                     f"{r['ratio']:>9.2f} {r['max_diff']:>9.1e}")
-    return "\n".join(lines)
+    cols = [Col("case", "<"), Col("backend", "<"), Col("torch us"), Col("tfk us"), Col("tfk/torch"), Col("max diff")]
+    return table.format_table(cols, [[r["case"], r["backend"], f"{r['torch_us']:.1f}", f"{r['tfk_us']:.1f}",
+                                      f"{r['ratio']:.2f}", f"{r['max_diff']:.1e}"] for r in rows])
 
 
 @contextlib.contextmanager
@@ -172,14 +172,11 @@ def measure_host(case: Case, backend: str, calls=500) -> dict:
 
 
 def format_host_table(rows) -> str:
-    head = (f"{'case':<14} {'backend':<9} {'call us':>8} {'op us':>8} {'body us':>8} "
-            f"{'call-op':>8} {'op-body':>8} {'launches':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['case']:<14} {r['backend']:<9} {r['call_us']:>8.1f} {r['op_us']:>8.1f} "
-                     f"{r['body_us']:>8.1f} {r['call_us'] - r['op_us']:>8.1f} {r['op_us'] - r['body_us']:>8.1f} "
-                     f"{r['launches']:>8}")
-    return "\n".join(lines)
+    cols = [Col("case", "<"), Col("backend", "<"), Col("call us"), Col("op us"), Col("body us"), Col("call-op"),
+            Col("op-body"), Col("launches")]
+    return table.format_table(cols, [[r["case"], r["backend"], f"{r['call_us']:.1f}", f"{r['op_us']:.1f}",
+                                      f"{r['body_us']:.1f}", f"{r['call_us'] - r['op_us']:.1f}",
+                                      f"{r['op_us'] - r['body_us']:.1f}", str(r["launches"])] for r in rows])
 
 
 def main(argv=None):

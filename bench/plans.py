@@ -27,6 +27,9 @@ import torch
 from tfk import patterns as P
 from tfk.plan import compile_plan, compile_plan_exhaustive
 
+from . import table
+from .table import Col
+
 BLOCK = 64
 
 # the clock every time is read from (``--clock``)
@@ -106,16 +109,20 @@ def _same(a, b):
     return True
 
 
-def format_table(rows) -> str:
-    head = (f"{'pattern':<22} {'L':>7} {'build ms':>9} {'tiles':>9} {'partial':>8} {'plan MB':>8} "
-            f"{'us/ktile':>9} {'exhaustive/tfk':>15} {'flex/tfk':>9}")
-    lines = [head, "-" * len(head)]
+# minimum widths: main() prints each row as it is measured, before the table
+COLS = [Col("pattern", "<", 22), Col("L", ">", 6), Col("build ms", ">", 8), Col("tiles", ">", 8),
+        Col("partial", ">", 7), Col("plan MB", ">", 7), Col("us/ktile", ">", 8), Col("exhaustive/tfk", ">", 14),
+        Col("flex/tfk", ">", 8)]
+
+
+def format_table(rows, header=True) -> str:
+    lines = []
     for r in rows:
         ex = f"{r['exhaustive_x']:.0f}x" + ("" if r["same"] else " DIFFERS") if "exhaustive_x" in r else "-"
         fl = "-" if "flex_x" not in r else (f"{r['flex_x']:.0f}x" if r["flex_x"] else r.get("flex_error", "?"))
-        lines.append(f"{r['pattern']:<22} {r['L']:>7} {r['ms']:>9.1f} {r['tiles']:>9} {r['partial']:>8} "
-                     f"{r['mb']:>8.2f} {r['us_per_ktile']:>9.1f} {ex:>15} {fl:>9}")
-    return "\n".join(lines)
+        lines.append([r["pattern"], str(r["L"]), f"{r['ms']:.1f}", str(r["tiles"]), str(r["partial"]),
+                      f"{r['mb']:.2f}", f"{r['us_per_ktile']:.1f}", ex, fl])
+    return table.format_table(COLS, lines, header)
 
 
 def main(argv=None):
@@ -139,7 +146,7 @@ def main(argv=None):
             if only and name not in only:
                 continue
             rows.append(measure(name, pattern, L, args.repeat, peers=L <= args.peers_up_to))
-            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+            print(format_table(rows[-1:], header=False), flush=True)
     print()
     print(format_table(rows))
 

@@ -42,6 +42,7 @@ from tfk import patterns as P
 from tfk.ops.attention import attention_reference
 
 from . import report_moe
+from .table import Col, fmt, format_table
 
 # Relative tolerance per dtype: fp32 is absolute-relative; fp16/bf16 add this
 # floor to 2x the error of the reference computed in that dtype.
@@ -291,25 +292,17 @@ def _fmt_err(e):
 
 
 def format_rows(rows):
-    cols = ["op", "dtype", "backend", "err out", "err dq", "err dk", "err dv", "fwd ms", "f+b ms", "check"]
+    cols = [Col("op", "<"), Col("dtype", "<"), Col("backend", "<"), Col("err out"), Col("err dq"), Col("err dk"),
+            Col("err dv"), Col("fwd ms"), Col("f+b ms"), Col("check", "<")]
     lines = []
     for r in rows:
         if r.get("error"):
             lines.append([r["op"], r.get("dtype", ""), "ERROR: " + r["error"].strip().splitlines()[-1][:110]])
             continue
         lines.append([r["op"], r["dtype"], r["backend"], _fmt_err(r["err_out"]), _fmt_err(r["err_dq"]),
-                      _fmt_err(r["err_dk"]), _fmt_err(r["err_dv"]),
-                      "-" if r["fwd_ms"] is None else f"{r['fwd_ms']:.1f}",
-                      "-" if r["fwdbwd_ms"] is None else f"{r['fwdbwd_ms']:.1f}",
-                      "ok" if r["ok"] else f"FAIL (tol {r['tol']:.1e})"])
-    full = [l for l in lines if len(l) == len(cols)]
-    w = [max([len(c)] + [len(l[i]) for l in full]) for i, c in enumerate(cols)]
-    just = lambda cells: "  ".join(c.ljust(w[i]) if i < 3 or i == 9 else c.rjust(w[i])  # noqa: E731
-                                   for i, c in enumerate(cells)).rstrip()
-    out = [just(cols), "  ".join("-" * x for x in w)]
-    for l in lines:
-        out.append(just(l) if len(l) == len(cols) else f"{l[0].ljust(w[0])}  {l[1].ljust(w[1])}  {l[2]}")
-    return "\n".join(out)
+                      _fmt_err(r["err_dk"]), _fmt_err(r["err_dv"]), fmt(r["fwd_ms"], ".1f"),
+                      fmt(r["fwdbwd_ms"], ".1f"), "ok" if r["ok"] else f"FAIL (tol {r['tol']:.1e})"])
+    return format_table(cols, lines)
 
 
 SIM_DTYPES = (torch.float16, torch.bfloat16)

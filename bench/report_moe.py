@@ -20,6 +20,8 @@ import torch
 import tfk
 from tfk.ops.moe import experts_reference, grouped_mm_reference
 
+from .table import Col, fmt, format_table
+
 
 @dataclass(frozen=True)
 class MoEOp:
@@ -184,22 +186,15 @@ def check_all(ops, device, dtypes, **kw):
 
 
 def format_rows(rows):
-    cols = ["op", "dtype", "backend", "err out", "err grads", "fwd ms", "f+b ms", "check"]
-    fmt = lambda e: "inf" if e == float("inf") else f"{e:.1e}"  # noqa: E731
+    cols = [Col("op", "<"), Col("dtype", "<"), Col("backend", "<"), Col("err out"), Col("err grads"),
+            Col("fwd ms"), Col("f+b ms"), Col("check", "<")]
+    err = lambda e: "inf" if e == float("inf") else f"{e:.1e}"  # noqa: E731
     lines = []
     for r in rows:
         if r.get("error"):
             lines.append([r["op"], r.get("dtype", ""), "ERROR: " + r["error"].strip().splitlines()[-1][:110]])
             continue
-        lines.append([r["op"], r["dtype"], r["backend"], fmt(r["err_out"]), fmt(r["err_grads"]),
-                      "-" if r["fwd_ms"] is None else f"{r['fwd_ms']:.1f}",
-                      "-" if r["fwdbwd_ms"] is None else f"{r['fwdbwd_ms']:.1f}",
+        lines.append([r["op"], r["dtype"], r["backend"], err(r["err_out"]), err(r["err_grads"]),
+                      fmt(r["fwd_ms"], ".1f"), fmt(r["fwdbwd_ms"], ".1f"),
                       "ok" if r["ok"] else f"FAIL (tol {r['tol']:.1e})"])
-    full = [l for l in lines if len(l) == len(cols)]
-    w = [max([len(c)] + [len(l[i]) for l in full]) for i, c in enumerate(cols)]
-    just = lambda cells: "  ".join(c.ljust(w[i]) if i < 3 or i == 7 else c.rjust(w[i])  # noqa: E731
-                                   for i, c in enumerate(cells)).rstrip()
-    out = [just(cols), "  ".join("-" * x for x in w)]
-    for l in lines:
-        out.append(just(l) if len(l) == len(cols) else f"{l[0].ljust(w[0])}  {l[1].ljust(w[1])}  {l[2]}")
-    return "\n".join(out)
+    return format_table(cols, lines)

@@ -60,6 +60,7 @@ from tfk.backends import AttentionCall, select_backend
 from tfk.ops.attention.api import torch_sdpa
 
 from .registry import Shape, get_shape, shapes_for
+from . import table
 
 IMPLS = ("tfk", "sdpa", "flex")
 # flash-attn, where installed, joins in GPU mode for the shapes it can express
@@ -525,12 +526,14 @@ def _mib(x):
 
 
 def format_table(rows, gpu=False):
-    cols = ["shape", "impl", "fwd ms", "f+b ms", "fwd x", "f+b x", "fwd MiB", "f+b MiB",
-            "|dout|", "|dgrad|", "tiles"]
+    names = ["fwd ms", "f+b ms", "fwd x", "f+b x", "fwd MiB", "f+b MiB", "|dout|", "|dgrad|", "tiles"]
     if gpu:
-        cols[8:8] = ["fwd TF/s", "f+b TF/s"]
+        names[6:6] = ["fwd TF/s", "f+b TF/s"]
+    cols = [table.Col("shape", "<"), table.Col("impl", "<")] + [table.Col(n) for n in names]
     lines = []
     for r in rows:
+        if lines and r["shape"] != lines[-1][0]:
+            lines.append(None)  # an empty line between shapes
         impl = r["impl"] + (f"[{r['backend']}]" if r.get("backend") else "")
         if r.get("error"):
             lines.append([r["shape"], impl, "ERROR: " + r["error"].strip().splitlines()[-1][:100]])
@@ -547,20 +550,7 @@ def format_table(rows, gpu=False):
         if r.get("mismatch"):
             cells[-1] += "  MISMATCH"
         lines.append(cells)
-    full = [l for l in lines if len(l) == len(cols)]
-    widths = [max([len(c)] + [len(l[i]) for l in full]) for i, c in enumerate(cols)]
-    out = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))]
-    out.append("  ".join("-" * w for w in widths))
-    last = None
-    for l in lines:
-        if last is not None and l[0] != last:
-            out.append("")
-        last = l[0]
-        if len(l) == 3:
-            out.append(f"{l[0].ljust(widths[0])}  {l[1].ljust(widths[1])}  {l[2]}")
-        else:
-            out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
-    return "\n".join(out)
+    return table.format_table(cols, lines)
 
 
 def _header(mode, device):

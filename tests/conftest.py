@@ -14,6 +14,12 @@ if not torch.cuda.is_available():
 
 from tfk import backends  # noqa: E402
 
+# One intra-op thread: the test shapes are small, and on a 2-core machine
+# shared with other work an OpenMP region waits for a descheduled thread
+# (measured: a (33, 24) index_add took 118 ms on 2 threads under load, 13 us
+# on one). TFK_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("TFK_TEST_THREADS", "1")))
+
 LONG = os.environ.get("TFK_LONG_TESTS") == "1"
 
 

@@ -172,9 +172,10 @@ def test_auto_is_torch_on_cpu():
     assert names == ["torch"]
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_torch_compile_fullgraph(mode, monkeypatch):
-    """The experts and grouped_mm ops trace without a graph break, forward and backward."""
+@pytest.mark.parametrize("mode,compiler", [(m, "aot_eager") for m in MODES] + [("grouped", "inductor")])
+def test_torch_compile_fullgraph(mode, compiler, monkeypatch):
+    """The experts and grouped_mm ops trace without a graph break, forward and
+    backward; inductor (generated C++ around the ops) once, it compiles for ~15 s."""
     force_mode(monkeypatch, mode)
     torch._dynamo.reset()
     inp = make_experts_inputs(21, 8, 2, 16, 24, seed=4)
@@ -189,7 +190,7 @@ def test_torch_compile_fullgraph(mode, monkeypatch):
     leaves = [inp["x"].float(), logits, inp["w1"].float(), inp["w2"].float(), torch.randn(3, 16, 5)]
     got = [t.clone().requires_grad_() for t in leaves]
     want = [t.clone().requires_grad_() for t in leaves]
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*got)
+    out = torch.compile(f, fullgraph=True, backend=compiler)(*got)
     out.backward()
     ref = f(*want)
     ref.backward()
