@@ -42,6 +42,15 @@ import triton
 import triton.language as tl
 
 from tfk import backends
+from tfk.ops.moe.launch_checks import ALIGN, DTYPES  # noqa: F401 (part of the module's API)
+from tfk.ops.moe.launch_checks import ROUTE_MAX_EXPERTS as MAX_EXPERTS
+from tfk.ops.moe.launch_checks import ROUTE_MAX_TOP_K as MAX_TOP_K  # noqa: F401 (part of the module's API)
+from tfk.ops.moe.launch_checks import check_aligned as _check_aligned
+from tfk.ops.moe.launch_checks import check_float as _check_float
+from tfk.ops.moe.launch_checks import check_gather as _check_gather
+from tfk.ops.moe.launch_checks import check_index as _check_index
+from tfk.ops.moe.launch_checks import check_offs as _check_offs
+from tfk.ops.moe.launch_checks import check_route
 
 # -----------------------------------------------------------------------------
 # Configs
@@ -51,14 +60,10 @@ KERNELS = ("_moe_route", "_moe_grouped_gemm", "_moe_grouped_gemm_tn", "_moe_act_
            "_moe_histogram", "_moe_scan", "_moe_scatter")
 ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2, "relu": 3}
 SCORES = {"softmax": 0, "sigmoid": 1}
-MAX_EXPERTS = 256
-MAX_TOP_K = 8
 PERMUTE_BLOCK = 64  # ids per program of the permutation kernels
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# K and N (H and I of a layer) must be multiples of 8: rows of 16 bytes in
-# fp16/bf16, what the vectorised loads here and the CUDA kernels' ldmatrix and
-# cp.async chunks need.
-ALIGN = 8
+# DTYPES, ALIGN (K and N multiples of 8), MAX_EXPERTS and MAX_TOP_K (routing)
+# and the launchers' argument checks: tfk/ops/moe/launch_checks.py, shared
+# with the CUDA launchers.
 
 
 def dot_precision(dtype):
@@ -400,54 +405,6 @@ def _moe_scatter(Ids, Base, Starts, Order, Inverse, n, num_experts, BLOCK: tl.co
 # Host side
 # -----------------------------------------------------------------------------
 
-def _check_float(name, x, dims):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{name}: dtype {x.dtype} is not supported (float16, bfloat16 or float32)")
-    if x.dim() != dims:
-        raise ValueError(f"{name}: expected {dims} dimensions, got shape {tuple(x.shape)}")
-
-
-def _check_index(name, x, length, device):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name}: must be an int32 or int64 tensor, got {x.dtype}")
-    if x.dim() != 1 or (length is not None and x.shape[0] != length):
-        want = f"({length},)" if length is not None else "1-D"
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name}: on {x.device}, the other tensors on {device}")
-
-
-def _check_aligned(name, size):
-    if size % ALIGN:
-        raise ValueError(f"{name} = {size} is not a multiple of {ALIGN}: the kernels read rows in "
-                         f"16-byte chunks (8 fp16/bf16 elements)")
-
-
-def _check_offs(offs, num_rows):
-    """Offsets must be non-decreasing in [0, num_rows]; checked on CPU only
-    (on CUDA it would synchronise)."""
-    if offs.device.type != "cpu" or offs.numel() == 0:
-        return
-    o = offs.to(torch.int64)
-    if int(o[0]) < 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) > num_rows:
-        raise ValueError(f"offs: must be non-decreasing cumulative row ends in [0, {num_rows}], "
-                         f"got {o.tolist() if o.numel() <= 16 else 'values out of order or range'}")
-
-
-def _check_gather(name, gather, used, num_src):
-    """Gathered ids of the used rows (the first ``used``) must lie in
-    [0, num_src); CPU only."""
-    if gather is None or gather.device.type != "cpu" or used == 0:
-        return
-    g = gather[:used]
-    if bool((g < 0).any()) or bool((g >= num_src).any()):
-        raise ValueError(f"{name}: ids of rows below offs[-1] must lie in [0, {num_src})")
-
-
 def tile_map(offs, num_rows, block_m):
     """(3, n_tiles) int64 on offs's device: for each program of
     ``_moe_grouped_gemm``, its first row, the end of its group's rows and its
@@ -614,38 +571,8 @@ def route(logits, top_k, *, score="softmax", normalize=True, bias=None, n_group=
     Returns (weights (T, k) float32, experts (T, k) int64, counts (E,) int64:
     the (token, slot) assignments of each expert). E <= 256, k <= 8.
     """
-    _check_float("logits", logits, 2)
+    n_group, topk_group = check_route(logits, top_k, score, bias, n_group, topk_group)
     T, E = logits.shape
-    if not 1 <= E <= MAX_EXPERTS:
-        raise ValueError(f"logits: E = {E} experts; the kernel takes 1 to {MAX_EXPERTS}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= min(MAX_TOP_K, E):
-        raise ValueError(f"top_k: {top_k!r}; must be an int in [1, {min(MAX_TOP_K, E)}] (E = {E}, at most "
-                         f"{MAX_TOP_K})")
-    if score not in SCORES:
-        raise ValueError(f"score: {score!r} is not one of {list(SCORES)}")
-    if bias is not None:
-        _check_float("bias", bias, 1)
-        if bias.shape[0] != E:
-            raise ValueError(f"bias: expected shape ({E},), got {tuple(bias.shape)}")
-        if bias.device != logits.device:
-            raise ValueError(f"bias: on {bias.device}, logits on {logits.device}")
-    if (n_group is None) != (topk_group is None):
-        raise ValueError("n_group and topk_group: give both or neither")
-    grouped = n_group is not None and topk_group != n_group
-    group_size = 1
-    if n_group is not None:
-        if not isinstance(n_group, int) or n_group < 1 or E % n_group:
-            raise ValueError(f"n_group: {n_group!r} must be a positive divisor of E = {E}")
-        group_size = E // n_group
-        if group_size < 2:
-            raise ValueError(f"n_group: {n_group} groups of {group_size} expert; a group is scored by "
-                             f"its top 2, so groups need at least 2 experts")
-        if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
-            raise ValueError(f"topk_group: {topk_group!r} must be an int in [1, n_group = {n_group}]")
-        if top_k > topk_group * group_size:
-            raise ValueError(f"top_k: {top_k} exceeds the {topk_group * group_size} experts of "
-                             f"topk_group = {topk_group} groups")
-
     dev = logits.device
     weights = backends.new_output((T, top_k), torch.float32, dev)
     experts = torch.full((T, top_k), -1, dtype=torch.int64, device=dev) if backends.POISON_OUTPUTS \
@@ -657,10 +584,10 @@ def route(logits, top_k, *, score="softmax", normalize=True, bias=None, n_group=
     block_t = max(1, min(16, 2048 // block_e))
     _moe_route[(triton.cdiv(T, block_t),)](
         logits, bias if bias is not None else logits, weights, experts, counts,
-        T, E, logits.stride(0), logits.stride(1), group_size, float(scaling),
+        T, E, logits.stride(0), logits.stride(1), E // max(n_group, 1), float(scaling),
         TOP_K=top_k, SCORE=SCORES[score], HAS_BIAS=bias is not None, NORMALIZE=bool(normalize),
-        N_GROUP=n_group if grouped else 0, TOPK_GROUP=topk_group if grouped else 0,
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
+        N_GROUP=n_group, TOPK_GROUP=topk_group,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(max(n_group, 1)),
         BLOCK_K=triton.next_power_of_2(top_k), **launch_config("_moe_route", logits.dtype))
     return weights, experts, counts
 

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "attention/attention.h"
+#include "common/elem.cuh"
 #include "common/tfk_cuda.h"
 #include "common/warp_primitives.h"
 
@@ -26,24 +27,7 @@ namespace attention {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// What differs between the two 16-bit input types: packing and the mma.
-template <typename T>
-struct Elem {
-  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
-                "attention kernels take __half or __nv_bfloat16");
-  static constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    if constexpr (kBf16) return pack_bfloat162(lo, hi);
-    else return pack_half2(lo, hi);
-  }
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t b0,
-                                             const uint32_t b1) {
-    const uint32_t b[2] = {b0, b1};
-    if constexpr (kBf16) mma_m16n8k16_bf16f32(d, a, b, d);
-    else mma_m16n8k16_f16f32(d, a, b, d);
-  }
-};
+// Elem<T> (packing and the mma of __half / __nv_bfloat16): common/elem.cuh.
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled tile.
 template <int HD>

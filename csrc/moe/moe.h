@@ -1,7 +1,8 @@
-// Mixture-of-Experts kernels: the grouped GEMMs of the expert layers (forward
-// with a gathered A and an act(gate) * up epilogue, and the per-group A^T B of
-// the weight gradients), the activation's backward and the combine of each
-// token's k slots.
+// Mixture-of-Experts kernels: the routing (scores, group-limited top-k and the
+// per-expert counts), the grouped GEMMs of the expert layers (forward with a
+// gathered A and an act(gate) * up epilogue, and the per-group A^T B of the
+// weight gradients), the activation's backward and the combine of each token's
+// k slots.
 //
 // Free of CUDA and torch headers: included by the kernels (nvcc, or the host
 // compiler in host mode) and by the torch bindings (csrc/moe/ops.h).
@@ -13,6 +14,8 @@
 //   grouped A^T B  a (Ma, K); b (M, N); offs (G,); gather_a (M,) or null;
 //                  c (G, K, N).
 //   combine        y (My, H); index (T * k,) int64; out (T, H).
+//   route          logits (T, E); bias (E,) float32 or null; weights (T, k)
+//                  float32; experts (T, k) int64; counts (E,) int64.
 // K, N (and N / 2 with an activation) and H are multiples of 8: the 16-bit
 // kernels move rows in 16-byte chunks (cp.async, ldmatrix), a chunk either
 // wholly inside the matrix or wholly outside (zero-filled).
@@ -92,12 +95,35 @@ struct ActBwdParams {
   void* out = nullptr;
 };
 
+// Routing limits: a warp per token row holds E / 32 scores per lane.
+constexpr int kRouteMaxExperts = 256;
+constexpr int kRouteMaxTopK = 8;
+constexpr int kRouteMaxGroups = kRouteMaxExperts / 2;  // groups hold >= 2 experts
+
+struct RouteParams {
+  Dtype dtype = Dtype::kFloat;  // of logits, read as float32
+  int64_t tokens = 0;
+  int experts = 0;              // E in [1, kRouteMaxExperts]
+  int top_k = 1;                // in [1, min(E, kRouteMaxTopK)]
+  bool sigmoid = false;         // scores: softmax (false) or sigmoid of the logits
+  bool normalize = true;        // weights / their sum (sigmoid: sum + 1e-20)
+  int n_group = 0;              // 0: no group limit; else E / n_group >= 2 experts a group
+  int topk_group = 0;           // groups kept, in [1, n_group]
+  float scaling = 1.f;
+  const void* logits = nullptr;
+  const float* bias = nullptr;  // added to the scores for the choice only
+  float* weights = nullptr;
+  int64_t* expert_ids = nullptr;
+  int64_t* counts = nullptr;    // zeroed by the launch, then the (token, slot) assignments of each expert
+};
+
 // `stream` is a cudaStream_t (ignored in host mode). Nothing is launched for
 // empty outputs.
 void grouped_gemm_launch(const GemmParams& p, void* stream);
 void grouped_gemm_tn_launch(const GemmTnParams& p, void* stream);
 void combine_launch(const CombineParams& p, void* stream);
 void act_backward_launch(const ActBwdParams& p, void* stream);
+void route_launch(const RouteParams& p, void* stream);
 
 }  // namespace moe
 }  // namespace tfk

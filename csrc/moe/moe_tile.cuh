@@ -1,5 +1,5 @@
-// Device pieces of the MoE kernels: element conversions, the activations,
-// swizzled shared-memory tiles and their ldmatrix fragment loads.
+// Device pieces of the MoE kernels: the activations, swizzled shared-memory
+// tiles and their ldmatrix fragment loads.
 //
 // A tile row holds kChunks 16-byte chunks (8 16-bit elements each), kChunks
 // 4 (32 elements) or 8 (64). Chunks are XOR-swizzled so that the eight rows
@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/elem.cuh"
 #include "common/tfk_cuda.h"
 #include "common/warp_primitives.h"
 #include "moe/moe.h"
@@ -23,38 +24,7 @@
 namespace tfk {
 namespace moe {
 
-template <typename T>
-__device__ __forceinline__ float to_f32(T x) {
-  if constexpr (std::is_same<T, __half>::value) return __half2float(x);
-  else if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(x);
-  else return x;
-}
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x) {
-  if constexpr (std::is_same<T, __half>::value) return __float2half_rn(x);
-  else if constexpr (std::is_same<T, __nv_bfloat16>::value) return __float2bfloat16_rn(x);
-  else return x;
-}
-
-// Packing and the mma of the two 16-bit input types.
-template <typename T>
-struct Elem {
-  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
-                "the tensor-core MoE kernels take __half or __nv_bfloat16");
-  static constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    if constexpr (kBf16) return pack_bfloat162(lo, hi);
-    else return pack_half2(lo, hi);
-  }
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t b0,
-                                             const uint32_t b1) {
-    const uint32_t b[2] = {b0, b1};
-    if constexpr (kBf16) mma_m16n8k16_bf16f32(d, a, b, d);
-    else mma_m16n8k16_f16f32(d, a, b, d);
-  }
-};
+// to_f32, from_f32 and Elem (packing, the mma) are common/elem.cuh's.
 
 // ---------------------------------------------------------------- activations
 // fp32, as triton_kernels/moe.py computes them (exp of -|x| only: no overflow).

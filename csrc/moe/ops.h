@@ -14,9 +14,11 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <tuple>
 
 #include "moe/moe.h"
 
@@ -40,6 +42,13 @@ constexpr const char* kCombineOutSchema =
 constexpr const char* kActBwdSchema = "moe_act_backward(Tensor gate_up, Tensor grad_h, str act) -> Tensor";
 constexpr const char* kActBwdOutSchema =
     "moe_act_backward.out(Tensor gate_up, Tensor grad_h, str act, *, Tensor(a!) out) -> Tensor(a!)";
+constexpr const char* kRouteSchema =
+    "moe_route(Tensor logits, int top_k, str score='softmax', bool normalize=True, Tensor? bias=None, "
+    "int n_group=0, int topk_group=0, float scaling=1.0) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kRouteOutSchema =
+    "moe_route.out(Tensor logits, int top_k, str score='softmax', bool normalize=True, Tensor? bias=None, "
+    "int n_group=0, int topk_group=0, float scaling=1.0, *, Tensor(a!) weights, Tensor(b!) experts, "
+    "Tensor(c!) counts) -> (Tensor(a!), Tensor(b!), Tensor(c!))";
 
 namespace ops {
 
@@ -66,10 +75,21 @@ struct Checker {
   void multiple_of_8(int64_t x, const char* name) const {
     TORCH_CHECK(x % 8 == 0, op, ": ", name, " = ", x, " must be a multiple of 8 (rows move in 16-byte chunks)");
   }
+  // On the op's device, contiguous, of dtype `expected` and shape `sizes`.
+  void exact(const at::Tensor& t, const char* name, at::ScalarType expected, at::IntArrayRef sizes) const {
+    tensor(t, name, static_cast<int>(sizes.size()));
+    dtype(t, name, expected);
+    shape(t, name, sizes);
+  }
   void out(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef sizes) const {
-    tensor(t, "out", static_cast<int>(sizes.size()));
-    dtype(t, "out", like.scalar_type());
-    shape(t, "out", sizes);
+    exact(t, "out", like.scalar_type(), sizes);
+  }
+  // The 16-bit kernels' operands and output.
+  void aligned_16bit(Dtype d, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) const {
+    if (d == Dtype::kFloat) return;
+    aligned(a, "a");
+    aligned(b, "b");
+    aligned(out, "out");
   }
 };
 
@@ -158,17 +178,11 @@ at::Tensor& grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at:
   check_offs(c, offs, G, M);
   p.gather = check_gather(c, gather, "gather", last_offset(offs), a.size(0));
   if (row_scale) {
-    c.tensor(*row_scale, "row_scale", 1);
-    c.dtype(*row_scale, "row_scale", at::kFloat);
-    c.shape(*row_scale, "row_scale", {M});
+    c.exact(*row_scale, "row_scale", at::kFloat, {M});
     p.row_scale = row_scale->data_ptr<float>();
   }
   c.out(out, a, {M, n_out});
-  if (p.dtype != Dtype::kFloat) {
-    c.aligned(a, "a");
-    c.aligned(b, "b");
-    c.aligned(out, "out");
-  }
+  c.aligned_16bit(p.dtype, a, b, out);
   p.m = M;
   p.k = K;
   p.n = N;
@@ -221,11 +235,7 @@ at::Tensor& grouped_gemm_tn_out(const at::Tensor& a, const at::Tensor& b, const 
   }
   p.gather_a = check_gather(c, gather_a, "gather_a", last_offset(offs), a.size(0));
   c.out(out, a, {G, K, N});
-  if (p.dtype != Dtype::kFloat) {
-    c.aligned(a, "a");
-    c.aligned(b, "b");
-    c.aligned(out, "out");
-  }
+  c.aligned_16bit(p.dtype, a, b, out);
   p.m = M;
   p.k = K;
   p.n = N;
@@ -320,6 +330,70 @@ at::Tensor act_backward(const at::Tensor& gate_up, const at::Tensor& grad_h, c10
   return act_backward_out<Device>(gate_up, grad_h, act, out);
 }
 
+// weights (T, k) float32, experts (T, k) int64, counts (E,) int64 (zeroed here).
+template <typename Device>
+std::tuple<at::Tensor&, at::Tensor&, at::Tensor&> route_out(
+    const at::Tensor& logits, int64_t top_k, c10::string_view score, bool normalize,
+    const c10::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group, double scaling,
+    at::Tensor& weights, at::Tensor& experts, at::Tensor& counts) {
+  const Checker c{std::string(Device::kNamespace) + "::moe_route", logits.device()};
+  void* const stream = Device::stream(logits);
+  const typename Device::Guard guard(logits.device());
+  RouteParams p;
+  p.dtype = kernel_dtype(c, logits, "logits");
+  c.tensor(logits, "logits", 2);
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(E >= 1 && E <= kRouteMaxExperts, c.op, ": logits has E = ", E, " experts; the kernel takes 1 to ",
+              kRouteMaxExperts);
+  TORCH_CHECK(top_k >= 1 && top_k <= std::min<int64_t>(E, kRouteMaxTopK), c.op, ": top_k = ", top_k,
+              " must lie in [1, ", std::min<int64_t>(E, kRouteMaxTopK), "]");
+  TORCH_CHECK(score == "softmax" || score == "sigmoid", c.op, ": score must be 'softmax' or 'sigmoid', got '",
+              std::string(score), "'");
+  if (n_group != 0) {
+    TORCH_CHECK(n_group >= 1 && E % n_group == 0 && E / n_group >= 2, c.op, ": n_group = ", n_group,
+                " must divide E = ", E, " into groups of at least 2 experts (0: no group limit)");
+    TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, c.op, ": topk_group = ", topk_group,
+                " must lie in [1, n_group = ", n_group, "]");
+    TORCH_CHECK(top_k <= topk_group * (E / n_group), c.op, ": top_k = ", top_k, " exceeds the ",
+                topk_group * (E / n_group), " experts of the kept groups");
+  }
+  if (bias) {
+    c.exact(*bias, "bias", at::kFloat, {E});
+    p.bias = bias->data_ptr<float>();
+  }
+  c.exact(weights, "weights", at::kFloat, {T, top_k});
+  c.exact(experts, "experts", at::kLong, {T, top_k});
+  c.exact(counts, "counts", at::kLong, {E});
+  p.tokens = T;
+  p.experts = static_cast<int>(E);
+  p.top_k = static_cast<int>(top_k);
+  p.sigmoid = score == "sigmoid";
+  p.normalize = normalize;
+  p.n_group = static_cast<int>(n_group);
+  p.topk_group = static_cast<int>(topk_group);
+  p.scaling = static_cast<float>(scaling);
+  p.logits = logits.data_ptr();
+  p.weights = weights.data_ptr<float>();
+  p.expert_ids = experts.data_ptr<int64_t>();
+  p.counts = counts.data_ptr<int64_t>();
+  route_launch(p, stream);
+  Device::after_launch();
+  return {weights, experts, counts};
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& logits, int64_t top_k,
+                                                      c10::string_view score, bool normalize,
+                                                      const c10::optional<at::Tensor>& bias, int64_t n_group,
+                                                      int64_t topk_group, double scaling) {
+  const int64_t T = logits.dim() == 2 ? logits.size(0) : 0, E = logits.dim() == 2 ? logits.size(1) : 0;
+  at::Tensor weights = at::empty({T, top_k}, logits.options().dtype(at::kFloat));
+  at::Tensor experts = at::empty({T, top_k}, logits.options().dtype(at::kLong));
+  at::Tensor counts = at::empty({E}, logits.options().dtype(at::kLong));
+  route_out<Device>(logits, top_k, score, normalize, bias, n_group, topk_group, scaling, weights, experts, counts);
+  return {weights, experts, counts};
+}
+
 }  // namespace ops
 }  // namespace moe
 }  // namespace tfk
@@ -336,6 +410,8 @@ at::Tensor act_backward(const at::Tensor& gate_up, const at::Tensor& grad_h, c10
     (m).def(tfk::moe::kCombineOutSchema);                \
     (m).def(tfk::moe::kActBwdSchema);                    \
     (m).def(tfk::moe::kActBwdOutSchema);                 \
+    (m).def(tfk::moe::kRouteSchema);                     \
+    (m).def(tfk::moe::kRouteOutSchema);                  \
   } while (0)
 
 #define TFK_MOE_IMPLS(m, Device)                                                          \
@@ -348,4 +424,6 @@ at::Tensor act_backward(const at::Tensor& gate_up, const at::Tensor& grad_h, c10
     (m).impl("moe_combine.out", &tfk::moe::ops::combine_out<Device>);                     \
     (m).impl("moe_act_backward", &tfk::moe::ops::act_backward<Device>);                   \
     (m).impl("moe_act_backward.out", &tfk::moe::ops::act_backward_out<Device>);           \
+    (m).impl("moe_route", &tfk::moe::ops::route<Device>);                                 \
+    (m).impl("moe_route.out", &tfk::moe::ops::route_out<Device>);                         \
   } while (0)

@@ -7,3 +7,4 @@
 #include "moe/moe_elementwise.cu"
 #include "moe/moe_gemm.cu"
 #include "moe/moe_gemm_tn.cu"
+#include "moe/moe_route.cu"

@@ -255,6 +255,133 @@ def test_act_backward(act, dtype):
     check("grad", got, ref, lowp, dtype)
 
 
+# -----------------------------------------------------------------------------
+# route
+# -----------------------------------------------------------------------------
+
+def route_oracle(logits, k, score, normalize, bias, n_group, topk_group, scaling):
+    """Routing by its definition in float64, choices by a stable descending
+    sort: (weights, experts, margin), margin the least relative gap between
+    the ranked scores that decide the result (a float32 kernel agrees where
+    it is not tiny)."""
+    x = logits.double()
+    s = torch.softmax(x, -1) if score == "softmax" else torch.sigmoid(x)
+    choice = s + bias.double() if bias is not None else s.clone()
+    T, E = x.shape
+    margin = float("inf")
+
+    def ranked(v, n):
+        vals, ids = torch.sort(v, dim=-1, descending=True, stable=True)
+        head = vals[:, :n + 1]
+        gaps = (head[:, :-1] - head[:, 1:]) / head[:, :-1].abs().clamp_min(1e-30)  # relative: fp32 resolves it
+        return ids[:, :n], float(gaps.min()) if gaps.numel() else float("inf")
+
+    if n_group is not None and topk_group < n_group:
+        gs = E // n_group
+        gscore = choice.view(T, n_group, gs).topk(2, dim=-1).values.sum(-1)
+        kept, margin = ranked(gscore, topk_group)
+        keep = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, kept, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(gs, 1), float("-inf"))
+    experts, gap = ranked(choice, k)
+    w = s.gather(1, experts)
+    if normalize:
+        w = w / (w.sum(-1, keepdim=True) + (1e-20 if score == "sigmoid" else 0.0))
+    return w * scaling, experts, min(margin, gap)
+
+
+# (T, E, k, score, normalize, bias, n_group, topk_group, scaling)
+ROUTE_CASES = {
+    "T1_E1_k1": (1, 1, 1, "softmax", True, False, None, None, 1.0),
+    "T7_E8_k2": (7, 8, 2, "softmax", True, False, None, None, 1.0),
+    "T301_E64_k8_raw": (301, 64, 8, "softmax", False, False, None, None, 1.0),
+    "T7_E60_k4_bias": (7, 60, 4, "softmax", True, True, None, None, 1.0),
+    "T9_E8_k1_sigmoid_scaled": (9, 8, 1, "sigmoid", False, False, None, None, 3.0),
+    "T37_E64_k6_deepseek": (37, 64, 6, "sigmoid", True, True, 8, 3, 2.5),
+    "T7_E256_k8_deepseek": (7, 256, 8, "sigmoid", True, True, 8, 4, 2.5),
+    "T7_E256_k2_groups_of_2": (7, 256, 2, "sigmoid", True, True, 128, 3, 1.0),
+    "T7_E24_k4_groups_softmax": (7, 24, 4, "softmax", True, False, 6, 2, 1.0),
+    "T7_E16_k2_all_groups_kept": (7, 16, 2, "sigmoid", True, True, 4, 4, 1.0),
+    "T7_E64_k8_large_logits": (7, 64, 8, "softmax", True, False, None, None, 1.0),
+}
+LOGIT_SCALE = {"T7_E64_k8_large_logits": 40.0}  # logits to +-160: exp overflows without the row max
+
+
+def route_logits(T, E, g, dtype, scale=1.0):
+    """(T, E): each row distinct multiples of 1/32 or 1/8 within [-4, 4) or
+    [-E/16, E/16), times ``scale``, exact in fp16 and bf16 (no ties made by
+    rounding), in a range where sigmoid does not saturate to near ties."""
+    step = min(1 / 8, 8 / E) * scale
+    return ((torch.stack([torch.randperm(E, generator=g) for _ in range(T)]) - E // 2) * step).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(ROUTE_CASES))
+def test_route(case, dtype):
+    """Weights, ids and per-expert counts (== bincount of the ids) against the
+    float64 oracle; ids and counts start poisoned (-1)."""
+    T, E, k, score, normalize, use_bias, n_group, topk_group, scaling = ROUTE_CASES[case]
+    g = gen(len(case) * 7 + E)
+    logits = route_logits(T, E, g, dtype, LOGIT_SCALE.get(case, 1.0))
+    bias = torch.randn(E, generator=g) * 0.5 if use_bias else None
+    w, ex, counts = ck.route(logits, k, score=score, normalize=normalize, bias=bias, n_group=n_group,
+                             topk_group=topk_group, scaling=scaling)
+    assert w.dtype == torch.float32 and ex.dtype == torch.int64 and counts.dtype == torch.int64
+    rw, rex, margin = route_oracle(logits, k, score, normalize, bias, n_group, topk_group, scaling)
+    assert margin > 1e-5, "the inputs hold a near tie: pick another seed"
+    assert torch.equal(ex, rex), "experts (or their order)"
+    torch.testing.assert_close(w.double(), rw, rtol=2e-6, atol=2e-7 * scaling)
+    assert torch.equal(counts, torch.bincount(ex.reshape(-1), minlength=E))
+
+
+def test_route_ties_go_to_the_lower_index():
+    """Equal choice scores: the lower expert first; equal group scores: the lower group."""
+    T, E = 3, 16
+    w, ex, counts = ck.route(torch.zeros(T, E), 4)
+    assert ex.tolist() == [[0, 1, 2, 3]] * T and torch.equal(w, torch.full((T, 4), 0.25))
+    assert counts.tolist() == [T] * 4 + [0] * 12
+    _, ex, _ = ck.route(torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, 2.0]]), 3)
+    assert ex.tolist() == [[1, 2, 4]]
+    _, ex, counts = ck.route(torch.zeros(T, E), 6, score="sigmoid", n_group=4, topk_group=2)
+    assert ex.tolist() == [[0, 1, 2, 3, 4, 5]] * T and counts.tolist() == [T] * 6 + [0] * 10
+    # 4 groups of 2 with equal scores: groups 0 and 1 kept, then by choice score
+    _, ex, _ = ck.route(torch.tensor([[3.0, 0.0, 0.0, 3.0, 3.0, 0.0, 0.0, 3.0]]), 3, score="sigmoid", n_group=4,
+                        topk_group=2)
+    assert ex.tolist() == [[0, 3, 1]]
+
+
+def test_route_without_tokens_zeroes_the_counts():
+    w, ex, counts = ck.route(torch.zeros(0, 12), 2)
+    assert w.shape == (0, 2) and ex.shape == (0, 2) and counts.tolist() == [0] * 12
+
+
+def test_route_refuses_bad_arguments_by_name():
+    lg = torch.randn(5, 16)
+    with pytest.raises(ValueError, match=r"^logits: E = 300 experts; the kernel takes 1 to 256"):
+        ck.route(torch.randn(2, 300), 2)
+    with pytest.raises(ValueError, match=r"^top_k: 9; must be an int in \[1, 8\]"):
+        ck.route(lg, 9)
+    with pytest.raises(ValueError, match=r"^score: 'tanh'"):
+        ck.route(lg, 2, score="tanh")
+    with pytest.raises(ValueError, match=r"^n_group: 16 groups of 1 expert"):
+        ck.route(lg, 2, n_group=16, topk_group=1)
+    with pytest.raises(ValueError, match=r"^bias: expected shape \(16,\)"):
+        ck.route(lg, 2, bias=torch.zeros(8))
+    with pytest.raises(TypeError, match=r"^logits: dtype torch.float64"):
+        ck.route(lg.double(), 2)
+    op = ck.ops(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="logits has E = 300 experts; the kernel takes 1 to 256"):
+        op.moe_route(torch.randn(2, 300), 2)
+    with pytest.raises(RuntimeError, match=r"top_k = 9 must lie in \[1, 8\]"):
+        op.moe_route(lg, 9)
+    with pytest.raises(RuntimeError, match="n_group = 16 must divide E = 16 into groups of at least 2"):
+        op.moe_route(lg, 2, "sigmoid", True, None, 16, 1)
+    with pytest.raises(RuntimeError, match="bias must be Float"):
+        op.moe_route(lg, 2, "softmax", True, torch.zeros(16, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="counts must have shape"):
+        op.moe_route.out(lg, 2, weights=torch.empty(5, 2), experts=torch.empty(5, 2).long(),
+                         counts=torch.empty(8).long())
+
+
 def test_launchers_refuse_bad_arguments_by_name():
     h = lambda *s: torch.randn(*s).half()
     offs = torch.tensor([3])
@@ -314,7 +441,7 @@ def test_signatures_match_the_triton_launchers():
         tk = importlib.import_module("tfk.triton_kernels.moe")
     except ImportError as e:
         pytest.skip(f"triton is not importable ({e})")
-    for name in ("grouped_gemm", "grouped_gemm_tn", "combine", "act_backward"):
+    for name in ("grouped_gemm", "grouped_gemm_tn", "combine", "act_backward", "route"):
         assert inspect.signature(getattr(ck, name)) == inspect.signature(getattr(tk, name)), name
 
 
@@ -378,6 +505,22 @@ def test_gpu_combine_and_act_backward(dtype):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["T301_E64_k8_raw", "T7_E256_k8_deepseek", "T7_E24_k4_groups_softmax"])
+def test_gpu_route(case, dtype):
+    """torch.ops.tfk's route equals the host-run kernel (tfk._sim) on the same inputs."""
+    T, E, k, score, normalize, use_bias, n_group, topk_group, scaling = ROUTE_CASES[case]
+    g = gen(E)
+    logits = route_logits(T, E, g, dtype)
+    bias = torch.randn(E, generator=g) * 0.5 if use_bias else None
+    kw = dict(score=score, normalize=normalize, n_group=n_group, topk_group=topk_group, scaling=scaling)
+    want = ck.route(logits, k, bias=bias, **kw)
+    got = ck.route(*_on_cuda(logits, k), bias=None if bias is None else bias.cuda(), **kw)
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-6, atol=1e-7)
+
+
+@gpu
 def test_gpu_offsets_past_2_31():
     """A gathered row whose element offset (row * K) passes 2^31, and a weight
     group whose offset (g * K * N) does: int64 offsets in the kernels."""
@@ -411,9 +554,11 @@ def test_gpu_offsets_past_2_31():
 
 RACE_MAIN = r'''
 #include <cstdio>
+#include <stdexcept>
 #include <vector>
 #include "moe/moe_gemm.cu"
 #include "moe/moe_gemm_tn.cu"
+#include "moe/moe_route.cu"
 using namespace tfk::moe;
 template <typename T> void run(Dtype dt, T one) {
   const int64_t M = 150, K = 72, N = 160, G = 3;  // 3 k-steps, 2 column tiles, a tail
@@ -435,6 +580,21 @@ template <typename T> void run(Dtype dt, T one) {
   q.dtype = dt; q.m = M; q.k = K; q.n = N / 2; q.groups = G;
   q.a = a.data(); q.b = b.data(); q.offs = offs.data(); q.gather_a = gather.data(); q.c = ct.data();
   grouped_gemm_tn_launch(q, nullptr);
+  // route: 9 rows over 64 experts in 8 groups (shared memory: the group scores)
+  const int rows = 9, E = 64, k = 6;
+  std::vector<T> logits(rows * E);
+  std::vector<float> bias(E), w(rows * k);
+  std::vector<int64_t> ids(rows * k), counts(E);
+  for (int i = 0; i < rows * E; ++i) logits[i] = tfk::from_f32<T>(((i * 37) % 61) / 8.f - 4.f);
+  for (int e = 0; e < E; ++e) bias[e] = ((e * 13) % 7) / 16.f;
+  RouteParams r;
+  r.dtype = dt; r.tokens = rows; r.experts = E; r.top_k = k; r.sigmoid = true; r.n_group = 8; r.topk_group = 3;
+  r.scaling = 2.5f; r.logits = logits.data(); r.bias = bias.data(); r.weights = w.data();
+  r.expert_ids = ids.data(); r.counts = counts.data();
+  route_launch(r, nullptr);
+  int64_t total = 0;
+  for (int e = 0; e < E; ++e) total += counts[e];
+  if (total != rows * k) throw std::runtime_error("route: counts do not add up to T * k");
 }
 int main() {
   try {
@@ -474,6 +634,14 @@ def _race_program(tmp_path, edit=None):
     assert proc.returncode == 0, proc.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     return run.returncode, run.stdout + run.stderr
+
+
+def test_route_race_check_catches_a_missing_syncwarp(tmp_path):
+    """The check is live on the route kernel: without the __syncwarp after the
+    choice scores go to shared memory, lanes read other lanes' unsynchronised writes."""
+    marker = "  __syncwarp();\n  // A group's score: the sum of its two best choice scores.\n"
+    rc, out = _race_program(tmp_path, ("moe_route.cu", marker, "  // A group's score\n"))
+    assert rc == 3 and "RAW" in out, out
 
 
 def test_gemm_kernels_have_no_shared_memory_races(tmp_path):

@@ -49,9 +49,37 @@ class GroupedMMCall:
     offs: torch.Tensor
 
 
+@dataclass
+class RouteCall:
+    """A validated route call: logits (T, E) float; 1 <= top_k <= E; score
+    "softmax" or "sigmoid"; bias (E,) or None; n_group and topk_group both
+    None (no group limit) or n_group dividing E, 1 <= topk_group <= n_group."""
+    logits: torch.Tensor
+    top_k: int
+    score: str
+    normalize: bool
+    bias: torch.Tensor | None
+    n_group: int | None
+    topk_group: int | None
+    scaling: float
+
+    @property
+    def num_experts(self):
+        return self.logits.shape[1]
+
+    def group_limit(self):
+        """(n_group, topk_group) when groups limit the choice, else None: one
+        group, every group kept, or groups of one expert (the topk_group best
+        experts hold the top_k best: the plain top-k) limit nothing."""
+        if self.n_group is None or self.topk_group == self.n_group or self.num_experts // self.n_group < 2:
+            return None
+        return self.n_group, self.topk_group
+
+
 class MoEBackend(Backend):
     """A backend of the MoE family: ``experts(call)`` and ``grouped_mm(call)``
-    return differentiable results in the inputs' dtype."""
+    return differentiable results in the inputs' dtype; ``route(call)`` a
+    Routing whose weights are float32 and differentiable w.r.t. the logits."""
     family = "moe"
 
     def reasons(self, call) -> list[str]:
@@ -61,6 +89,9 @@ class MoEBackend(Backend):
         raise NotImplementedError
 
     def grouped_mm(self, call: GroupedMMCall) -> torch.Tensor:
+        raise NotImplementedError
+
+    def route(self, call: RouteCall) -> Routing:
         raise NotImplementedError
 
 
@@ -92,6 +123,9 @@ class ReferenceBackend(MoEBackend):
     def grouped_mm(self, call):
         return grouped_mm_reference(call.a.double(), call.b.double(), call.offs).to(call.a.dtype)
 
+    def route(self, call):
+        return _route_torch(call, torch.float64)
+
 
 class TorchBackend(MoEBackend):
     """Sort by expert, grouped matmuls (per expert, or batched over padded
@@ -109,6 +143,9 @@ class TorchBackend(MoEBackend):
 
     def grouped_mm(self, call):
         return self._grouped_mm(call.a, call.b, call.offs)
+
+    def route(self, call):
+        return _route_torch(call, torch.float32)
 
 
 register_backend(ReferenceBackend())
@@ -212,8 +249,39 @@ class Routing(NamedTuple):
     experts: torch.Tensor
 
 
+def _top_stable(x, k):
+    """Column ids of the k greatest entries of each row of x, descending, equal
+    values in ascending id order (torch.topk breaks ties in no fixed order)."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def _route_torch(call, dtype):
+    """Routing in torch ops, computed in ``dtype``; weights float32,
+    differentiable through autograd."""
+    T, E = call.logits.shape
+    logits = call.logits.to(dtype)
+    scores = logits.softmax(-1) if call.score == "softmax" else logits.sigmoid()
+    choice = scores.detach()
+    if call.bias is not None:
+        choice = choice + call.bias.to(dtype)
+    if call.n_group is not None and call.n_group > 1:
+        size = E // call.n_group
+        grouped = choice.view(T, call.n_group, size)
+        group_scores = grouped.topk(min(2, size), dim=-1).values.sum(-1)
+        best = _top_stable(group_scores, call.topk_group)
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.masked_fill(~allowed.repeat_interleave(size, dim=1), float("-inf"))
+    chosen = _top_stable(choice, call.top_k)
+    weights = scores.gather(1, chosen)
+    if call.normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if call.score == "sigmoid" else 0.0))
+    if call.scaling != 1.0:
+        weights = weights * call.scaling
+    return Routing(weights.float(), chosen)
+
+
 def route(router_logits, top_k, *, score="softmax", normalize=True, bias=None, n_group=None, topk_group=None,
-          scaling=1.0) -> Routing:
+          scaling=1.0, backend="auto") -> Routing:
     """Top-k routing of logits (T, E), computed in float32.
 
     score: "softmax" (Mixtral, Qwen-MoE, OLMoE) or "sigmoid" (DeepSeek-V3).
@@ -224,8 +292,14 @@ def route(router_logits, top_k, *, score="softmax", normalize=True, bias=None, n
         choice scores, experts chosen only from the best topk_group groups.
     normalize: weights renormalised to sum 1 (sigmoid: + 1e-20 in the
         denominator, as Hugging Face), then times ``scaling``.
-    Equals Hugging Face's MixtralTopKRouter and DeepseekV3TopkRouter for their
-    configs (DeepSeek's order aside: tfk's is descending by choice score).
+    backend: "auto" (torch on CPU tensors; the routing kernels on CUDA, for
+        E <= 256 and top_k <= 8), or "torch", "triton", "cuda", "cuda-sim",
+        "reference" (float64).
+    Experts are taken in descending choice score, equal scores (and equal
+    group scores) in ascending index order. Equals Hugging Face's
+    MixtralTopKRouter and DeepseekV3TopkRouter for their configs (DeepSeek's
+    order aside: tfk's is descending by choice score). weights (T, top_k)
+    float32, differentiable w.r.t. router_logits; experts (T, top_k) int64.
     """
     _tensor("router_logits", router_logits)
     if router_logits.dim() != 2:
@@ -253,26 +327,8 @@ def route(router_logits, top_k, *, score="softmax", normalize=True, bias=None, n
                              f"topk_group = {topk_group} groups of {E // n_group}")
     if not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a number, got {type(scaling).__name__}")
-
-    logits = router_logits.float()
-    scores = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
-    choice = scores.detach()
-    if bias is not None:
-        choice = choice + bias.float()
-    if n_group is not None and n_group > 1:
-        size = E // n_group
-        grouped = choice.view(T, n_group, size)
-        group_scores = grouped.topk(min(2, size), dim=-1).values.sum(-1)
-        best = group_scores.topk(topk_group, dim=-1, sorted=False).indices
-        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-        choice = choice.masked_fill(~allowed.repeat_interleave(size, dim=1), float("-inf"))
-    chosen = choice.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, chosen)
-    if normalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if score == "sigmoid" else 0.0))
-    if scaling != 1.0:
-        weights = weights * scaling
-    return Routing(weights, chosen)
+    call = RouteCall(router_logits, top_k, score, bool(normalize), bias, n_group, topk_group, float(scaling))
+    return select_backend(backend, call, "moe").route(call)
 
 
 def load_balancing_loss(router_logits, experts, num_experts):

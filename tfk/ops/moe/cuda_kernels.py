@@ -8,6 +8,8 @@ The signatures are triton_kernels/moe.py's, so the two are interchangeable:
 - ``grouped_gemm_tn(a, b, offs, *, gather_a=None)`` -> (G, K, N) in a's dtype
 - ``combine(y, index, k)``
 - ``act_backward(gate_up, grad_h, act)``
+- ``route(logits, top_k, *, score, normalize, bias, n_group, topk_group, scaling)``
+  -> (weights, experts, counts)
 
 fp16 and bf16 run on tensor cores (mma.sync m16n8k16, fp32 accumulation);
 fp32 on an FMA path in fp32. K and N (H and I of a layer) must be multiples
@@ -23,10 +25,16 @@ import importlib
 import torch
 
 from ... import backends
+from .launch_checks import ALIGN, DTYPES  # noqa: F401 (part of the module's API)
+from .launch_checks import check_aligned as _aligned
+from .launch_checks import check_float as _check_float
+from .launch_checks import check_gather as _check_gather
+from .launch_checks import check_index
+from .launch_checks import check_offs as _check_offs
+from .launch_checks import check_route
+from .launch_checks import check_same as _same
 
 ACTIVATIONS = (None, "silu", "gelu_tanh", "relu")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ALIGN = 8  # K, N, H: multiples of 8 elements (16-byte chunks of fp16/bf16)
 
 
 def ops(device):
@@ -40,62 +48,23 @@ def ops(device):
     return torch.ops.tfk_sim
 
 
-def _check_float(name, x, dims):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{name}: dtype {x.dtype} is not supported (float16, bfloat16 or float32)")
-    if x.dim() != dims:
-        raise ValueError(f"{name}: expected {dims} dimensions, got shape {tuple(x.shape)}")
-
-
-def _same(name, x, ref, ref_name):
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{name}: dtype {x.dtype} differs from {ref_name}'s {ref.dtype}")
-    if x.device != ref.device:
-        raise ValueError(f"{name}: on {x.device}, {ref_name} on {ref.device}")
-
-
 def _index(name, x, length, device):
     """An int32/int64 1-D index tensor as contiguous int64."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name}: must be an int32 or int64 tensor, got {x.dtype}")
-    if x.dim() != 1 or (length is not None and x.shape[0] != length):
-        want = f"({length},)" if length is not None else "1-D"
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name}: on {x.device}, the other tensors on {device}")
+    check_index(name, x, length, device)
     return x.to(torch.int64).contiguous()
 
 
-def _aligned(name, size):
-    if size % ALIGN:
-        raise ValueError(f"{name} = {size} is not a multiple of {ALIGN}: the kernels read rows in "
-                         f"16-byte chunks (8 fp16/bf16 elements)")
+def _int64_output(shape, device):
+    """An int64 output, -1 everywhere when outputs are poisoned (an unwritten id or count shows)."""
+    if backends.POISON_OUTPUTS:
+        return torch.full(shape, -1, dtype=torch.int64, device=device)
+    return torch.empty(shape, dtype=torch.int64, device=device)
 
 
 def _dense(x):
     """Contiguous, with 16-byte aligned data (cp.async reads 16-byte chunks)."""
     x = x.contiguous()
     return x if x.data_ptr() % 16 == 0 else x.clone()
-
-
-def _check_offs(offs, num_rows):
-    if offs.device.type != "cpu" or offs.numel() == 0:
-        return
-    if int(offs[0]) < 0 or bool((offs[1:] < offs[:-1]).any()) or int(offs[-1]) > num_rows:
-        raise ValueError(f"offs: must be non-decreasing cumulative row ends in [0, {num_rows}], "
-                         f"got {offs.tolist() if offs.numel() <= 16 else 'values out of order or range'}")
-
-
-def _check_gather(name, gather, used, num_src):
-    if gather is None or gather.device.type != "cpu" or used == 0:
-        return
-    g = gather[:used]
-    if bool((g < 0).any()) or bool((g >= num_src).any()):
-        raise ValueError(f"{name}: ids of rows below offs[-1] must lie in [0, {num_src})")
 
 
 def grouped_gemm(a, b, offs, *, gather=None, trans_b=False, act=None, row_scale=None):
@@ -215,3 +184,31 @@ def act_backward(gate_up, grad_h, act):
     if out.numel() == 0:
         return out
     return ops(gate_up.device).moe_act_backward.out(gate_up.contiguous(), grad_h.contiguous(), act, out=out)
+
+
+def route(logits, top_k, *, score="softmax", normalize=True, bias=None, n_group=None, topk_group=None,
+          scaling=1.0):
+    """Top-k routing of T tokens over E experts, in one kernel (csrc/moe/moe_route.cu).
+
+    logits (T, E) fp16/bf16/fp32, read as float32. Scores: softmax or sigmoid
+    of the logits; the choice score is score + bias ((E,), for the choice
+    only). n_group/topk_group: experts split in n_group equal groups (of at
+    least 2), a group scored by the sum of its two best choice scores, only
+    the topk_group best groups' experts chosen. Top-k by iterated argmax:
+    descending, ties to the lower expert (or group) index. Weights: the
+    unbiased scores of the chosen experts, divided by their sum when
+    ``normalize`` (sigmoid: sum + 1e-20), times ``scaling``.
+
+    Returns (weights (T, k) float32, experts (T, k) int64, counts (E,) int64:
+    the (token, slot) assignments of each expert). E <= 256, k <= 8.
+    """
+    n_group, topk_group = check_route(logits, top_k, score, bias, n_group, topk_group)
+    T, E = logits.shape
+    dev = logits.device
+    weights = backends.new_output((T, top_k), torch.float32, dev)
+    experts = _int64_output((T, top_k), dev)
+    counts = _int64_output((E,), dev)  # the kernel zeroes it first
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    return ops(dev).moe_route.out(logits.contiguous(), top_k, score, bool(normalize), bias, n_group, topk_group,
+                                  float(scaling), weights=weights, experts=experts, counts=counts)

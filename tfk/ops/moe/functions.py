@@ -130,3 +130,71 @@ def grouped_mm_ops(name, forward, backward):
 
     run.op = fwd
     return run
+
+
+def route_ops(name, forward, backward):
+    """Ops ``tfk::moe_route_{name}_fwd`` / ``_bwd``.
+
+    forward(logits, bias, top_k, score, normalize, n_group, topk_group, scaling)
+        -> (weights (T, k) float32, experts (T, k) int64); n_group 0: no group limit
+    backward(dweights, logits, experts, score, normalize, scaling) -> d logits
+    Only the weights are differentiable, w.r.t. the logits (the bias and the
+    groups steer the choice only). Returns run(...) with the forward's
+    arguments; ``run.op`` is the forward op.
+    """
+    @torch.library.custom_op(f"tfk::moe_route_{name}_fwd", mutates_args=())
+    def fwd(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, score: str, normalize: bool, n_group: int,
+            topk_group: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward(logits, bias, top_k, score, normalize, n_group, topk_group, scaling)
+
+    @fwd.register_fake
+    def _(logits, bias, top_k, score, normalize, n_group, topk_group, scaling):
+        T = logits.shape[0]
+        return logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, dtype=torch.int64)
+
+    @torch.library.custom_op(f"tfk::moe_route_{name}_bwd", mutates_args=())
+    def bwd(dweights: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor, score: str, normalize: bool,
+            scaling: float) -> torch.Tensor:
+        return backward(dweights, logits, experts, score, normalize, scaling)
+
+    @bwd.register_fake
+    def _(dweights, logits, experts, score, normalize, scaling):
+        return torch.empty_like(logits)
+
+    def setup_context(ctx, inputs, output):
+        logits, _, _, score, normalize, _, _, scaling = inputs
+        ctx.save_for_backward(logits, output[1])
+        ctx.args = (score, normalize, scaling)
+        ctx.mark_non_differentiable(output[1])
+
+    def grad(ctx, dweights, _):
+        logits, experts = ctx.saved_tensors
+        return bwd(dweights.contiguous(), logits, experts, *ctx.args), None, None, None, None, None, None, None
+
+    fwd.register_autograd(grad, setup_context=setup_context)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, bias, top_k, score, normalize, n_group, topk_group, scaling):
+            weights, experts = forward(logits, bias, top_k, score, normalize, n_group, topk_group, scaling)
+            ctx.save_for_backward(logits, experts)
+            ctx.args = (score, normalize, scaling)
+            ctx.mark_non_differentiable(experts)
+            return weights, experts
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, dweights, _):
+            logits, experts = ctx.saved_tensors
+            return backward(dweights.contiguous(), logits, experts, *ctx.args), None, None, None, None, None, None, None
+
+    def run(logits, bias, top_k, score, normalize, n_group, topk_group, scaling):
+        args = (logits, bias, top_k, score, normalize, n_group, topk_group, scaling)
+        if torch.compiler.is_compiling():
+            return fwd(*args)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return Eager.apply(*args)
+        return forward(*args)
+
+    run.op = fwd
+    return run

@@ -21,6 +21,12 @@ Every product is a grouped GEMM over the same expert offsets; empty experts
 get zero gradients. The permutation is the kernels' own (triton: histogram,
 scan and scatter kernels) when dropless, else torch ops (a stable sort by
 expert with the capacity drops).
+
+Routing is one kernel launch forward, ``route(logits, top_k, ...)`` ->
+(weights, experts, counts) in both kernel sets (E <= 256, k <= 8); its
+backward recomputes the float32 scores from the saved logits and applies,
+with torch ops, the transposed chain gather -> normalise -> scale and the
+softmax or sigmoid Jacobian (route_backward).
 """
 from __future__ import annotations
 
@@ -32,8 +38,9 @@ import torch
 
 from ...backends import new_output, register_backend
 from . import torch_backend
-from .api import MoEBackend, kernel_reasons
-from .functions import experts_ops, grouped_mm_ops
+from .api import MoEBackend, RouteCall, Routing, kernel_reasons
+from .functions import experts_ops, grouped_mm_ops, route_ops
+from .launch_checks import ROUTE_MAX_EXPERTS, ROUTE_MAX_TOP_K
 
 _KERNEL_ACT = {"silu": "silu", "gelu": "gelu_tanh", "relu": "relu"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -103,12 +110,52 @@ def _grouped_mm_backward(kernels):
     return backward
 
 
+def _route_forward(kernels):
+    """kernels() gives the kernels module at run time (inside the op, where
+    torch.compile does not trace the import)."""
+    def forward(logits, bias, top_k, score, normalize, n_group, topk_group, scaling):
+        weights, experts, _ = kernels().route(logits, top_k, score=score, normalize=normalize, bias=bias,
+                                            n_group=n_group or None, topk_group=topk_group or None,
+                                            scaling=scaling)
+        return weights, experts
+    return forward
+
+
+def route_backward(dweights, logits, experts, score, normalize, scaling):
+    """d logits (T, E) in logits' dtype of the routing weights (T, k), from the
+    logits and the chosen experts (T, k): w = scaling * g / (sum(g) [+ 1e-20])
+    with g = scores.gather(1, experts), scores = softmax or sigmoid(logits) in fp32."""
+    x = logits.float()
+    s = x.softmax(-1) if score == "softmax" else x.sigmoid()
+    g = s.gather(1, experts)
+    dw = dweights.float() * scaling
+    if normalize:
+        den = g.sum(-1, keepdim=True) + (1e-20 if score == "sigmoid" else 0.0)
+        # d (g_j / den) / d g_i = (delta_ij - g_j / den) / den
+        dw = (dw - (dw * g).sum(-1, keepdim=True) / den) / den
+    ds = torch.zeros_like(s).scatter_(1, experts, dw)  # a token's experts are distinct
+    if score == "softmax":
+        dx = s * (ds - (ds * s).sum(-1, keepdim=True))
+    else:
+        dx = ds * s * (1.0 - s)
+    return dx.to(logits.dtype)
+
+
+def _lead(call):
+    """The tensor whose device and dtype decide where a call can run."""
+    if isinstance(call, RouteCall):
+        return call.logits
+    return call.hidden_states if hasattr(call, "hidden_states") else call.a
+
+
 class _KernelBackend(MoEBackend):
     """The shared host side; a subclass names its kernels and where they run."""
     kernels_module = None
 
     def __init__(self):
         self._experts = self._grouped_mm = None
+        # Made here, not on first use, so a first call under torch.compile finds them.
+        self._route = route_ops(self.name.replace("-", "_"), _route_forward(self.kernels), route_backward)
 
     def kernels(self):
         return importlib.import_module(self.kernels_module, __package__)
@@ -123,10 +170,16 @@ class _KernelBackend(MoEBackend):
         raise NotImplementedError
 
     def reasons(self, call):
-        t = call.hidden_states if hasattr(call, "hidden_states") else call.a
+        t = _lead(call)
         why = self.device_reasons(t)
         if t.dtype not in _DTYPES:
             why.append(f"dtype {t.dtype} (supports float16, bfloat16, float32)")
+        if isinstance(call, RouteCall):
+            if call.num_experts > ROUTE_MAX_EXPERTS:
+                why.append(f"E = {call.num_experts} experts (the routing kernel takes at most {ROUTE_MAX_EXPERTS})")
+            if call.top_k > ROUTE_MAX_TOP_K:
+                why.append(f"top_k = {call.top_k} (the routing kernel takes at most {ROUTE_MAX_TOP_K})")
+            return why
         return why + kernel_reasons(call)
 
     def experts(self, call):
@@ -137,6 +190,13 @@ class _KernelBackend(MoEBackend):
     def grouped_mm(self, call):
         self._ops()
         return self._grouped_mm(call.a, call.b, call.offs.long())
+
+    def route(self, call):
+        n_group, topk_group = call.group_limit() or (0, 0)
+        bias = None if call.bias is None else call.bias.detach().float().contiguous()
+        weights, experts = self._route(call.logits, bias, call.top_k, call.score, call.normalize, n_group,
+                                       topk_group, call.scaling)
+        return Routing(weights, experts)
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -159,8 +219,7 @@ class TritonBackend(_KernelBackend):
         return []
 
     def auto_for(self, call):
-        t = call.hidden_states if hasattr(call, "hidden_states") else call.a
-        return t.is_cuda
+        return _lead(call).is_cuda
 
 
 register_backend(TritonBackend())
@@ -182,8 +241,7 @@ class CudaBackend(_KernelBackend):
         return []
 
     def auto_for(self, call):
-        t = call.hidden_states if hasattr(call, "hidden_states") else call.a
-        return t.is_cuda
+        return _lead(call).is_cuda
 
 
 class CudaSimBackend(CudaBackend):
@@ -204,12 +262,20 @@ class CudaSimBackend(CudaBackend):
         return False
 
 
-def _import_error(module):
-    try:
-        importlib.import_module(f"tfk.{module}")
-        return None
-    except ImportError as e:
-        return str(e)
+_IMPORT_ERRORS: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _import_error(module: str):
+    """Why tfk.<module> cannot be imported, or None (a constant to torch.compile,
+    which cannot trace an import)."""
+    if module not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(f"tfk.{module}")
+            _IMPORT_ERRORS[module] = None
+        except ImportError as e:
+            _IMPORT_ERRORS[module] = str(e)
+    return _IMPORT_ERRORS[module]
 
 
 register_backend(CudaBackend())
