@@ -2,6 +2,7 @@
 forward and every gradient, odd sizes, special routings, capacity, sentinels;
 determinism, torch.compile, opcheck, the MoE module, Hugging Face's experts."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -197,6 +198,29 @@ def test_torch_compile_fullgraph(mode, compiler, monkeypatch):
     torch.testing.assert_close(out, ref)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda-sim"])
+def test_kernel_backend_traces_on_its_first_call(backend):
+    """A fresh process whose first experts call on a kernel backend is under
+    torch.compile(fullgraph=True): the backend's ops exist before any call."""
+    import subprocess
+    import sys
+    from helpers import require_backend
+    require_backend(backend)
+    code = f"""
+import torch, tfk
+x, w1, w2 = torch.randn(6, 16), torch.randn(4, 48, 16) / 4, torch.randn(4, 16, 24) / 4
+ids = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 2], [1, 3], [0, 0]]); w = torch.rand(6, 2)
+f = lambda *a: tfk.moe.experts(*a, backend="{backend}")
+out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, ids, w, w1, w2)
+ref = tfk.moe.experts(x.double(), ids, w.double(), w1.double(), w2.double(), backend="reference")
+torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3)
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
 def test_opcheck():

@@ -59,8 +59,12 @@ def _rows(kernels, experts, num_experts, capacity):
     return order, offsets, inverse.masked_fill(inverse == M, -1), M
 
 
-def _experts_forward(kernels):
+# The op factories take kernels(), which gives the kernels module at run time
+# (inside the op, where torch.compile does not trace the import).
+
+def _experts_forward(get_kernels):
     def forward(x, experts, weights, gate_up_proj, down_proj, activation, capacity):
+        kernels = get_kernels()
         T, H = x.shape
         k = experts.shape[1]
         order, offs, inverse, M = _rows(kernels, experts, gate_up_proj.shape[0], capacity)
@@ -73,8 +77,9 @@ def _experts_forward(kernels):
     return forward
 
 
-def _experts_backward(kernels):
+def _experts_backward(get_kernels):
     def backward(dout, x, experts, weights, gate_up_proj, down_proj, activation, capacity):
+        kernels = get_kernels()
         T, H = x.shape
         k = experts.shape[1]
         dout = dout.to(x.dtype)
@@ -97,24 +102,23 @@ def _experts_backward(kernels):
     return backward
 
 
-def _grouped_mm_forward(kernels):
+def _grouped_mm_forward(get_kernels):
     def forward(a, b, offs):
-        return kernels.grouped_gemm(a, b, offs)
+        return get_kernels().grouped_gemm(a, b, offs)
     return forward
 
 
-def _grouped_mm_backward(kernels):
+def _grouped_mm_backward(get_kernels):
     def backward(dout, a, b, offs):
+        kernels = get_kernels()
         dout = dout.to(a.dtype)
         return kernels.grouped_gemm(dout, b, offs, trans_b=True), kernels.grouped_gemm_tn(a, dout, offs)
     return backward
 
 
-def _route_forward(kernels):
-    """kernels() gives the kernels module at run time (inside the op, where
-    torch.compile does not trace the import)."""
+def _route_forward(get_kernels):
     def forward(logits, bias, top_k, score, normalize, n_group, topk_group, scaling):
-        weights, experts, _ = kernels().route(logits, top_k, score=score, normalize=normalize, bias=bias,
+        weights, experts, _ = get_kernels().route(logits, top_k, score=score, normalize=normalize, bias=bias,
                                             n_group=n_group or None, topk_group=topk_group or None,
                                             scaling=scaling)
         return weights, experts
@@ -153,18 +157,15 @@ class _KernelBackend(MoEBackend):
     kernels_module = None
 
     def __init__(self):
-        self._experts = self._grouped_mm = None
         # Made here, not on first use, so a first call under torch.compile finds them.
-        self._route = route_ops(self.name.replace("-", "_"), _route_forward(self.kernels), route_backward)
+        name = self.name.replace("-", "_")
+        self._experts = experts_ops(name, _experts_forward(self.kernels), _experts_backward(self.kernels))
+        self._grouped_mm = grouped_mm_ops(name, _grouped_mm_forward(self.kernels),
+                                          _grouped_mm_backward(self.kernels))
+        self._route = route_ops(name, _route_forward(self.kernels), route_backward)
 
     def kernels(self):
         return importlib.import_module(self.kernels_module, __package__)
-
-    def _ops(self):
-        if self._experts is None:
-            k, name = self.kernels(), self.name.replace("-", "_")
-            self._experts = experts_ops(name, _experts_forward(k), _experts_backward(k))
-            self._grouped_mm = grouped_mm_ops(name, _grouped_mm_forward(k), _grouped_mm_backward(k))
 
     def device_reasons(self, t):
         raise NotImplementedError
@@ -183,12 +184,10 @@ class _KernelBackend(MoEBackend):
         return why + kernel_reasons(call)
 
     def experts(self, call):
-        self._ops()
         return self._experts(call.hidden_states, call.experts, call.weights, call.gate_up_proj, call.down_proj,
                              call.activation, -1 if call.capacity is None else call.capacity)
 
     def grouped_mm(self, call):
-        self._ops()
         return self._grouped_mm(call.a, call.b, call.offs.long())
 
     def route(self, call):
