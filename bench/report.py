@@ -20,7 +20,9 @@ float32 otherwise.
 Without a GPU a second table runs the CUDA kernels (csrc/attention/) on the
 CPU through backend "cuda-sim" (tfk's host-execution layer) in float16 and
 bfloat16, for every op, checked the same way and not timed: the layer emulates a GPU, its speed says nothing about one.
-``--no-sim`` skips it. Then the same for the MoE ops (bench/report_moe.py).
+``--no-sim`` skips it. Then the same for the MoE ops (bench/report_moe.py),
+and the linear-attention ops (bench/report_linear.py; torch and reference
+backends so far: no kernel yet, so no cuda-sim table).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from tfk import dropout as drop
 from tfk import patterns as P
 from tfk.ops.attention import attention_reference
 
-from . import report_moe
+from . import report_linear, report_moe
 from .table import Col, fmt, format_table
 
 # Relative tolerance per dtype: fp32 is absolute-relative; fp16/bf16 add this
@@ -328,20 +330,21 @@ def _check_all(ops, device, dtypes, **kw):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    names = [o.name for o in OPS + report_moe.OPS]
+    names = [o.name for o in OPS + report_moe.OPS + report_linear.OPS]
     ap.add_argument("--only", nargs="+", metavar="OP", help=f"ops to run, from: {', '.join(names)}")
     ap.add_argument("--backend", default="auto", help="backend to check (default: auto)")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per measurement on CPU (median)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--no-sim", action="store_true", help="skip the CUDA kernels on the CPU (backend cuda-sim)")
     args = ap.parse_args(argv)
-    ops, moe_ops = OPS, report_moe.OPS
+    ops, moe_ops, linear_ops = OPS, report_moe.OPS, report_linear.OPS
     if args.only:
         missing = [n for n in args.only if n not in names]
         if missing:
             ap.error(f"unknown op(s) {missing}; known: {', '.join(names)}")
         ops = [o for o in OPS if o.name in args.only]
         moe_ops = [o for o in report_moe.OPS if o.name in args.only]
+        linear_ops = [o for o in report_linear.OPS if o.name in args.only]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
 
@@ -366,17 +369,23 @@ def main(argv=None):
         moe_rows = report_moe.check_all(moe_ops, device, dtypes, backend=args.backend, repeat=args.repeat,
                                         timer=_timed_ms)
         print(report_moe.format_rows(moe_rows))
-        kernel_ops = [o for o in moe_ops if o.kind != "route"]  # routing has no kernel backend yet
-        if sim and kernel_ops:
+        if sim:
             print("\nThe MoE CUDA kernels (csrc/moe/) on the CPU: backend cuda-sim, untimed:", flush=True)
-            sim_rows = report_moe.check_all(kernel_ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
+            sim_rows = report_moe.check_all(moe_ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
             print(report_moe.format_rows(sim_rows))
             moe_rows += sim_rows
         rows += moe_rows
+    if linear_ops:
+        print("\nLinear attention (tfk.linear_attention); err grads: the largest over q, k, v (and the initial "
+              "state's):", flush=True)
+        linear_rows = report_linear.check_all(linear_ops, device, dtypes, backend=args.backend,
+                                              repeat=args.repeat, timer=_timed_ms)
+        print(report_moe.format_rows(linear_rows))
+        rows += linear_rows
     print()
     for op in ops:
         print(f"  {op.name:<26} B={op.B} H={op.H} Lq={op.Lq} Lk={op.Lk} D={op.D}: {op.describe()}")
-    for op in moe_ops:
+    for op in moe_ops + linear_ops:
         print(f"  {op.name:<26} {op.describe()}")
     for r in rows:
         if r.get("error"):

@@ -98,9 +98,11 @@ def _case(op, device):
     else:
         bias = (r(op.E) * 0.1).to(device) if op.groups else None
         n_group, topk_group = op.groups or (None, None)
-        leaves = [r(op.T, op.E)]
+        # distinct logits on a grid every dtype holds exactly (steps of 4/E): the
+        # same choice in float64 and in half precision, no near-ties
+        leaves = [(torch.rand(op.T, op.E, generator=g).argsort(-1) - op.E / 2).double() * (4 / op.E)]
         fn = lambda x, backend: tfk.moe.route(x, op.k, score=op.score, bias=bias, n_group=n_group,  # noqa: E731
-                                              topk_group=topk_group).weights
+                                              topk_group=topk_group, backend=backend).weights
         ref = lambda x: _route_definition(x, op.k, op.score, bias, n_group, topk_group)  # noqa: E731
     return [t.to(device) for t in leaves], fn, ref
 
@@ -135,9 +137,10 @@ def _fwd_bwd(fn, leaves, dtype, seed):
     return out.detach(), [t.grad for t in xs]
 
 
-def check_op(op, device, dtype, *, backend="auto", repeat=3, time_it=True, timer=None):
-    """One row: the backend chosen, errors of out and of the gradients, tolerances, times."""
-    leaves, fn, ref = _case(op, device)
+def check_op(op, device, dtype, *, backend="auto", repeat=3, time_it=True, timer=None, case=None):
+    """One row: the backend chosen, errors of out and of the gradients, tolerances, times.
+    ``case(op, device)`` gives (leaves, fn, ref) (default: this module's ops)."""
+    leaves, fn, ref = (case or _case)(op, device)
     run = lambda *xs: fn(*xs, backend=backend)  # noqa: E731
     with tfk.backends.record_choices() as names:
         out, grads = _fwd_bwd(run, leaves, dtype, 1)

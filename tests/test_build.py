@@ -373,5 +373,8 @@ def test_build_info_reports_the_build_and_the_backends():
         assert any("needs CUDA tensors" in r for r in info["backends"]["cuda"]["reasons"])
         assert any("needs CUDA tensors" in r for r in moe["cuda"]["reasons"])
     assert "moe       backend torch" in text
+    linear = info["linear_backends"]
+    assert linear["torch"]["runs"] == linear["reference"]["runs"] == ["float16", "bfloat16", "float32"]
+    assert "linear    backend torch" in text
     for name in tfk.backend_names():
         assert f"backend {name}" in text

@@ -5,6 +5,7 @@ Mixture-of-Experts dispatch, each checked against a float64 reference.
     out = tfk.scaled_dot_product_attention(q, k, v, is_causal=True)
     out = tfk.attention(q, k, v, tfk.patterns.sliding_window(256) | tfk.patterns.global_tokens(4))
     y = tfk.moe.experts(x, ids, weights, gate_up_proj, down_proj)   # Mixture-of-Experts, HF layout
+    out = tfk.linear_attention(q, k, v, causal=True, feature_map="elu1")   # linear attention, O(L)
     tfk.build_info()   # what this install was built with, and which backends run here
 """
 __version__ = "0.1.0"
@@ -15,10 +16,12 @@ from .info import build_info  # noqa: E402,F401
 from .integrations.transformers import register_when_imported as _register_when_imported  # noqa: E402
 from .ops.attention import attention, scaled_dot_product_attention  # noqa: E402,F401
 from . import moe  # noqa: E402,F401
+from .ops.linear import linear_attention  # noqa: E402,F401
+from . import nn  # noqa: E402,F401
 from .patch import patch_torch  # noqa: E402,F401
 from .plan import get_plan  # noqa: E402,F401
 
 _register_when_imported()  # attn_implementation="tfk" and experts_implementation="tfk", without importing transformers
 
-__all__ = ["attention", "scaled_dot_product_attention", "moe", "patterns", "patch_torch", "backend_names",
-           "BackendUnavailable", "FallbackWarning", "get_plan", "build_info"]
+__all__ = ["attention", "scaled_dot_product_attention", "linear_attention", "moe", "nn", "patterns", "patch_torch",
+           "backend_names", "BackendUnavailable", "FallbackWarning", "get_plan", "build_info"]

@@ -42,7 +42,7 @@ class AttentionCall:
 
 class Backend:
     name = "?"
-    family = "attention"  # the kernel family it serves: "attention" or "moe"
+    family = "attention"  # the kernel family it serves: "attention", "moe" or "linear"
     priority = 0          # higher wins under "auto"
     # True for a backend that "auto" takes only for the calls it can run: its
     # refusals route a call on to the next backend, and are no fallback
@@ -65,6 +65,7 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 # Each kernel family's registry, by family name; attention's is _BACKENDS.
+# register_backend adds a family on its first backend ("moe", "linear").
 _FAMILIES: dict[str, dict[str, Backend]] = {"attention": _BACKENDS}
 
 # Tests set this: outputs start as NaN, so an element a backend forgets to
