@@ -131,8 +131,8 @@ def make_impl(name, s: MoEShape, w1, w2, tfk_backend="torch"):
 
 def _gemms_impl(s: MoEShape, w1, w2):
     """The torch backend's two expert GEMMs alone, as its forward runs them
-    (torch's grouped_mm, or one mm per expert where that does not take the
-    layout), on rows already gathered by expert: no routing, permutation,
+    (its mode: torch's grouped_mm, a padded batch, or one mm per expert), on
+    rows already gathered by expert: no routing, permutation,
     activation or combine. The bound of any implementation built on these
     GEMMs: hf_eager's time over this one is the most such an implementation
     can gain on eager. The inputs of the call are ignored (fixed ids)."""
@@ -141,10 +141,15 @@ def _gemms_impl(s: MoEShape, w1, w2):
     order, offsets, _, counts = tb.permute(ids, s.E)
     rows = x.index_select(0, order // s.k)
     act = torch.randn(rows.shape[0], s.I, device=w1.device).to(w1.dtype)
-    if tb._grouped_ok(w1.dtype, w1, w2, rows=(s.H, 2 * s.I, s.I)):
+    grouped = tb._grouped_ok(w1.dtype, w1, w2, rows=(s.H, 2 * s.I, s.I))
+    groups = tb.Groups(counts, 3 * s.H * 2 * s.I, w1.device, grouped)   # experts_forward's choice
+    if groups.grouped:
         gmm = tb._GroupedMM(offsets, counts)
         return lambda *_: (gmm.rows(rows, w1.transpose(1, 2)), gmm.rows(act, w2.transpose(1, 2)))
-    groups = tb.Groups(counts, 0, w1.device)
+    if groups.padded:
+        xp, ap = groups.pad(rows), groups.pad(act)
+        w1g, w2g = groups.weights(w1).transpose(1, 2), groups.weights(w2).transpose(1, 2)
+        return lambda *_: (groups.unpad(xp @ w1g), groups.unpad(ap @ w2g))
     return lambda *_: [(rows[a:b] @ w1[g].t(), act[a:b] @ w2[g].t()) for g, a, b in groups.loop()]
 
 

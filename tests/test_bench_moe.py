@@ -113,11 +113,19 @@ def test_moe_main_refuses_cuda_without_a_gpu():
         moe.main(["--device", "cuda"])
 
 
+# the torch backend's modes: (LOOP_COST_FLOPS, GROUPED_MM), as tests/moe/moe_cases.py
+MODES = {"loop": (-1.0, True), "grouped": (1e30, True), "padded": (1e30, False)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cpu_gemm_bound_runs_the_expert_gemms(dtype):
+def test_cpu_gemm_bound_runs_the_expert_gemms(dtype, mode, monkeypatch):
     """tfk_gemms (the CPU table's GEMM bound) computes both expert products of
-    every routed row (gathered by expert), against a float64 loop."""
+    every routed row (gathered by expert), in each of the torch backend's
+    modes, against a float64 loop."""
     from tfk.ops.moe import torch_backend as tb
+    monkeypatch.setattr(tb, "LOOP_COST_FLOPS", MODES[mode][0])
+    monkeypatch.setattr(tb, "GROUPED_MM", MODES[mode][1])
     x, ids, _, w1, w2, _ = moe.make_inputs(TINY, dtype=dtype)
     fn, params = moe.make_impl("tfk_gemms", TINY, w1, w2)
     assert params == []
