@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "attention/ops.h"
+#include "linear/ops.h"
 #include "merge/merge_lse.h"
 #include "moe/ops.h"
 
@@ -65,7 +66,7 @@ void merge_lse_cuda(const at::Tensor& out_acc, const at::Tensor& lse_acc, const 
 struct Cuda {
   static constexpr const char* kFwdName = "tfk::attention_fwd_";
   static constexpr const char* kBwdName = "tfk::attention_bwd_";
-  static constexpr const char* kNamespace = "tfk";  // for the MoE ops' messages
+  static constexpr const char* kNamespace = "tfk";  // for the MoE and linear ops' messages
   using Guard = c10::cuda::CUDAGuard;
   static void* stream(const at::Tensor& q) {
     TORCH_CHECK(q.is_cuda(), "tfk: tensors must be on a CUDA device, got ", q.device());
@@ -82,6 +83,7 @@ TORCH_LIBRARY(tfk, m) {
   m.def(tfk::attention::kFwdSchema);
   m.def(tfk::attention::kBwdSchema);
   TFK_MOE_DEFS(m);
+  TFK_LINEAR_DEFS(m);
 }
 
 TORCH_LIBRARY_IMPL(tfk, CUDA, m) {
@@ -89,6 +91,7 @@ TORCH_LIBRARY_IMPL(tfk, CUDA, m) {
   m.impl("attention_fwd_", &tfk::attention::ops::attention_fwd<tfk::Cuda>);
   m.impl("attention_bwd_", &tfk::attention::ops::attention_bwd<tfk::Cuda>);
   TFK_MOE_IMPLS(m, tfk::Cuda);
+  TFK_LINEAR_IMPLS(m, tfk::Cuda);
 }
 
 // `import tfk._C` loads this library, which runs the registrations above; the

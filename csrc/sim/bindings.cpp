@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "attention/ops.h"
+#include "linear/ops.h"
 #include "moe/ops.h"
 
 namespace tfk {
@@ -18,7 +19,7 @@ namespace {
 struct Sim {
   static constexpr const char* kFwdName = "tfk_sim::attention_fwd_";
   static constexpr const char* kBwdName = "tfk_sim::attention_bwd_";
-  static constexpr const char* kNamespace = "tfk_sim";  // for the MoE ops' messages
+  static constexpr const char* kNamespace = "tfk_sim";  // for the MoE and linear ops' messages
   struct Guard {
     explicit Guard(c10::Device) {}
   };
@@ -45,12 +46,14 @@ TFK_SIM_LIBRARY(TFK_SIM_NAMESPACE, m) {
   m.def(tfk::attention::kFwdSchema);
   m.def(tfk::attention::kBwdSchema);
   TFK_MOE_DEFS(m);
+  TFK_LINEAR_DEFS(m);
 }
 
 TFK_SIM_LIBRARY_IMPL(TFK_SIM_NAMESPACE, m) {
   m.impl("attention_fwd_", &tfk::attention::ops::attention_fwd<tfk::Sim>);
   m.impl("attention_bwd_", &tfk::attention::ops::attention_bwd<tfk::Sim>);
   TFK_MOE_IMPLS(m, tfk::Sim);
+  TFK_LINEAR_IMPLS(m, tfk::Sim);
 }
 
 static PyModuleDef tfk_sim_module = {PyModuleDef_HEAD_INIT, "_sim",

@@ -1,0 +1,55 @@
+// Linear-attention kernels: the chunked causal forward and the non-causal
+// forward of the core (tfk/ops/linear/torch_backend.py's module doc), on
+// already-mapped features.
+//
+// Free of CUDA and torch headers: included by the kernels (nvcc, or the host
+// compiler in host mode) and by the torch bindings (csrc/linear/ops.h).
+//
+// Layouts (contiguous, row-major; the ops in csrc/linear/ops.h check them):
+//   q      (B, H, L, D)      phi_q, scale already applied, in T
+//   k      (B, Hkv, S, D)    phi_k, in T
+//   v      (B, Hkv, S, E)    V' = [v, 1] (E = Dv + 1: the normaliser is one more
+//                            value column, so one product gives num and den), in T
+//   s0     (B, Hkv, D, E)    float32 initial state S'_0, or null (zeros)
+//   o      (B, H, L, E)      float32 O' = [num, den]
+//   s      (B, Hkv, D, E)    float32 final state S'_0 + sum_j phi_k_j^T V'_j
+// Query head h reads KV head h / G, G = H / Hkv. Causal: S == L and query i
+// sees keys j <= i. T is fp16, bf16 or fp32; D and E at most kMaxDim.
+#pragma once
+
+#include <cstdint>
+
+namespace tfk {
+namespace linear {
+
+enum class Dtype : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
+
+constexpr int kMaxDim = 256;  // D and E (= Dv + 1)
+constexpr int kChunk = 32;    // positions per chunk (rows of the intra-chunk product)
+constexpr int kBlockE = 64;   // value columns per block: the state tile is D x kBlockE fp32
+constexpr int kThreads = 128; // 4 warps
+
+struct FwdParams {
+  Dtype dtype = Dtype::kFloat;
+  bool causal = true;
+  int64_t batch = 0, heads = 0, kv_heads = 0;
+  int64_t len_q = 0, len_k = 0;
+  int dim = 0;   // D
+  int vdim = 0;  // E = Dv + 1
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const float* s0 = nullptr;
+  float* o = nullptr;
+  float* s = nullptr;
+};
+
+// The dynamic shared memory a launch of p uses (bytes).
+int64_t fwd_smem_bytes(const FwdParams& p);
+
+// `stream` is a cudaStream_t (ignored in host mode). Nothing is launched when
+// batch * kv_heads or E is 0.
+void fwd_launch(const FwdParams& p, void* stream);
+
+}  // namespace linear
+}  // namespace tfk
