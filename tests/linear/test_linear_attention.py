@@ -321,10 +321,10 @@ def test_auto_picks_torch_and_env(monkeypatch):
         tfk.linear_attention(q, k, v)
         monkeypatch.setenv("TFK_BACKEND", "reference")
         tfk.linear_attention(q, k, v)
-        monkeypatch.setenv("TFK_BACKEND", "triton")     # another family's backend: this family's auto
+        monkeypatch.setenv("TFK_BACKEND", "sdpa")       # another family's backend: this family's auto
         tfk.linear_attention(q, k, v)
     assert names == ["torch", "reference", "torch"]
-    assert tfk.backend_names("linear") == ["torch", "reference"]
+    assert tfk.backend_names("linear") == ["triton", "torch", "reference"]
 
 
 def test_no_grad_path_and_poisoned_buffer():

@@ -4,5 +4,6 @@ maps), with state carry-over: a float64 reference backend and a torch backend
 from .api import LinearBackend, LinearCall, linear_attention  # noqa: F401
 from .reference import feature_maps_reference, linear_attention_reference  # noqa: F401
 from .module import LinearAttention  # noqa: F401
+from . import kernel_backends  # noqa: F401 (registers backend "triton")
 
 __all__ = ["linear_attention", "LinearAttention"]

@@ -1,0 +1,159 @@
+"""tfk.linear_attention's "triton" backend (triton_kernels/linear.py) against
+the float64 reference, in Triton's interpreter on CPU tensors (fp32, fp16;
+the interpreter's bf16 is wrong): identity/elu1/relu causal and not, softmax
+(non-causal, its maps in torch around the kernels), normalize on and off, GQA,
+key padding, initial state and the returned state with their gradients, odd
+sizes; every output starts as NaN (tests/conftest.py); state carry-over on
+this backend; its refusals. Long sweeps: TFK_LONG_TESTS=1."""
+import itertools
+import os
+
+import pytest
+import torch
+
+import tfk
+from tfk.backends import BackendUnavailable
+from linear_cases import Case, check_case
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs a GPU or TRITON_INTERPRET=1")
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+# Small B and H: the interpreter runs every program in Python.
+CASES = {
+    "causal_elu1_gqa_mask_state_D40_Dv24": Case(B=1, H=4, Hkv=2, L=97, D=40, Dv=24, mask=True, state=True),
+    "causal_relu_unnormalised_scale_state": Case(B=1, H=2, Hkv=2, L=63, feature_map="relu", normalize=False,
+                                                  scale=0.5, state=True),
+    "causal_identity_positive_eps": Case(B=1, H=2, Hkv=1, L=97, feature_map="identity", inputs="positive",
+                                         eps=1e-3, mask=True),
+    "causal_L1_decode_gqa_D80": Case(B=1, H=4, Hkv=2, L=1, D=80, state=True),
+    "noncausal_elu1_L40_S63_gqa_mask_state": Case(B=2, H=4, Hkv=2, L=40, S=63, causal=False, mask=True,
+                                                  state=True),
+    "noncausal_relu_eps_scale_D80_Dv40": Case(B=1, H=2, Hkv=1, L=40, S=63, D=80, Dv=40, causal=False,
+                                              feature_map="relu", eps=0.1, scale=2.0),
+    "noncausal_identity_unnormalised_state": Case(B=1, H=2, Hkv=2, L=40, S=63, causal=False,
+                                                  feature_map="identity", normalize=False, state=True),
+    "noncausal_softmax_gqa_mask": Case(B=2, H=4, Hkv=2, L=33, S=40, causal=False, feature_map="softmax",
+                                       mask=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype):
+    with tfk.backends.record_choices() as names:
+        check_case(CASES[case], dtype, backend="triton")
+    assert set(names) == {"triton"}
+
+
+# Other chunk and state-tile sizes (the default chunk, 16, already puts many
+# chunk boundaries into L = 97): whole chunks only (L = 64) and a partial last one.
+@pytest.mark.parametrize("L", [64, 97])
+def test_other_chunk_sizes(L, monkeypatch):
+    from tfk.triton_kernels import linear as kernels
+    monkeypatch.setattr(kernels, "CHUNK", 32)
+    monkeypatch.setattr(kernels, "STATE_TILE", 32)
+    check_case(Case(B=1, H=4, Hkv=2, L=L, D=24, Dv=20, mask=True, state=True), torch.float32, backend="triton")
+
+
+def test_wide_heads():
+    """D = Dv = 256 (narrow chunks, tiled state) and D = 16 < Dv = 130 (padded to 256)."""
+    check_case(Case(B=1, H=1, Hkv=1, L=40, D=256, state=True, mask=True), torch.float32, backend="triton")
+    check_case(Case(B=1, H=2, Hkv=1, L=23, S=33, D=16, Dv=130, causal=False, state=True), torch.float32,
+               backend="triton")
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", pytest.param("relu", marks=pytest.mark.slow)])
+def test_causal_chunks_then_decode_equal_one_call(feature_map):
+    """A prompt in pieces (one spanning a chunk boundary), then decode steps of
+    L = 1, each passing the last state: outputs, final state and every gradient
+    (through the chain of states) equal one call's, on this backend."""
+    B, H, Hkv, L, D, Dv = 1, 4, 2, 150, 24, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = 0.5 * torch.randn(B, H, L, D, generator=g), 0.5 * torch.randn(B, Hkv, L, D, generator=g), \
+        torch.randn(B, Hkv, L, Dv, generator=g)
+    mask = torch.rand(B, L, generator=g) < 0.8
+    pieces = [(0, 70), (70, 145)] + [(i, i + 1) for i in range(145, 150)]
+    kw = dict(feature_map=feature_map, return_state=True, backend="triton")
+
+    def chained(q, k, v):
+        outs, state = [], None
+        for a, b in pieces:
+            out, state = tfk.linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], initial_state=state,
+                                              key_padding_mask=mask[:, a:b], **kw)
+            outs.append(out)
+        return torch.cat(outs, 2), state
+
+    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
+    (o1, (kv1, z1)) = tfk.linear_attention(*leaves[0], key_padding_mask=mask, **kw)
+    (o2, (kv2, z2)) = chained(*leaves[1])
+    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv2, kv1, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(z2, z1, rtol=1e-5, atol=1e-4)
+    seeds = [torch.randn(t.shape, generator=g) for t in (o1, kv1, z1)]
+    for (o, kv, z) in ((o1, kv1, z1), (o2, kv2, z2)):
+        ((o * seeds[0]).sum() + (kv * seeds[1]).sum() + (z * seeds[2]).sum()).backward()
+    for name, a, b in zip(("dq", "dk", "dv"), leaves[0], leaves[1]):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_no_grad_and_poisoned_outputs():
+    """Outputs come from new_output (NaN here): every element is written, with
+    and without gradients, the returned state too."""
+    assert tfk.backends.POISON_OUTPUTS
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 37, 20, generator=g), torch.randn(2, 2, 37, 20, generator=g), \
+        torch.randn(2, 2, 37, 12, generator=g)
+    for causal in (True, False):
+        with torch.no_grad():
+            out, (kv, z) = tfk.linear_attention(q, k, v, causal=causal, return_state=True, backend="triton")
+        for t in (out, kv, z):
+            assert not torch.isnan(t).any()
+
+
+def test_auto_on_cpu_is_torch():
+    """"auto" picks triton for CUDA tensors only; CPU calls stay on torch."""
+    q = torch.randn(1, 2, 5, 16)
+    with tfk.backends.record_choices() as names:
+        tfk.linear_attention(q, q, q)
+    assert names == ["torch"]
+    assert "triton" in tfk.backend_names("linear")
+
+
+@pytest.mark.parametrize("dtype,D,match", [
+    (torch.float64, 16, "dtype torch.float64"),
+    (torch.bfloat16, 16, "bfloat16 arithmetic is wrong in Triton's interpreter"),
+    (torch.float32, 264, "head dims D = 264"),
+])
+def test_refusals_named(dtype, D, match):
+    q = torch.randn(1, 1, 3, D, dtype=dtype)
+    with pytest.raises(BackendUnavailable, match=match):
+        tfk.linear_attention(q, q, q, backend="triton")
+
+
+def test_opcheck():
+    backend = tfk.backends.get_backend("triton", "linear")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 2, 20, 16, generator=g), torch.randn(1, 1, 20, 16, generator=g), \
+        torch.randn(1, 1, 20, 16, generator=g)
+    kv0, z0 = torch.randn(1, 1, 16, 16, generator=g), torch.rand(1, 1, 16, generator=g)
+    args = [t.requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(backend._op.op, (*args, torch.rand(1, 20, generator=g) < 0.8, kv0.requires_grad_(),
+                                           z0.requires_grad_(), "elu1", True, True, 1e-6, 0.5),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sweep(dtype):
+    """Long tier: sizes x maps x causal x normalize."""
+    for L, D, fm, causal, norm in itertools.product((1, 2, 63, 64, 65, 130), (16, 40, 64, 80, 128),
+                                                     ("identity", "elu1", "relu", "softmax"), (True, False),
+                                                     (True, False)):
+        if fm == "softmax" and causal:
+            continue
+        c = Case(B=1, H=4, Hkv=2, L=L, S=L if causal else max(1, L // 2 + 3), D=D, feature_map=fm, causal=causal,
+                 normalize=norm, mask=True, state=fm != "softmax",
+                 inputs="positive" if fm == "identity" and norm else "normal")
+        check_case(c, dtype, backend="triton", seed=L * 7 + D)

@@ -1,0 +1,169 @@
+"""Backend "triton" of the linear-attention family: torch_backend.py's math run
+by the kernels of triton_kernels/linear.py (a "cuda" backend can subclass
+_KernelBackend with a kernels module of the same launchers):
+
+    forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps, scale,
+            out, den, kv, z)                                   writes the outputs
+    backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, den, delta, feature_map,
+             causal, normalize, scale, dq, dk, dv, dkv0, dz0)  writes the gradients
+
+The host side here allocates the outputs (new_output), makes the operands
+contiguous, computes delta = dout . out (B, H, L) with torch ops (from out
+recomputed in float32 by one more forward for half inputs, as the torch
+backend does), and applies the "softmax" feature map with torch ops around
+the kernels (they fuse identity, elu1 and relu only): phi(q), phi(k) in
+float32 go in as identity-mapped inputs, and the backward chains the
+kernels' d phi through torch_backend.feature_map_grad.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from ...backends import new_output, register_backend
+from . import torch_backend
+from .api import LinearBackend
+from .functions import linear_ops
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FUSED_MAPS = ("identity", "elu1", "relu")
+MAX_HEAD_DIM = 256   # triton_kernels/linear.py's MAX_HEAD_DIM (not imported here: triton may be missing)
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+def _softmax_maps(q, k, key_padding_mask):
+    """phi(q) (softmax over D), phi(k) (softmax over S, masked keys 0), float32, and q, k in float32."""
+    keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
+    qf, kf = q.float(), k.float()
+    return (torch_backend.feature_map(qf, "softmax", -1), torch_backend.feature_map(kf, "softmax", -2, keep),
+            qf, kf, keep)
+
+
+def _forward(get_kernels):
+    def forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps, scale, out_dtype=None):
+        kernels = get_kernels()
+        B, H, L, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[3]
+        q, k, v, key_padding_mask, kv0, z0 = map(_contig, (q, k, v, key_padding_mask, kv0, z0))
+        out = new_output((B, H, L, Dv), out_dtype or q.dtype, q.device)
+        if feature_map == "softmax":
+            q, k, *_ = _softmax_maps(q, k, key_padding_mask)
+            feature_map = "identity"
+        kv, z = new_output((B, Hkv, D, Dv), torch.float32, q.device), new_output((B, Hkv, D), torch.float32, q.device)
+        den = new_output((B, H, L), torch.float32, q.device)
+        kernels.forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps, scale,
+                        out, den, kv, z)
+        return out, kv, z, den
+    return forward
+
+
+def _backward(get_kernels, forward):
+    def backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, out, den, feature_map, causal, normalize,
+                 eps, scale):
+        kernels = get_kernels()
+        B, H, L, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[3]
+        sd = torch.float32 if kv0 is None else kv0.dtype
+        dout, q, k, v, key_padding_mask, kv0, z0, den = map(
+            _contig, (dout, q, k, v, key_padding_mask, kv0, z0, den))
+        if normalize:
+            if out.dtype != torch.float32:
+                # a half out's rounding would reach dq and dk amplified by 1/den: recompute it in fp32
+                out = forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps, scale,
+                              out_dtype=torch.float32)[0]
+            delta = (dout.float() * out.float()).sum(-1)                       # (B, H, L)
+        else:
+            delta = den        # unread
+        if dkv is not None or dz is not None:   # the kernels take both or neither
+            dkv = torch.zeros(B, Hkv, D, Dv, dtype=torch.float32, device=q.device) if dkv is None \
+                else dkv.float().contiguous()
+            dz = torch.zeros(B, Hkv, D, dtype=torch.float32, device=q.device) if dz is None \
+                else dz.float().contiguous()
+        dv = new_output(v.shape, v.dtype, v.device)
+        dkv0, dz0 = new_output((B, Hkv, D, Dv), torch.float32, q.device), \
+            new_output((B, Hkv, D), torch.float32, q.device)
+        if feature_map == "softmax":
+            pq, pk, qf, kf, keep = _softmax_maps(q, k, key_padding_mask)
+            dpq, dpk = torch.empty_like(pq), torch.empty_like(pk)     # every element written by the kernels
+            kernels.backward(dout, dkv, dz, pq, pk, v, key_padding_mask, kv0, z0, den, delta, "identity", causal,
+                             normalize, scale, dpq, dpk, dv, dkv0, dz0)
+            dq = torch_backend.feature_map_grad(qf, pq, dpq, "softmax", -1).to(q.dtype)
+            dk = torch_backend.feature_map_grad(kf, pk, dpk, "softmax", -2, keep).to(k.dtype)
+        else:
+            dq, dk = new_output(q.shape, q.dtype, q.device), new_output(k.shape, k.dtype, k.device)
+            kernels.backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, den, delta, feature_map, causal,
+                             normalize, scale, dq, dk, dv, dkv0, dz0)
+        return dq, dk, dv, dkv0.to(sd), dz0.to(sd)
+    return backward
+
+
+class _KernelBackend(LinearBackend):
+    """The shared host side; a subclass names its kernels module and where it runs
+    (device_reasons). Kernels with other launchers (tfk/ops/linear/cuda_kernels.py
+    takes already-mapped features) override ``functions``."""
+    kernels_module = None
+
+    def __init__(self):
+        # Made here, not on first use, so a first call under torch.compile finds the ops.
+        self.forward, self.backward = self.functions()
+        self._op = linear_ops(self.name.replace("-", "_"), self.forward, self.backward)
+
+    def functions(self):
+        """(forward, backward) with torch_backend.linear_forward/linear_backward's
+        signatures, for a kernels module with this file's launchers (module doc)."""
+        forward = _forward(self.kernels)
+        return forward, _backward(self.kernels, forward)
+
+    def kernels(self):
+        return importlib.import_module(self.kernels_module, __package__)
+
+    def device_reasons(self, t):
+        raise NotImplementedError
+
+    def reasons(self, call):
+        q = call.query
+        why = self.device_reasons(q)
+        if q.dtype not in _DTYPES:
+            why.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
+        D, Dv = q.shape[3], call.value.shape[3]
+        if max(D, Dv) > MAX_HEAD_DIM:
+            why.append(f"head dims D = {D}, Dv = {Dv} (the kernels take at most {MAX_HEAD_DIM})")
+        return why
+
+    def run(self, call):
+        kv0, z0 = call.initial_state if call.initial_state is not None else (None, None)
+        out, kv, z, _ = self._op(call.query, call.key, call.value, call.key_padding_mask, kv0, z0, call.feature_map,
+                                 call.causal, call.normalize, call.eps, call.scale)
+        return out, kv, z
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend(_KernelBackend):
+    """triton_kernels/linear.py: on CUDA tensors, or CPU tensors in Triton's interpreter."""
+    name = "triton"
+    priority = 20
+    kernels_module = "...triton_kernels.linear"
+
+    def device_reasons(self, t):
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed"]
+        if not t.is_cuda and not (t.device.type == "cpu" and _INTERPRET):
+            return [f"tensors on {t.device}: needs CUDA, or CPU tensors with TRITON_INTERPRET=1 set before tfk "
+                    "is imported"]
+        if t.dtype == torch.bfloat16 and not t.is_cuda:
+            return ["bfloat16 arithmetic is wrong in Triton's interpreter: bf16 runs on GPU only"]
+        return []
+
+    def auto_for(self, call):
+        return call.query.is_cuda
+
+
+register_backend(TritonBackend())

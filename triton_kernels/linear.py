@@ -1,0 +1,428 @@
+"""Linear attention in Triton: the chunked causal form and the non-causal
+reductions of tfk/ops/linear/torch_backend.py (whose module doc states the
+math), with the feature maps identity, elu1 and relu fused in-kernel.
+
+The normaliser column of V' = [v, 1] is carried as its own vector (z, den)
+rather than as column Dv of a padded matrix, so a tile of value columns is a
+power of two. phi_q below is phi(q) without the scale; the scale multiplies
+O' (forward) and dO' (backward), as in the torch backend.
+
+Four kernels, each program walking the chunks of one (batch, head) in order,
+with its state in fp32 accumulators (never one state per chunk in memory):
+
+- ``_linear_fwd``: one program per (batch, query head, tile of Dv). The state
+  tile S[:, tile] = [kv[:, tile], z] starts at the initial state; per chunk
+  num = phi_q S + tril(phi_q phi_k^T) V, den = scale * (phi_q z + rowsum(tril)) + eps,
+  out = scale * num / den (scale * num when not normalize), then
+  S += phi_k^T V. A query head recomputes its KV head's state (G-fold, cheap
+  next to the intra-chunk product); the first query head of a KV head writes
+  the final state, the first Dv tile writes den and z. Non-causal: the state
+  is summed over every key first, then out = phi_q S per query chunk.
+- ``_linear_bwd_dq``: one program per (batch, query head, tile of D); carries
+  S[tile, :] (all Dv) forward: dphi_q = dO' S_n^T + tril(dO' V'^T) phi_k.
+- ``_linear_bwd_dk``: one program per (batch, KV head, tile of D); carries
+  R[tile, :] = dS + sum_{m>n} sum_g phi_q_m^T dO'_m backward over chunks:
+  dphi_k = tril(dO' V'^T)^T phi_q + V' R^T (the G query heads of the KV head
+  looped inside); writes dS'_0 = R after the first chunk.
+- ``_linear_bwd_dv``: one program per (batch, KV head, tile of Dv); carries
+  R[:, tile]: dv = tril(phi_q phi_k^T)^T dO' + phi_k R.
+
+dO' = scale * [dout / den, -(dout . out) / den] (normalize; scale * [dout, 0]
+otherwise) is formed in the kernels from dout, den and delta = dout . out (B, H, L),
+which the host computes with torch ops, from out recomputed in fp32 for half
+inputs (the rounded out would reach dq and dk amplified by 1/den).
+
+Padded channels and rows past L (or S) and masked keys get phi = 0 (elu1(0)
+is 1, so the mask is applied after the map). Inputs fp16, bf16 (GPU only: the
+interpreter's bf16 is wrong) or fp32, contiguous (B, heads, len, dim); head
+dims up to MAX_HEAD_DIM, not necessarily powers of two. Offsets of a
+(batch, head) base are int64. Dots take fp32 operands (tf32 on the GPU).
+
+The "softmax" feature map is not in these kernels: tfk/ops/linear/kernel_backends.py
+applies it with torch ops around them.
+
+File grammar: configs -> kernels -> host side.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# -----------------------------------------------------------------------------
+# Configs
+# -----------------------------------------------------------------------------
+
+KERNELS = ("_linear_fwd", "_linear_bwd_dq", "_linear_bwd_dk", "_linear_bwd_dv")
+FEATURE_MAPS = {"identity": 0, "elu1": 1, "relu": 2}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+# Positions per chunk: the intra-chunk product costs O(L * CHUNK * D); wide
+# heads take CHUNK_WIDE so a chunk's tiles fit in registers.
+CHUNK = 16
+CHUNK_WIDE = 16
+# Columns of the state a program carries along its tiled dim (Dv forward and
+# in dv, D in dq and dk), at most; TILE_WIDE when a head dim exceeds 128.
+STATE_TILE = 16
+TILE_WIDE = 16
+NUM_WARPS = 4   # 8 when a head dim exceeds 64
+DOT_PRECISION = "tf32"
+
+
+def _pow2(n):
+    return max(16, triton.next_power_of_2(n))   # tl.dot's least size is 16
+
+
+def config(D, Dv):
+    """(BLOCK_C, BLOCK_D, BLOCK_DV, TILE, num_warps) for head dims D, Dv: full
+    D and Dv padded to powers of two, the carried state tiled by TILE columns."""
+    BD, BDV = _pow2(D), _pow2(Dv)
+    wide = max(BD, BDV) > 128
+    warps = NUM_WARPS if max(BD, BDV) <= 64 else 2 * NUM_WARPS
+    return (CHUNK_WIDE if wide else CHUNK), BD, BDV, (TILE_WIDE if wide else STATE_TILE), warps
+
+
+# -----------------------------------------------------------------------------
+# Kernels
+# -----------------------------------------------------------------------------
+
+@triton.jit
+def _phi(x, FMAP: tl.constexpr):
+    """The feature map on fp32 x: 0 identity, 1 elu1, 2 relu."""
+    if FMAP == 1:
+        x = tl.where(x > 0, x + 1.0, tl.exp(x))
+    elif FMAP == 2:
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
+def _dphi(x, phi, FMAP: tl.constexpr):
+    """d phi / d x, given phi = _phi(x)."""
+    if FMAP == 1:
+        d = tl.where(x > 0, 1.0, phi)
+    elif FMAP == 2:
+        d = tl.where(x > 0, 1.0, 0.0)
+    else:
+        d = tl.full(x.shape, 1.0, tl.float32)
+    return d
+
+
+@triton.jit
+def _load_phi(base, rows, rmask, cols, cmask, ncols, FMAP: tl.constexpr, KEEP, HAS_KEEP: tl.constexpr):
+    """(x, phi) fp32 of the tile base[rows, cols] (row stride ncols); phi = 0 on
+    padding and on masked rows (KEEP[rows] == 0)."""
+    m = rmask[:, None] & cmask[None, :]
+    x = tl.load(base + rows[:, None] * ncols + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_KEEP:
+        m = m & (tl.load(KEEP + rows, mask=rmask, other=0) != 0)[:, None]
+    return x, tl.where(m, _phi(x, FMAP), 0.0)
+
+
+@triton.jit
+def _load_dO(DOUT, DEN, DELTA, row0, rows, rmask, cols, cmask, Dv, scale,
+             NORMALIZE: tl.constexpr):
+    """dO' of a chunk: (value part (C, len(cols)), normaliser part (C,)), fp32."""
+    dout = tl.load(DOUT + (row0 + rows)[:, None] * Dv + cols[None, :],
+                   mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    if NORMALIZE:
+        r = scale / tl.load(DEN + row0 + rows, mask=rmask, other=1.0)
+        dz = -tl.load(DELTA + row0 + rows, mask=rmask, other=0.0) * r
+        return dout * r[:, None], dz
+    return dout * scale, tl.zeros_like(rows).to(tl.float32)
+
+
+@triton.jit
+def _linear_fwd(Q, K, V, KEEP, KV0, Z0, OUT, DEN, KV, Z, H, HKV, L, S, D, Dv, scale, eps,
+                FMAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
+                HAS_S0: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    pv = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    G = H // HKV
+    hk = h // G
+    qrow0 = (b * H + h) * L          # int64 row offsets of this head's sequences
+    krow0 = (b * HKV + hk) * S
+    srow0 = (b * HKV + hk) * D
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dmask = offs_d < D
+    vmask = offs_v < Dv
+    smask = dmask[:, None] & vmask[None, :]
+    keep = KEEP + b * S
+    kv = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
+    z = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_S0:
+        kv += tl.load(KV0 + (srow0 + offs_d)[:, None] * Dv + offs_v[None, :], mask=smask, other=0.0)
+        z += tl.load(Z0 + srow0 + offs_d, mask=dmask, other=0.0)
+    if not CAUSAL:
+        for s0 in range(0, S, BLOCK_C):
+            rows = s0 + offs_c
+            rmask = rows < S
+            xk, pk = _load_phi(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP)
+            v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
+                        mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            kv += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            z += tl.sum(pk, 0)
+    for l0 in range(0, L, BLOCK_C):
+        rows = l0 + offs_c
+        rmask = rows < L
+        xq, pq = _load_phi(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, False)
+        num = tl.dot(pq, kv, input_precision=PREC)
+        den = tl.sum(pq * z[None, :], 1)
+        if CAUSAL:   # L == S: the keys of this chunk are the same rows
+            xk, pk = _load_phi(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP)
+            v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
+                        mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            a = tl.dot(pq, tl.trans(pk), input_precision=PREC)
+            a = tl.where(offs_c[:, None] >= offs_c[None, :], a, 0.0)
+            num += tl.dot(a, v, input_precision=PREC)
+            den += tl.sum(a, 1)
+            kv += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            z += tl.sum(pk, 0)
+        den = den * scale + eps
+        if NORMALIZE:
+            o = num * (scale / den)[:, None]
+        else:
+            o = num * scale
+        tl.store(OUT + (qrow0 + rows)[:, None] * Dv + offs_v[None, :], o.to(OUT.dtype.element_ty),
+                 mask=rmask[:, None] & vmask[None, :])
+        tl.store(DEN + qrow0 + rows, den, mask=rmask & (pv == 0))
+    first = (h % G) == 0    # one query head of the KV head writes its state
+    tl.store(KV + (srow0 + offs_d)[:, None] * Dv + offs_v[None, :], kv, mask=smask & first)
+    tl.store(Z + srow0 + offs_d, z, mask=dmask & first & (pv == 0))
+
+
+@triton.jit
+def _linear_bwd_dq(Q, K, V, KEEP, KV0, Z0, DOUT, DEN, DELTA, DQ, H, HKV, L, S, D, Dv, scale,
+                   FMAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
+                   HAS_S0: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TD: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    pd = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    hk = h // (H // HKV)
+    qrow0 = (b * H + h) * L
+    krow0 = (b * HKV + hk) * S
+    srow0 = (b * HKV + hk) * D
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = pd * BLOCK_TD + tl.arange(0, BLOCK_TD)
+    offs_v = tl.arange(0, BLOCK_DV)
+    dmask = offs_d < D
+    vmask = offs_v < Dv
+    keep = KEEP + b * S
+    kv = tl.zeros((BLOCK_TD, BLOCK_DV), tl.float32)    # S[tile, :Dv]
+    z = tl.zeros((BLOCK_TD,), tl.float32)              # S[tile, Dv]
+    if HAS_S0:
+        kv += tl.load(KV0 + (srow0 + offs_d)[:, None] * Dv + offs_v[None, :],
+                      mask=dmask[:, None] & vmask[None, :], other=0.0)
+        z += tl.load(Z0 + srow0 + offs_d, mask=dmask, other=0.0)
+    if not CAUSAL:
+        for s0 in range(0, S, BLOCK_C):
+            rows = s0 + offs_c
+            rmask = rows < S
+            xk, pk = _load_phi(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP)
+            v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
+                        mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            kv += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            z += tl.sum(pk, 0)
+    for l0 in range(0, L, BLOCK_C):
+        rows = l0 + offs_c
+        rmask = rows < L
+        dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
+        dpq = tl.dot(dov, tl.trans(kv), input_precision=PREC) + doz[:, None] * z[None, :]
+        if CAUSAL:
+            xk, pk = _load_phi(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP)
+            v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
+                        mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            bm = tl.dot(dov, tl.trans(v), input_precision=PREC) + doz[:, None]    # dO'_i . V'_j
+            bm = tl.where(offs_c[:, None] >= offs_c[None, :], bm, 0.0)
+            dpq += tl.dot(bm, pk, input_precision=PREC)
+            kv += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            z += tl.sum(pk, 0)
+        x, pq = _load_phi(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, False)
+        dq = dpq * _dphi(x, pq, FMAP)
+        tl.store(DQ + (qrow0 + rows)[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _linear_bwd_dk(Q, K, V, KEEP, DOUT, DEN, DELTA, DKV, DZ, DK, DKV0, DZ0, H, HKV, L, S, D, Dv, scale,
+                   FMAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
+                   HAS_DS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TD: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    pd = tl.program_id(1)
+    b = (pid // HKV).to(tl.int64)
+    hk = pid % HKV
+    G = H // HKV
+    krow0 = (b * HKV + hk) * S
+    srow0 = (b * HKV + hk) * D
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = pd * BLOCK_TD + tl.arange(0, BLOCK_TD)
+    offs_v = tl.arange(0, BLOCK_DV)
+    dmask = offs_d < D
+    vmask = offs_v < Dv
+    smask = dmask[:, None] & vmask[None, :]
+    keep = KEEP + b * S
+    rv = tl.zeros((BLOCK_TD, BLOCK_DV), tl.float32)    # R[tile, :Dv]
+    rz = tl.zeros((BLOCK_TD,), tl.float32)             # R[tile, Dv]
+    if HAS_DS:
+        rv += tl.load(DKV + (srow0 + offs_d)[:, None] * Dv + offs_v[None, :], mask=smask, other=0.0)
+        rz += tl.load(DZ + srow0 + offs_d, mask=dmask, other=0.0)
+    if not CAUSAL:
+        for g in range(0, G):
+            qrow0 = (b * H + hk * G + g) * L
+            for l0 in range(0, L, BLOCK_C):
+                rows = l0 + offs_c
+                rmask = rows < L
+                xq, pq = _load_phi(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, False)
+                dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
+                rv += tl.dot(tl.trans(pq), dov, input_precision=PREC)
+                rz += tl.sum(pq * doz[:, None], 0)
+    n_chunks = tl.cdiv(S, BLOCK_C)
+    for i in range(0, n_chunks):
+        rows = (n_chunks - 1 - i) * BLOCK_C + offs_c     # last chunk first
+        rmask = rows < S
+        x, pk = _load_phi(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP)
+        v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
+                    mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+        dpk = tl.dot(v, tl.trans(rv), input_precision=PREC) + rz[None, :]     # V'_n R_n^T
+        if CAUSAL:
+            for g in range(0, G):
+                qrow0 = (b * H + hk * G + g) * L
+                xq, pq = _load_phi(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, False)
+                dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
+                bm = tl.dot(dov, tl.trans(v), input_precision=PREC) + doz[:, None]
+                bm = tl.where(offs_c[:, None] >= offs_c[None, :], bm, 0.0)
+                dpk += tl.dot(tl.trans(bm), pq, input_precision=PREC)
+                rv += tl.dot(tl.trans(pq), dov, input_precision=PREC)
+                rz += tl.sum(pq * doz[:, None], 0)
+        dk = dpk * _dphi(x, pk, FMAP)
+        if HAS_KEEP:
+            dk = tl.where((tl.load(keep + rows, mask=rmask, other=0) != 0)[:, None], dk, 0.0)
+        tl.store(DK + (krow0 + rows)[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=rmask[:, None] & dmask[None, :])
+    tl.store(DKV0 + (srow0 + offs_d)[:, None] * Dv + offs_v[None, :], rv, mask=smask)
+    tl.store(DZ0 + srow0 + offs_d, rz, mask=dmask)
+
+
+@triton.jit
+def _linear_bwd_dv(Q, K, V, KEEP, DOUT, DEN, DELTA, DKV, DV, H, HKV, L, S, D, Dv, scale,
+                   FMAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr,
+                   HAS_DS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TV: tl.constexpr,
+                   PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    pv = tl.program_id(1)
+    b = (pid // HKV).to(tl.int64)
+    hk = pid % HKV
+    G = H // HKV
+    krow0 = (b * HKV + hk) * S
+    srow0 = (b * HKV + hk) * D
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pv * BLOCK_TV + tl.arange(0, BLOCK_TV)
+    dmask = offs_d < D
+    vmask = offs_v < Dv
+    keep = KEEP + b * S
+    rv = tl.zeros((BLOCK_D, BLOCK_TV), tl.float32)     # R[:, tile]
+    if HAS_DS:
+        rv += tl.load(DKV + (srow0 + offs_d)[:, None] * Dv + offs_v[None, :],
+                      mask=dmask[:, None] & vmask[None, :], other=0.0)
+    if not CAUSAL:
+        for g in range(0, G):
+            qrow0 = (b * H + hk * G + g) * L
+            for l0 in range(0, L, BLOCK_C):
+                rows = l0 + offs_c
+                rmask = rows < L
+                xq, pq = _load_phi(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, False)
+                dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
+                rv += tl.dot(tl.trans(pq), dov, input_precision=PREC)
+    n_chunks = tl.cdiv(S, BLOCK_C)
+    for i in range(0, n_chunks):
+        rows = (n_chunks - 1 - i) * BLOCK_C + offs_c
+        rmask = rows < S
+        xk, pk = _load_phi(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP)
+        dv = tl.dot(pk, rv, input_precision=PREC)                            # phi_k R_n
+        if CAUSAL:
+            for g in range(0, G):
+                qrow0 = (b * H + hk * G + g) * L
+                xq, pq = _load_phi(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, False)
+                dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
+                a = tl.dot(pq, tl.trans(pk), input_precision=PREC)
+                a = tl.where(offs_c[:, None] >= offs_c[None, :], a, 0.0)
+                dv += tl.dot(tl.trans(a), dov, input_precision=PREC)
+                rv += tl.dot(tl.trans(pq), dov, input_precision=PREC)
+        tl.store(DV + (krow0 + rows)[:, None] * Dv + offs_v[None, :], dv.to(DV.dtype.element_ty),
+                 mask=rmask[:, None] & vmask[None, :])
+
+
+# -----------------------------------------------------------------------------
+# Host side
+# -----------------------------------------------------------------------------
+
+def _check(q, k, v, feature_map, causal):
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)} in the Triton kernels, "
+                         f"got {feature_map!r}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    (B, H, L, D), (Hkv, S, Dv) = q.shape, (k.shape[1], k.shape[2], v.shape[3])
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims D = {D}, Dv = {Dv}: the Triton kernels take at most {MAX_HEAD_DIM}")
+    if causal and L != S:
+        raise ValueError(f"causal needs L == S, got L = {L}, S = {S}")
+
+
+def _keep(key_padding_mask, q):
+    """The mask as uint8 (B, S) (a dummy pointer when None)."""
+    if key_padding_mask is None:
+        return q.new_empty(1, dtype=torch.uint8), False
+    return key_padding_mask.contiguous().view(torch.uint8), True
+
+
+def forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps, scale, out, den, kv, z):
+    """Writes out (B, H, L, Dv) (any float dtype), den (B, H, L), kv (B, Hkv, D, Dv),
+    z (B, Hkv, D) (fp32) for q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv),
+    key_padding_mask (B, S) bool or None, kv0/z0 fp32 or None; all contiguous."""
+    _check(q, k, v, feature_map, causal)
+    B, H, L, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    C, BD, BDV, tile, warps = config(D, Dv)
+    tile = min(tile, BDV)
+    keep, has_keep = _keep(key_padding_mask, q)
+    has_s0 = kv0 is not None
+    _linear_fwd[(B * H, triton.cdiv(Dv, tile))](
+        q, k, v, keep, kv0 if has_s0 else kv, z0 if has_s0 else z, out, den, kv, z, H, Hkv, L, S, D, Dv,
+        float(scale), float(eps), FMAP=FEATURE_MAPS[feature_map], CAUSAL=causal, NORMALIZE=normalize,
+        HAS_KEEP=has_keep, HAS_S0=has_s0, BLOCK_C=C, BLOCK_D=BD, BLOCK_DV=tile, PREC=DOT_PRECISION,
+        num_warps=warps)
+
+
+def backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, den, delta, feature_map, causal, normalize, scale,
+             dq, dk, dv, dkv0, dz0):
+    """Writes dq, dk, dv (the inputs' shapes) and dkv0 (B, Hkv, D, Dv), dz0 (B, Hkv, D)
+    (fp32) from dout (B, H, L, Dv), dkv/dz (fp32, both or neither) or None,
+    den and delta = dout . out (B, H, L) fp32; all contiguous."""
+    _check(q, k, v, feature_map, causal)
+    B, H, L, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    C, BD, BDV, tile, warps = config(D, Dv)
+    keep, has_keep = _keep(key_padding_mask, q)
+    has_s0, has_ds = kv0 is not None, dkv is not None
+    common = dict(FMAP=FEATURE_MAPS[feature_map], CAUSAL=causal, NORMALIZE=normalize, HAS_KEEP=has_keep,
+                  BLOCK_C=C, PREC=DOT_PRECISION, num_warps=warps)
+    td, tv = min(tile, BD), min(tile, BDV)
+    _linear_bwd_dq[(B * H, triton.cdiv(D, td))](
+        q, k, v, keep, kv0 if has_s0 else dkv0, z0 if has_s0 else dz0, dout, den, delta, dq, H, Hkv, L, S, D, Dv,
+        float(scale), HAS_S0=has_s0, BLOCK_TD=td, BLOCK_DV=BDV, **common)
+    _linear_bwd_dk[(B * Hkv, triton.cdiv(D, td))](
+        q, k, v, keep, dout, den, delta, dkv if has_ds else dkv0, dz if has_ds else dz0, dk, dkv0, dz0,
+        H, Hkv, L, S, D, Dv, float(scale), HAS_DS=has_ds, BLOCK_TD=td, BLOCK_DV=BDV, **common)
+    _linear_bwd_dv[(B * Hkv, triton.cdiv(Dv, tv))](
+        q, k, v, keep, dout, den, delta, dkv if has_ds else dkv0, dv, H, Hkv, L, S, D, Dv, float(scale),
+        HAS_DS=has_ds, BLOCK_D=BD, BLOCK_TV=tv, **common)
