@@ -47,14 +47,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 import tfk
+
+from . import peak
 
 B, H, D = 1, 8, 64
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
@@ -139,34 +139,16 @@ def time_length(L, causal, args):
     return results
 
 
-def _status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _memory_child(L, name, causal):
-    if os.environ.get("TFK_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["TFK_BENCH_THREADS"]))
+    peak.child_threads()
     q, k, v, dout = make_inputs(int(L))
     fn = impl_fn(name, causal == "causal")
-    with open("/proc/self/clear_refs", "w") as fh:   # resets the peak (VmHWM) to the current RSS
-        fh.write("5")
-    before = _status_mib("VmRSS")
-    step(fn, q, k, v, dout, "fwd+bwd")
-    print(json.dumps({"peak_mib": _status_mib("VmHWM") - before}))
+    peak.report_step_peak(lambda: step(fn, q, k, v, dout, "fwd+bwd"))
 
 
 def memory(L, name, causal):
     """MiB one fwd+bwd step adds at its peak, measured in a fresh process (see the module doc)."""
-    r = subprocess.run([sys.executable, "-m", "bench.linear", "--memory-child", str(L), name,
-                        "causal" if causal else "noncausal"],
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if r.returncode:
-        return f"n/a ({(r.stderr.strip().splitlines() or ['?'])[-1][:80]})"
-    return json.loads(r.stdout.strip().splitlines()[-1])["peak_mib"]
+    return peak.child_peak_mib("bench.linear", L, name, "causal" if causal else "noncausal")
 
 
 def _fmt(v, unit):

@@ -53,8 +53,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -63,7 +61,7 @@ import torch.nn.functional as F
 
 import tfk
 
-from . import table
+from . import peak, table
 
 
 @dataclass(frozen=True)
@@ -198,35 +196,18 @@ def time_shape(s: MoEShape, reps: int, impls=IMPLS):
     return results
 
 
-def _status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _memory_child(shape_name, impl, mode):
-    if os.environ.get("TFK_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["TFK_BENCH_THREADS"]))
+    peak.child_threads()
     s = SHAPES[shape_name]
     x, ids, w, w1, w2, dout = make_inputs(s)
     f = make_impl(impl, s, w1, w2)
     del w1, w2
-    with open("/proc/self/clear_refs", "w") as fh:   # resets the peak (VmHWM) to the current RSS
-        fh.write("5")
-    before = _status_mib("VmRSS")
-    step(*f, x, ids, w, dout, mode)
-    print(json.dumps({"peak_mib": _status_mib("VmHWM") - before}))
+    peak.report_step_peak(lambda: step(*f, x, ids, w, dout, mode))
 
 
 def memory(s: MoEShape, impl, mode):
     """MiB one step adds at its peak, measured in a fresh process (see the module doc)."""
-    r = subprocess.run([sys.executable, "-m", "bench.moe", "--memory-child", s.name, impl, mode],
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if r.returncode:
-        return f"n/a ({(r.stderr.strip().splitlines() or ['?'])[-1][:80]})"
-    return json.loads(r.stdout.strip().splitlines()[-1])["peak_mib"]
+    return peak.child_peak_mib("bench.moe", s.name, impl, mode)
 
 
 def _fmt(v, unit):
