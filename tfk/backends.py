@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -71,6 +72,23 @@ _FAMILIES: dict[str, dict[str, Backend]] = {"attention": _BACKENDS}
 # Tests set this: outputs start as NaN, so an element a backend forgets to
 # write fails the comparison instead of passing as 0.
 POISON_OUTPUTS = os.environ.get("TFK_POISON_OUTPUTS") == "1"
+
+
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_device_reasons(t) -> list[str]:
+    """Why a Triton kernel cannot take tensor ``t`` here (MoE and linear
+    attention): no triton, a device other than CUDA (CPU only in the
+    interpreter), or bf16 in the interpreter. Empty when it can."""
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed"]
+    if not t.is_cuda and not (t.device.type == "cpu" and _TRITON_INTERPRET):
+        return [f"tensors on {t.device}: needs CUDA, or CPU tensors with TRITON_INTERPRET=1 set before tfk "
+                "is imported"]
+    if t.dtype == torch.bfloat16 and not t.is_cuda:
+        return ["bfloat16 arithmetic is wrong in Triton's interpreter: bf16 runs on GPU only"]
+    return []
 
 
 def new_output(shape, dtype, device):

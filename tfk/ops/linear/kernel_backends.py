@@ -18,12 +18,10 @@ kernels' d phi through torch_backend.feature_map_grad.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 
 import torch
 
-from ...backends import new_output, register_backend
+from ...backends import new_output, register_backend, triton_device_reasons
 from . import torch_backend
 from .api import LinearBackend
 from .functions import linear_ops
@@ -143,9 +141,6 @@ class _KernelBackend(LinearBackend):
         return out, kv, z
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class TritonBackend(_KernelBackend):
     """triton_kernels/linear.py: on CUDA tensors, or CPU tensors in Triton's interpreter."""
     name = "triton"
@@ -153,14 +148,7 @@ class TritonBackend(_KernelBackend):
     kernels_module = "...triton_kernels.linear"
 
     def device_reasons(self, t):
-        if importlib.util.find_spec("triton") is None:
-            return ["triton is not installed"]
-        if not t.is_cuda and not (t.device.type == "cpu" and _INTERPRET):
-            return [f"tensors on {t.device}: needs CUDA, or CPU tensors with TRITON_INTERPRET=1 set before tfk "
-                    "is imported"]
-        if t.dtype == torch.bfloat16 and not t.is_cuda:
-            return ["bfloat16 arithmetic is wrong in Triton's interpreter: bf16 runs on GPU only"]
-        return []
+        return triton_device_reasons(t)
 
     def auto_for(self, call):
         return call.query.is_cuda

@@ -31,12 +31,10 @@ softmax or sigmoid Jacobian (route_backward).
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 
 import torch
 
-from ...backends import new_output, register_backend
+from ...backends import new_output, register_backend, triton_device_reasons
 from . import torch_backend
 from .api import MoEBackend, RouteCall, Routing, kernel_reasons
 from .functions import experts_ops, grouped_mm_ops, route_ops
@@ -198,9 +196,6 @@ class _KernelBackend(MoEBackend):
         return Routing(weights, experts)
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class TritonBackend(_KernelBackend):
     """triton_kernels/moe.py: on CUDA tensors, or CPU tensors in Triton's interpreter."""
     name = "triton"
@@ -208,14 +203,7 @@ class TritonBackend(_KernelBackend):
     kernels_module = "...triton_kernels.moe"
 
     def device_reasons(self, t):
-        if importlib.util.find_spec("triton") is None:
-            return ["triton is not installed"]
-        if not t.is_cuda and not (t.device.type == "cpu" and _INTERPRET):
-            return [f"tensors on {t.device}: needs CUDA, or CPU tensors with TRITON_INTERPRET=1 set before tfk "
-                    "is imported"]
-        if t.dtype == torch.bfloat16 and not t.is_cuda:
-            return ["bfloat16 arithmetic is wrong in Triton's interpreter: bf16 runs on GPU only"]
-        return []
+        return triton_device_reasons(t)
 
     def auto_for(self, call):
         return _lead(call).is_cuda
