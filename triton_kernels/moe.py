@@ -45,12 +45,9 @@ from tfk import backends
 from tfk.ops.moe.launch_checks import ALIGN, DTYPES  # noqa: F401 (part of the module's API)
 from tfk.ops.moe.launch_checks import ROUTE_MAX_EXPERTS as MAX_EXPERTS
 from tfk.ops.moe.launch_checks import ROUTE_MAX_TOP_K as MAX_TOP_K  # noqa: F401 (part of the module's API)
-from tfk.ops.moe.launch_checks import check_aligned as _check_aligned
 from tfk.ops.moe.launch_checks import check_float as _check_float
-from tfk.ops.moe.launch_checks import check_gather as _check_gather
 from tfk.ops.moe.launch_checks import check_index as _check_index
-from tfk.ops.moe.launch_checks import check_offs as _check_offs
-from tfk.ops.moe.launch_checks import check_route
+from tfk.ops.moe.launch_checks import check_grouped_gemm, check_grouped_gemm_tn, check_route
 
 # -----------------------------------------------------------------------------
 # Configs
@@ -453,42 +450,7 @@ def grouped_gemm(a, b, offs, *, gather=None, trans_b=False, act=None, row_scale=
     multiplies row r of the result (the routing weights). fp32 accumulation
     (tf32 dots for fp32 inputs on a GPU). Returns c (M, N or N/2).
     """
-    _check_float("a", a, 2)
-    _check_float("b", b, 3)
-    if b.dtype != a.dtype:
-        raise TypeError(f"b: dtype {b.dtype} differs from a's {a.dtype}")
-    if b.device != a.device:
-        raise ValueError(f"b: on {b.device}, a on {a.device}")
-    G = b.shape[0]
-    _check_index("offs", offs, G, a.device)
-    if G == 0:
-        raise ValueError("b: no groups (G = 0)")
-    K = a.shape[1]
-    bk, N = (b.shape[2], b.shape[1]) if trans_b else (b.shape[1], b.shape[2])
-    if bk != K:
-        raise ValueError(f"b: its K dimension is {bk}, a has K = {K} columns (trans_b={trans_b})")
-    _check_aligned("K", K)
-    _check_aligned("N", N)
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act: {act!r} is not one of {list(ACTIVATIONS)}")
-    n_out = N // 2 if act is not None else N
-    if act is not None:
-        _check_aligned(f"N / 2 (the gate and up halves for act={act!r})", n_out)
-    if gather is not None:
-        _check_index("gather", gather, None, a.device)
-        M = gather.shape[0]
-    else:
-        M = a.shape[0]
-    if row_scale is not None:
-        if not isinstance(row_scale, torch.Tensor) or row_scale.dtype != torch.float32:
-            raise TypeError("row_scale: must be a float32 tensor")
-        if row_scale.shape != (M,):
-            raise ValueError(f"row_scale: expected shape ({M},), got {tuple(row_scale.shape)}")
-        if row_scale.device != a.device:
-            raise ValueError(f"row_scale: on {row_scale.device}, a on {a.device}")
-    _check_offs(offs, M)
-    if gather is not None and offs.device.type == "cpu":
-        _check_gather("gather", gather, int(offs[-1]), a.shape[0])
+    M, K, n_out = check_grouped_gemm(a, b, offs, trans_b, act, gather, row_scale)
 
     c = backends.new_output((M, n_out), a.dtype, a.device)
     if c.numel() == 0:
@@ -516,27 +478,7 @@ def grouped_gemm_tn(a, b, offs, *, gather_a=None):
     (then Ma == M). fp32 accumulation in a fixed row order (deterministic);
     empty groups give zeros. The weight gradients of grouped_gemm.
     """
-    _check_float("a", a, 2)
-    _check_float("b", b, 2)
-    if b.dtype != a.dtype:
-        raise TypeError(f"b: dtype {b.dtype} differs from a's {a.dtype}")
-    if b.device != a.device:
-        raise ValueError(f"b: on {b.device}, a on {a.device}")
-    M, N = b.shape
-    K = a.shape[1]
-    _check_index("offs", offs, None, a.device)
-    G = offs.shape[0]
-    if G == 0:
-        raise ValueError("offs: no groups (G = 0)")
-    _check_aligned("K", K)
-    _check_aligned("N", N)
-    if gather_a is not None:
-        _check_index("gather_a", gather_a, M, a.device)
-    elif a.shape[0] != M:
-        raise ValueError(f"a: {a.shape[0]} rows, b has {M} (without gather_a they must match)")
-    _check_offs(offs, M)
-    if gather_a is not None and offs.device.type == "cpu":
-        _check_gather("gather_a", gather_a, int(offs[-1]), a.shape[0])
+    G, M, K, N = check_grouped_gemm_tn(a, b, offs, gather_a)
 
     c = backends.new_output((G, K, N), a.dtype, a.device)
     if c.numel() == 0:

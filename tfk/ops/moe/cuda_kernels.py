@@ -25,16 +25,13 @@ import importlib
 import torch
 
 from ... import backends
-from .launch_checks import ALIGN, DTYPES  # noqa: F401 (part of the module's API)
+from .launch_checks import ACTIVATIONS, ALIGN, DTYPES  # noqa: F401 (part of the module's API)
 from .launch_checks import check_aligned as _aligned
 from .launch_checks import check_float as _check_float
-from .launch_checks import check_gather as _check_gather
 from .launch_checks import check_index
-from .launch_checks import check_offs as _check_offs
-from .launch_checks import check_route
+from .launch_checks import check_grouped_gemm, check_grouped_gemm_tn, check_route
 from .launch_checks import check_same as _same
 
-ACTIVATIONS = (None, "silu", "gelu_tanh", "relu")
 
 
 def ops(device):
@@ -48,10 +45,15 @@ def ops(device):
     return torch.ops.tfk_sim
 
 
+def _int64(x):
+    """A checked int32/int64 index tensor as contiguous int64 (the kernels' type)."""
+    return x.to(torch.int64).contiguous()
+
+
 def _index(name, x, length, device):
     """An int32/int64 1-D index tensor as contiguous int64."""
     check_index(name, x, length, device)
-    return x.to(torch.int64).contiguous()
+    return _int64(x)
 
 
 def _int64_output(shape, device):
@@ -78,38 +80,10 @@ def grouped_gemm(a, b, offs, *, gather=None, trans_b=False, act=None, row_scale=
     b's N columns are [gate | up] and c = act(gate) * up (N/2 columns).
     row_scale (M,) float32 multiplies each output row. Returns (M, N or N/2).
     """
-    _check_float("a", a, 2)
-    _check_float("b", b, 3)
-    _same("b", b, a, "a")
-    G = b.shape[0]
-    if G == 0:
-        raise ValueError("b: no groups (G = 0)")
-    offs = _index("offs", offs, G, a.device)
-    K = a.shape[1]
-    bk, N = (b.shape[2], b.shape[1]) if trans_b else (b.shape[1], b.shape[2])
-    if bk != K:
-        raise ValueError(f"b: its K dimension is {bk}, a has K = {K} columns (trans_b={trans_b})")
-    _aligned("K", K)
-    _aligned("N", N)
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act: {act!r} is not one of {list(ACTIVATIONS)}")
-    n_out = N // 2 if act is not None else N
-    if act is not None:
-        _aligned(f"N / 2 (the gate and up halves for act={act!r})", n_out)
-    if gather is not None:
-        gather = _index("gather", gather, None, a.device)
-    M = gather.shape[0] if gather is not None else a.shape[0]
-    if row_scale is not None:
-        if not isinstance(row_scale, torch.Tensor) or row_scale.dtype != torch.float32:
-            raise TypeError("row_scale: must be a float32 tensor")
-        if row_scale.shape != (M,):
-            raise ValueError(f"row_scale: expected shape ({M},), got {tuple(row_scale.shape)}")
-        if row_scale.device != a.device:
-            raise ValueError(f"row_scale: on {row_scale.device}, a on {a.device}")
-        row_scale = row_scale.contiguous()
-    _check_offs(offs, M)
-    if gather is not None:
-        _check_gather("gather", gather, int(offs[-1]) if offs.device.type == "cpu" else 0, a.shape[0])
+    M, K, n_out = check_grouped_gemm(a, b, offs, trans_b, act, gather, row_scale)
+    offs = _int64(offs)
+    gather = None if gather is None else _int64(gather)
+    row_scale = None if row_scale is None else row_scale.contiguous()
     out = backends.new_output((M, n_out), a.dtype, a.device)
     if out.numel() == 0:
         return out
@@ -125,24 +99,9 @@ def grouped_gemm_tn(a, b, offs, *, gather_a=None):
     ``gather_a`` (M,) is given, else a[r] (then Ma == M). fp32 accumulation
     in a fixed row order (deterministic); empty groups give zeros.
     """
-    _check_float("a", a, 2)
-    _check_float("b", b, 2)
-    _same("b", b, a, "a")
-    M, N = b.shape
-    K = a.shape[1]
-    offs = _index("offs", offs, None, a.device)
-    G = offs.shape[0]
-    if G == 0:
-        raise ValueError("offs: no groups (G = 0)")
-    _aligned("K", K)
-    _aligned("N", N)
-    if gather_a is not None:
-        gather_a = _index("gather_a", gather_a, M, a.device)
-    elif a.shape[0] != M:
-        raise ValueError(f"a: {a.shape[0]} rows, b has {M} (without gather_a they must match)")
-    _check_offs(offs, M)
-    if gather_a is not None:
-        _check_gather("gather_a", gather_a, int(offs[-1]) if offs.device.type == "cpu" else 0, a.shape[0])
+    G, M, K, N = check_grouped_gemm_tn(a, b, offs, gather_a)
+    offs = _int64(offs)
+    gather_a = None if gather_a is None else _int64(gather_a)
     out = backends.new_output((G, K, N), a.dtype, a.device)
     if out.numel() == 0:
         return out

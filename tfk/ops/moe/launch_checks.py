@@ -19,6 +19,8 @@ ALIGN = 8
 ROUTE_MAX_EXPERTS = 256
 ROUTE_MAX_TOP_K = 8
 SCORES = ("softmax", "sigmoid")
+# grouped_gemm's epilogues (None: none)
+ACTIVATIONS = (None, "silu", "gelu_tanh", "relu")
 
 
 def check_float(name, x, dims):
@@ -75,6 +77,66 @@ def check_gather(name, gather, used, num_src):
     g = gather[:used]
     if bool((g < 0).any()) or bool((g >= num_src).any()):
         raise ValueError(f"{name}: ids of rows below offs[-1] must lie in [0, {num_src})")
+
+
+def check_grouped_gemm(a, b, offs, trans_b, act, gather, row_scale):
+    """grouped_gemm's arguments (see its docstring in either kernel set);
+    returns (M, K, n_out): output rows, the reduced size, output columns."""
+    check_float("a", a, 2)
+    check_float("b", b, 3)
+    check_same("b", b, a, "a")
+    G = b.shape[0]
+    check_index("offs", offs, G, a.device)
+    if G == 0:
+        raise ValueError("b: no groups (G = 0)")
+    K = a.shape[1]
+    bk, N = (b.shape[2], b.shape[1]) if trans_b else (b.shape[1], b.shape[2])
+    if bk != K:
+        raise ValueError(f"b: its K dimension is {bk}, a has K = {K} columns (trans_b={trans_b})")
+    check_aligned("K", K)
+    check_aligned("N", N)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: {act!r} is not one of {list(ACTIVATIONS)}")
+    n_out = N // 2 if act is not None else N
+    if act is not None:
+        check_aligned(f"N / 2 (the gate and up halves for act={act!r})", n_out)
+    if gather is not None:
+        check_index("gather", gather, None, a.device)
+    M = gather.shape[0] if gather is not None else a.shape[0]
+    if row_scale is not None:
+        if not isinstance(row_scale, torch.Tensor) or row_scale.dtype != torch.float32:
+            raise TypeError("row_scale: must be a float32 tensor")
+        if row_scale.shape != (M,):
+            raise ValueError(f"row_scale: expected shape ({M},), got {tuple(row_scale.shape)}")
+        if row_scale.device != a.device:
+            raise ValueError(f"row_scale: on {row_scale.device}, a on {a.device}")
+    check_offs(offs, M)
+    if gather is not None and offs.device.type == "cpu":
+        check_gather("gather", gather, int(offs[-1]), a.shape[0])
+    return M, K, n_out
+
+
+def check_grouped_gemm_tn(a, b, offs, gather_a):
+    """grouped_gemm_tn's arguments; returns (G, M, K, N)."""
+    check_float("a", a, 2)
+    check_float("b", b, 2)
+    check_same("b", b, a, "a")
+    M, N = b.shape
+    K = a.shape[1]
+    check_index("offs", offs, None, a.device)
+    G = offs.shape[0]
+    if G == 0:
+        raise ValueError("offs: no groups (G = 0)")
+    check_aligned("K", K)
+    check_aligned("N", N)
+    if gather_a is not None:
+        check_index("gather_a", gather_a, M, a.device)
+    elif a.shape[0] != M:
+        raise ValueError(f"a: {a.shape[0]} rows, b has {M} (without gather_a they must match)")
+    check_offs(offs, M)
+    if gather_a is not None and offs.device.type == "cpu":
+        check_gather("gather_a", gather_a, int(offs[-1]), a.shape[0])
+    return G, M, K, N
 
 
 def check_route(logits, top_k, score, bias, n_group, topk_group):
