@@ -21,8 +21,8 @@ Without a GPU a second table runs the CUDA kernels (csrc/attention/) on the
 CPU through backend "cuda-sim" (tfk's host-execution layer) in float16 and
 bfloat16, for every op, checked the same way and not timed: the layer emulates a GPU, its speed says nothing about one.
 ``--no-sim`` skips it. Then the same for the MoE ops (bench/report_moe.py),
-and the linear-attention ops (bench/report_linear.py; torch and reference
-backends so far: no kernel yet, so no cuda-sim table).
+and the linear-attention ops (bench/report_linear.py; the csrc/linear/
+kernels on cuda-sim).
 """
 from __future__ import annotations
 
@@ -311,8 +311,8 @@ SIM_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _sim_built():
-    from tfk.ops.attention import cuda_backend
-    return cuda_backend._import_error("_sim") is None
+    from tfk.backends import import_error
+    return import_error("_sim") is None
 
 
 def _check_all(ops, device, dtypes, **kw):
@@ -381,6 +381,12 @@ def main(argv=None):
         linear_rows = report_linear.check_all(linear_ops, device, dtypes, backend=args.backend,
                                               repeat=args.repeat, timer=_timed_ms)
         print(report_moe.format_rows(linear_rows))
+        if sim:
+            print("\nThe linear-attention CUDA kernels (csrc/linear/) on the CPU: backend cuda-sim, untimed:",
+                  flush=True)
+            sim_rows = report_linear.check_all(linear_ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
+            print(report_moe.format_rows(sim_rows))
+            linear_rows += sim_rows
         rows += linear_rows
     print()
     for op in ops:

@@ -375,6 +375,9 @@ def test_build_info_reports_the_build_and_the_backends():
     assert "moe       backend torch" in text
     linear = info["linear_backends"]
     assert linear["torch"]["runs"] == linear["reference"]["runs"] == ["float16", "bfloat16", "float32"]
+    assert linear["cuda-sim"]["runs"] == ([] if torch.cuda.is_available() else ["float16", "bfloat16", "float32"])
+    if not torch.cuda.is_available():
+        assert any("needs CUDA tensors" in r for r in linear["cuda"]["reasons"])
     assert "linear    backend torch" in text
     for name in tfk.backend_names():
         assert f"backend {name}" in text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
 import importlib.util
 import os
 import warnings
@@ -88,6 +89,44 @@ def triton_device_reasons(t) -> list[str]:
                 "is imported"]
     if t.dtype == torch.bfloat16 and not t.is_cuda:
         return ["bfloat16 arithmetic is wrong in Triton's interpreter: bf16 runs on GPU only"]
+    return []
+
+
+_IMPORT_ERRORS: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def import_error(module: str):
+    """Why tfk.<module> cannot be imported, or None (a constant to torch.compile,
+    which cannot trace an import)."""
+    if module not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(f"tfk.{module}")
+            _IMPORT_ERRORS[module] = None
+        except ImportError as e:
+            _IMPORT_ERRORS[module] = str(e)
+    return _IMPORT_ERRORS[module]
+
+
+def cuda_kernel_reasons(module: str, t) -> list[str]:
+    """Why the CUDA C++ kernels cannot take tensor ``t`` through tfk.<module>:
+    "_C" (backend "cuda": built, CUDA tensors on sm_80 or later) or "_sim"
+    (backend "cuda-sim", the host-execution layer: built, CPU tensors). Every
+    family's "cuda" and "cuda-sim" backends ask this first."""
+    error = import_error(module)
+    if error is not None:
+        return [f"tfk.{module} is not built ({error}); reinstall tfk with a C++ compiler"
+                + (", nvcc and a CUDA build of torch: CUDA_HOME=/path/to/cuda TFK_CUDA_ARCHS='8.0;9.0' "
+                   "pip install --no-build-isolation ." if module == "_C" else "")]
+    if module == "_sim":
+        if t.device.type != "cpu":
+            return [f"tensors on {t.device}: runs on CPU tensors (backend 'cuda' runs on the GPU)"]
+        return []
+    if not t.is_cuda:
+        return [f"tensors on {t.device}: needs CUDA tensors (backend 'cuda-sim' runs the kernels on CPU)"]
+    major, minor = torch.cuda.get_device_capability(t.device)
+    if major < 8:
+        return [f"GPU sm_{major}{minor}: the kernels use sm_80 instructions (mma.sync bf16, cp.async)"]
     return []
 
 

@@ -24,7 +24,7 @@ namespace linear {
 
 enum class Dtype : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 
-constexpr int kMaxDim = 256;  // D and E (= Dv + 1)
+constexpr int kMaxDim = 257;  // D and E: E = Dv + 1 for Dv up to 256, and the backward passes V' as features
 constexpr int kChunk = 32;    // positions per chunk (rows of the intra-chunk product)
 constexpr int kBlockE = 64;   // value columns per block: the state tile is D x kBlockE fp32
 constexpr int kThreads = 128; // 4 warps

@@ -81,24 +81,25 @@ def make_inputs(c: Case, seed=0):
     return q, k, v, mask, state, seeds
 
 
-def run(fn, c: Case, inputs, dtype, state_dtype):
+def run(fn, c: Case, inputs, dtype, state_dtype, device="cpu"):
     """fn(q, k, v, mask, state) -> out or (out, (kv, z)) on leaves cast to dtype
-    (state to state_dtype); returns {name: tensor} for out, kv, z and every gradient."""
+    (state to state_dtype) on ``device``; returns {name: CPU tensor} for out, kv,
+    z and every gradient."""
     q, k, v, mask, state, (dout, dkv, dz) = inputs
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    st = None if state is None else tuple(t.detach().to(state_dtype).requires_grad_() for t in state)
-    res = fn(*leaves, mask, st)
+    leaves = [t.detach().to(device, dtype).requires_grad_() for t in (q, k, v)]
+    st = None if state is None else tuple(t.detach().to(device, state_dtype).requires_grad_() for t in state)
+    res = fn(*leaves, None if mask is None else mask.to(device), st)
     out, (kv, z) = res if c.state else (res, (None, None))
-    loss = (out.double() * dout).sum()
+    loss = (out.double().cpu() * dout).sum()
     if c.state:
-        loss = loss + (kv.double() * dkv).sum() + (z.double() * dz).sum()
+        loss = loss + (kv.double().cpu() * dkv).sum() + (z.double().cpu() * dz).sum()
     wrt = leaves + (list(st) if st else [])
     grads = torch.autograd.grad(loss, wrt)
     got = dict(out=out.detach())
     if c.state:
         got.update(kv=kv.detach(), z=z.detach())
     got.update(zip(["dq", "dk", "dv", "dkv0", "dz0"], grads))
-    return got
+    return {name: t.cpu() for name, t in got.items()}
 
 
 def tfk_fn(c: Case, backend="torch"):
@@ -133,12 +134,14 @@ def baseline(c: Case, inputs, dtype):
     return got
 
 
-def check_case(c: Case, dtype, backend="torch", seed=0):
-    """tfk (``backend``, in ``dtype``) against the float64 reference, every output and gradient."""
+def check_case(c: Case, dtype, backend="torch", seed=0, device="cpu"):
+    """tfk (``backend``, in ``dtype``, on ``device``) against the float64 reference
+    (on the CPU), every output and gradient."""
     inputs = make_inputs(c, seed)
     ref = run(reference_fn(c), c, inputs, torch.float64, torch.float64)
     base = baseline(c, inputs, dtype) if dtype != torch.float64 else None
-    got = run(tfk_fn(c, backend), c, inputs, dtype, torch.float64 if dtype == torch.float64 else torch.float32)
+    got = run(tfk_fn(c, backend), c, inputs, dtype, torch.float64 if dtype == torch.float64 else torch.float32,
+              device)
     assert got["out"].dtype == dtype
     if c.state:
         want = torch.float64 if dtype == torch.float64 else torch.float32

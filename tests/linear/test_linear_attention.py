@@ -324,7 +324,7 @@ def test_auto_picks_torch_and_env(monkeypatch):
         monkeypatch.setenv("TFK_BACKEND", "sdpa")       # another family's backend: this family's auto
         tfk.linear_attention(q, k, v)
     assert names == ["torch", "reference", "torch"]
-    assert tfk.backend_names("linear") == ["triton", "torch", "reference"]
+    assert tfk.backend_names("linear") == ["triton", "cuda", "torch", "reference", "cuda-sim"]
 
 
 def test_no_grad_path_and_poisoned_buffer():

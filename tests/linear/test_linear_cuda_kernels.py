@@ -109,8 +109,8 @@ def test_forward_matches_core(case, causal, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_largest_dims(dtype):
-    """D = 256 and E = Dv + 1 = 256: the largest state tile and shared memory."""
-    run_case(1, 1, 1, 37, 37, 256, 255, dtype, True, True)
+    """D = Dv = 256 (E = 257): the largest state tile and shared memory."""
+    run_case(1, 1, 1, 37, 37, 256, 256, dtype, True, True)
 
 
 def test_gqa_heads_read_their_kv_head():
@@ -158,9 +158,9 @@ REFUSALS = {
     "k_D_mismatch": (dict(phi_k=torch.ones(1, 2, 8, 24, dtype=h)), ValueError, "phi_k: expected shape"),
     "heads_not_multiple": (dict(phi_k=torch.ones(1, 3, 8, 16, dtype=h)), ValueError, "phi_k: Hkv = 3"),
     "v_length": (dict(v1=torch.ones(1, 2, 7, 9, dtype=h)), ValueError, "v1: expected shape"),
-    "D_over_256": (dict(phi_q=torch.ones(1, 4, 8, 257, dtype=h), phi_k=torch.ones(1, 2, 8, 257, dtype=h),
-                        state0=None), ValueError, r"D = 257 must lie in \[1, 256\]"),
-    "E_over_256": (dict(v1=torch.ones(1, 2, 8, 257, dtype=h), state0=None), ValueError, r"v1: E = Dv \+ 1 = 257"),
+    "D_over_257": (dict(phi_q=torch.ones(1, 4, 8, 258, dtype=h), phi_k=torch.ones(1, 2, 8, 258, dtype=h),
+                        state0=None), ValueError, r"D = 258 must lie in \[1, 257\]"),
+    "E_over_257": (dict(v1=torch.ones(1, 2, 8, 258, dtype=h), state0=None), ValueError, r"v1: E = Dv \+ 1 = 258"),
     "causal_S_ne_L": (dict(phi_k=torch.ones(1, 2, 9, 16, dtype=h), v1=torch.ones(1, 2, 9, 9, dtype=h)),
                       ValueError, "causal needs as many keys"),
     "state_dtype": (dict(state0=torch.ones(1, 2, 16, 9, dtype=h)), TypeError, "state0: must be a float32"),
@@ -282,8 +282,8 @@ def test_gpu_forward_matches_core(case, causal, dtype):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_largest_dims_and_long_sequence(dtype):
-    """D = E = 256 (the opt-in shared memory past 48 KiB) and 1025 positions."""
-    run_case(1, 2, 1, 1025, 1025, 256, 255, dtype, True, True, device="cuda")
+    """D = Dv = 256 (the opt-in shared memory past 48 KiB) and 1025 positions."""
+    run_case(1, 2, 1, 1025, 1025, 256, 256, dtype, True, True, device="cuda")
 
 
 # ----------------------------------------------------------------- backward

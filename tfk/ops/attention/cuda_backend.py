@@ -28,21 +28,6 @@ BLOCK = 64            # kBlockM = kBlockN in csrc/attention/attention.h
 HEAD_DIMS = (64, 128)  # the instantiated kernels
 _DTYPES = (torch.float16, torch.bfloat16)
 
-_IMPORT_ERRORS: dict = {}
-
-
-@torch.compiler.assume_constant_result
-def _import_error(module: str):
-    """Why tfk.<module> cannot be imported, or None (a constant to torch.compile)."""
-    if module not in _IMPORT_ERRORS:
-        try:
-            importlib.import_module(f"tfk.{module}")
-            _IMPORT_ERRORS[module] = None
-        except ImportError as e:
-            _IMPORT_ERRORS[module] = str(e)
-    return _IMPORT_ERRORS[module]
-
-
 def _ops(device):
     """torch.ops.tfk (tfk._C) for CUDA tensors, torch.ops.tfk_sim (tfk._sim) for CPU tensors."""
     if device.type == "cuda":
@@ -152,22 +137,9 @@ class CudaBackend(Backend):
     priority = 15
     module = "_C"
 
-    def device_reasons(self, q):
-        if not q.is_cuda:
-            return [f"tensors on {q.device}: needs CUDA tensors (backend 'cuda-sim' runs the kernels on CPU)"]
-        major, minor = torch.cuda.get_device_capability(q.device)
-        if major < 8:
-            return [f"GPU sm_{major}{minor}: the kernels use sm_80 instructions (mma.sync bf16, cp.async)"]
-        return []
-
     def reasons(self, call):
         q = call.q
-        error = _import_error(self.module)
-        if error is not None:
-            return [f"tfk.{self.module} is not built ({error}); reinstall tfk with a C++ compiler"
-                    + (", nvcc and a CUDA build of torch: CUDA_HOME=/path/to/cuda TFK_CUDA_ARCHS='8.0;9.0' "
-                       "pip install --no-build-isolation ." if self.module == "_C" else "")]
-        why = self.device_reasons(q)
+        why = backends.cuda_kernel_reasons(self.module, q)
         if q.dtype not in _DTYPES:
             why.append(f"dtype {q.dtype} (supports float16, bfloat16)")
         return why + kernel_reasons(call, HEAD_DIMS[-1])
@@ -187,11 +159,6 @@ class CudaSimBackend(CudaBackend):
     name = "cuda-sim"
     priority = 0
     module = "_sim"
-
-    def device_reasons(self, q):
-        if q.device.type != "cpu":
-            return [f"tensors on {q.device}: runs on CPU tensors (backend 'cuda' runs on the GPU)"]
-        return []
 
     def auto_for(self, call):
         return False

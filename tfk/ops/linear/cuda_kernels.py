@@ -23,7 +23,7 @@ mask and the scale stay on the host side, torch_backend.py's ``_prepare``):
   fp32 accumulation) or float32 (FMA); the rest (tril(Q K^T) V' and Q S, whose
   left operands are fp32) is FMA in float32, and the state is float32. Query head h reads KV head
   h // (H // Hkv). Causal needs S == L (query i sees keys j <= i); D and E lie
-  in [1, 256]. The result is deterministic (a fixed summation order, no
+  in [1, 257]. The result is deterministic (a fixed summation order, no
   atomics): a block per (batch, KV head, 64 value columns) walks 32-position
   chunks in order, carrying its slice of the state in shared memory; the G
   query heads of a KV head share the block (csrc/linear/linear_fwd.cu).
@@ -40,7 +40,7 @@ import torch
 from ... import backends
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_DIM = 256  # D and E = Dv + 1 (csrc/linear/linear.h kMaxDim)
+MAX_DIM = 257  # D and E = Dv + 1 (csrc/linear/linear.h kMaxDim): head dims up to 256
 
 
 def ops(device):

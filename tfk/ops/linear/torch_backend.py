@@ -227,13 +227,14 @@ def _prepare(q, k, v, key_padding_mask, kv0, z0, feature_map_name):
 SLICE_ELEMENTS = 1 << 21
 
 
-def _slices(B, Hkv, G, per_head):
+def _slices(B, Hkv, G, per_head, limit):
     """(batch, KV-head, query-head) index slices covering (B, Hkv): the whole call when
-    small, else about SLICE_ELEMENTS // per_head KV heads of one batch element each."""
-    if B * Hkv * per_head <= SLICE_ELEMENTS:
+    small (or ``limit`` is None), else about limit // per_head KV heads of one batch
+    element each."""
+    if limit is None or B * Hkv * per_head <= limit:
         yield slice(None), slice(None), slice(None)
         return
-    step = max(1, SLICE_ELEMENTS // per_head)
+    step = max(1, limit // per_head)
     for b in range(B):
         for h in range(0, Hkv, step):
             h1 = min(Hkv, h + step)
@@ -244,7 +245,25 @@ def _at(t, *index):
     return None if t is None else t[index]
 
 
-def linear_forward(q, k, v, key_padding_mask, kv0, z0, feature_map_name, causal, normalize, eps, scale):
+class TorchCore:
+    """The core in torch ops: O' and its gradients on mapped features (above).
+    A kernel backend passes its own core to linear_forward/linear_backward and
+    shares everything else here (feature maps, V' and S'_0, normalisation, dO')."""
+    slice_elements = SLICE_ELEMENTS   # a kernel core's None: one launch takes the whole call
+
+    def forward(self, Q, K, V, S0, causal, dtype):
+        """core_forward; ``dtype`` (the inputs') is unused: torch computes in Q's."""
+        return core_forward(Q, K, V, S0, causal)
+
+    def backward(self, dO, Q, K, V, S0, dS, causal):
+        return core_backward(dO, Q, K, V, S0, dS, causal)
+
+
+TORCH_CORE = TorchCore()
+
+
+def linear_forward(q, k, v, key_padding_mask, kv0, z0, feature_map_name, causal, normalize, eps, scale,
+                   core=TORCH_CORE):
     """(out (B, H, L, Dv) in q's dtype, kv (B, Hkv, D', Dv), z (B, Hkv, D'), den (B, H, L)),
     the last three in the accumulation dtype; den = phi_q . z_i + eps (kept for the backward)."""
     B, H, L, Dp = q.shape
@@ -253,20 +272,21 @@ def linear_forward(q, k, v, key_padding_mask, kv0, z0, feature_map_name, causal,
     out = new_output((B, H, L, Dv), q.dtype, q.device)
     kv, z = new_output((B, Hkv, Dp, Dv), acc, q.device), new_output((B, Hkv, Dp), acc, q.device)
     den = new_output((B, H, L), acc, q.device)
-    for b, h, hq in _slices(B, Hkv, G, (G * L + S) * (Dp + Dv + 1)):
+    for b, h, hq in _slices(B, Hkv, G, (G * L + S) * (Dp + Dv + 1), core.slice_elements):
         _forward_slice(q[b, hq], k[b, h], v[b, h], _at(key_padding_mask, b), _at(kv0, b, h), _at(z0, b, h),
-                       feature_map_name, causal, normalize, eps, scale, out[b, hq], kv[b, h], z[b, h], den[b, hq])
+                       feature_map_name, causal, normalize, eps, scale, out[b, hq], kv[b, h], z[b, h], den[b, hq],
+                       core)
     return out, kv, z, den
 
 
 def _forward_slice(q, k, v, key_padding_mask, kv0, z0, feature_map_name, causal, normalize, eps, scale,
-                   out, kv, z, den):
+                   out, kv, z, den, core):
     """linear_forward on one slice, written into out, kv, z, den (views)."""
     B, H, L, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     pq, pk, v1, S0, *_ = _prepare(q, k, v, key_padding_mask, kv0, z0, feature_map_name)
-    O, S = core_forward(pq, pk, v1, S0, causal)               # (B, Hkv, G, L, Dv + 1)
+    O, S = core.forward(pq, pk, v1, S0, causal, q.dtype)     # (B, Hkv, G, L, Dv + 1)
     den = torch.mul(O[..., Dv], scale, out=den.view(B, Hkv, G, L)).add_(eps)
     ratio = scale / den if normalize else torch.full_like(den, scale)
     torch.mul(O[..., :Dv], ratio.unsqueeze(-1), out=out.view(B, Hkv, G, L, Dv))
@@ -275,7 +295,7 @@ def _forward_slice(q, k, v, key_padding_mask, kv0, z0, feature_map_name, causal,
 
 
 def linear_backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, out, den, feature_map_name, causal,
-                    normalize, eps, scale):
+                    normalize, eps, scale, core=TORCH_CORE):
     """(dq, dk, dv, dkv0, dz0) in the dtypes of q, k, v and the state; dkv, dz (the
     gradients of the returned state) may be None."""
     B, H, L, Dp = q.shape
@@ -284,16 +304,16 @@ def linear_backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, out, den,
     sd = acc_dtype(q.dtype) if kv0 is None else kv0.dtype
     dq, dk, dv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
     dkv0, dz0 = new_output((B, Hkv, Dp, Dv), sd, q.device), new_output((B, Hkv, Dp), sd, q.device)
-    for b, h, hq in _slices(B, Hkv, G, (G * L + S) * (Dp + Dv + 1)):
+    for b, h, hq in _slices(B, Hkv, G, (G * L + S) * (Dp + Dv + 1), core.slice_elements):
         _backward_slice(dout[b, hq], _at(dkv, b, h), _at(dz, b, h), q[b, hq], k[b, h], v[b, h],
                         _at(key_padding_mask, b), _at(kv0, b, h), _at(z0, b, h), out[b, hq], den[b, hq],
                         feature_map_name, causal, normalize, scale, dq[b, hq], dk[b, h], dv[b, h], dkv0[b, h],
-                        dz0[b, h])
+                        dz0[b, h], core)
     return dq, dk, dv, dkv0, dz0
 
 
 def _backward_slice(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, out, den, feature_map_name, causal,
-                    normalize, scale, dq_out, dk_out, dv_out, dkv0_out, dz0_out):
+                    normalize, scale, dq_out, dk_out, dv_out, dkv0_out, dz0_out, core):
     """linear_backward on one slice, written into the *_out views."""
     B, H, L, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -308,7 +328,7 @@ def _backward_slice(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, out, den,
         if out.dtype != acc:
             # A half-precision out's rounding reaches dq and dk amplified by 1/den
             # (large where phi_q . z is small): recompute it in acc, one forward.
-            out = core_forward(pq, pk, v1, S0, causal)[0].view(B, H, L, Dv + 1)[..., :Dv] * ratio
+            out = core.forward(pq, pk, v1, S0, causal, q.dtype)[0].reshape(B, H, L, Dv + 1)[..., :Dv] * ratio
         dot = (dout.unsqueeze(-2) @ out.to(acc).unsqueeze(-1)).squeeze(-1)    # (B, H, L, 1)
         torch.mul(dot, ratio, out=dO[..., Dv:]).neg_()
     else:
@@ -321,7 +341,7 @@ def _backward_slice(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, out, den,
             dS[..., :Dv] = dkv
         if dz is not None:
             dS[..., Dv] = dz
-    dpq, dpk, dv1, dS0 = core_backward(dO.view(B, Hkv, H // Hkv, L, Dv + 1), pq, pk, v1, S0, dS, causal)
+    dpq, dpk, dv1, dS0 = core.backward(dO.view(B, Hkv, H // Hkv, L, Dv + 1), pq, pk, v1, S0, dS, causal)
     dq_out.copy_(feature_map_grad(qf, pq.reshape(B, H, L, -1), dpq.reshape(B, H, L, -1), feature_map_name, -1))
     dk_out.copy_(feature_map_grad(kf, pk, dpk, feature_map_name, -2, keep))
     dv_out.copy_(dv1[..., :Dv])

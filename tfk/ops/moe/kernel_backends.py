@@ -34,7 +34,7 @@ import importlib
 
 import torch
 
-from ...backends import new_output, register_backend, triton_device_reasons
+from ...backends import cuda_kernel_reasons, new_output, register_backend, triton_device_reasons
 from . import torch_backend
 from .api import MoEBackend, RouteCall, Routing, kernel_reasons
 from .functions import experts_ops, grouped_mm_ops, route_ops
@@ -220,12 +220,7 @@ class CudaBackend(_KernelBackend):
     module = "_C"
 
     def device_reasons(self, t):
-        error = _import_error(self.module)
-        if error is not None:
-            return [f"tfk.{self.module} is not built ({error})"]
-        if not t.is_cuda:
-            return [f"tensors on {t.device}: needs CUDA tensors (backend 'cuda-sim' runs the kernels on CPU)"]
-        return []
+        return cuda_kernel_reasons(self.module, t)
 
     def auto_for(self, call):
         return _lead(call).is_cuda
@@ -237,32 +232,8 @@ class CudaSimBackend(CudaBackend):
     priority = 0
     module = "_sim"
 
-    def device_reasons(self, t):
-        error = _import_error(self.module)
-        if error is not None:
-            return [f"tfk.{self.module} is not built ({error})"]
-        if t.device.type != "cpu":
-            return [f"tensors on {t.device}: runs on CPU tensors (backend 'cuda' runs on the GPU)"]
-        return []
-
     def auto_for(self, call):
         return False
-
-
-_IMPORT_ERRORS: dict = {}
-
-
-@torch.compiler.assume_constant_result
-def _import_error(module: str):
-    """Why tfk.<module> cannot be imported, or None (a constant to torch.compile,
-    which cannot trace an import)."""
-    if module not in _IMPORT_ERRORS:
-        try:
-            importlib.import_module(f"tfk.{module}")
-            _IMPORT_ERRORS[module] = None
-        except ImportError as e:
-            _IMPORT_ERRORS[module] = str(e)
-    return _IMPORT_ERRORS[module]
 
 
 register_backend(CudaBackend())
