@@ -62,6 +62,7 @@ import torch.nn.functional as F
 import tfk
 
 from . import peak, table
+from .peak import CudaTimer
 
 
 @dataclass(frozen=True)
@@ -295,39 +296,6 @@ def expert_flops(s: MoEShape, mode, rows=None):
     M = s.T * s.k if rows is None else rows
     fwd = 2 * M * s.H * 2 * s.I + 2 * M * s.I * s.H
     return fwd if mode == "fwd" else 3 * fwd
-
-
-class CudaTimer:
-    """Times a step with CUDA events: ``warmup`` calls, then the median of
-    ``reps``; ``peak_bytes``: torch.cuda.max_memory_allocated during one
-    step minus the memory allocated before it. A test passes any object with
-    these two methods (and CPU tensors)."""
-
-    def __init__(self, warmup=3, reps=10):
-        self.warmup, self.reps = warmup, reps
-
-    def time(self, fn):
-        """Median seconds of one call."""
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(self.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
-
-    def peak_bytes(self, fn):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
 
 
 def _grouped_mm_impl(s: MoEShape, x, ids, w1, w2):

@@ -3,10 +3,14 @@
 child builds its inputs, calls ``report_step_peak(step)``, which resets the
 peak resident set (/proc/self/clear_refs), runs the step and prints the peak
 (VmHWM) minus the resident set before it: what one step adds at its peak,
-allocator caching and library workspaces included."""
+allocator caching and library workspaces included.
+
+On a GPU the benches' time and peak memory come from CudaTimer instead (CUDA
+events; torch.cuda.max_memory_allocated), in the same process."""
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -47,3 +51,36 @@ def child_peak_mib(module, *args):
     if r.returncode:
         return f"n/a ({(r.stderr.strip().splitlines() or ['?'])[-1][:80]})"
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+class CudaTimer:
+    """Times a step with CUDA events: ``warmup`` calls, then the median of
+    ``reps``; ``peak_bytes``: torch.cuda.max_memory_allocated during one
+    step minus the memory allocated before it. A test passes any object with
+    these two methods (and CPU tensors)."""
+
+    def __init__(self, warmup=3, reps=10):
+        self.warmup, self.reps = warmup, reps
+
+    def time(self, fn):
+        """Median seconds of one call."""
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    def peak_bytes(self, fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
