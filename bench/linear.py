@@ -386,10 +386,6 @@ def build_gpu_steps(name, s: GPUShape, inputs):
     return {mode: (lambda mode=mode: run(mode)) for mode in s.modes}, chosen
 
 
-def _error(e):
-    return f"n/a ({type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''})"
-
-
 def run_gpu(shapes, dtypes=GPU_DTYPES, impls=GPU_IMPLS, *, device="cuda", timer=None, log=None):
     """Rows, one per (shape, dtype, mode, implementation): ms, TFLOP/s, peak
     MiB, and SDPA's and fla's time over this one's ("x_sdpa", "x_fla").
@@ -403,26 +399,9 @@ def run_gpu(shapes, dtypes=GPU_DTYPES, impls=GPU_IMPLS, *, device="cuda", timer=
             done = []
             for name in impls:
                 base = dict(shape=s.name, B=s.B, H=s.H, Hkv=s.Hkv, L=s.L, D=s.D, Dv=s.Dv, causal=s.causal,
-                            dtype=dt, impl=name)
-                steps, chosen, failed = None, None, None
-                try:
-                    steps, chosen = build_gpu_steps(name, s, inputs)
-                except Exception as e:  # noqa: BLE001 - a row that says why
-                    failed = _error(e)
-                for mode in s.modes:
-                    row = dict(base, mode=mode, backend=chosen, ms=None, tflops=None, peak_mib=None,
-                               x_sdpa=None, x_fla=None)
-                    if failed:
-                        row["error"] = failed
-                    else:
-                        try:
-                            t = timer.time(steps[mode])
-                            row.update(ms=t * 1e3, tflops=gpu_flops(s, name, mode) / t / 1e12,
-                                       peak_mib=timer.peak_bytes(steps[mode]) / 2 ** 20)
-                        except Exception as e:  # noqa: BLE001
-                            row["error"] = _error(e)
-                    done.append(row)
-                steps = None
+                            dtype=dt, impl=name, x_sdpa=None, x_fla=None)
+                done += peak.measure_rows(base, s.modes, lambda: build_gpu_steps(name, s, inputs), timer,
+                                          lambda mode: gpu_flops(s, name, mode))
                 if device != "cpu" and torch.cuda.is_available():
                     torch.cuda.empty_cache()
             for peer in ("sdpa", "fla"):

@@ -383,10 +383,6 @@ def _free_grads(params):
         p.grad = None
 
 
-def _error(e):
-    return f"n/a ({type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''})"
-
-
 def run_gpu(shapes, dtypes=GPU_DTYPES, impls=GPU_IMPLS, *, device="cuda", timer=None, log=None):
     """Rows, one per (shape, dtype, mode, implementation): ms, TFLOP/s of the
     expert GEMMs, peak MiB, and hf_eager's time over this one ("x_eager").
@@ -402,25 +398,9 @@ def run_gpu(shapes, dtypes=GPU_DTYPES, impls=GPU_IMPLS, *, device="cuda", timer=
             for name in impls:
                 if dt == "fp32" and name not in FP32_IMPLS:
                     continue
-                base = dict(shape=s.name, T=s.T, E=s.E, k=s.k, H=s.H, I=s.I, dtype=dt, impl=name)
-                steps, chosen, failed = None, None, None
-                try:
-                    steps, chosen = build_steps(name, s, inputs)
-                except Exception as e:  # noqa: BLE001 - a row that says why
-                    failed = _error(e)
-                for mode in s.modes:
-                    row = dict(base, mode=mode, backend=chosen, ms=None, tflops=None, peak_mib=None, x_eager=None)
-                    if failed:
-                        row["error"] = failed
-                    else:
-                        try:
-                            t = timer.time(steps[mode])
-                            row.update(ms=t * 1e3, tflops=expert_flops(s, mode) / t / 1e12,
-                                       peak_mib=timer.peak_bytes(steps[mode]) / 2 ** 20)
-                        except Exception as e:  # noqa: BLE001
-                            row["error"] = _error(e)
-                    done.append(row)
-                steps = None
+                base = dict(shape=s.name, T=s.T, E=s.E, k=s.k, H=s.H, I=s.I, dtype=dt, impl=name, x_eager=None)
+                done += peak.measure_rows(base, s.modes, lambda: build_steps(name, s, inputs), timer,
+                                          lambda mode: expert_flops(s, mode))
                 if device != "cpu" and torch.cuda.is_available():
                     torch.cuda.empty_cache()
             eager = {r["mode"]: r["ms"] for r in done if r["impl"] == "hf_eager" and r["ms"]}

@@ -6,7 +6,8 @@ peak resident set (/proc/self/clear_refs), runs the step and prints the peak
 allocator caching and library workspaces included.
 
 On a GPU the benches' time and peak memory come from CudaTimer instead (CUDA
-events; torch.cuda.max_memory_allocated), in the same process."""
+events; torch.cuda.max_memory_allocated), in the same process, and
+measure_rows makes the GPU modes' rows of one implementation."""
 from __future__ import annotations
 
 import json
@@ -84,3 +85,35 @@ class CudaTimer:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+
+
+def error_text(e):
+    """A row's "n/a (Type: first line)" for an exception."""
+    return f"n/a ({type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''})"
+
+
+def measure_rows(base, modes, build, timer, flops):
+    """The GPU modes' rows of one implementation, one per mode: ``base`` plus
+    mode, backend, ms, tflops (flops(mode) over the time) and peak_mib, or an
+    "error" that says why. ``build()`` -> ({mode: step()}, the tfk backend
+    that ran or None); when it raises, every row says why. ``timer``:
+    CudaTimer, or a stand-in with its time(fn) and peak_bytes(fn)."""
+    steps, chosen, failed = None, None, None
+    try:
+        steps, chosen = build()
+    except Exception as e:  # noqa: BLE001 - a row that says why
+        failed = error_text(e)
+    rows = []
+    for mode in modes:
+        row = dict(base, mode=mode, backend=chosen, ms=None, tflops=None, peak_mib=None)
+        if failed:
+            row["error"] = failed
+        else:
+            try:
+                t = timer.time(steps[mode])
+                row.update(ms=t * 1e3, tflops=flops(mode) / t / 1e12,
+                           peak_mib=timer.peak_bytes(steps[mode]) / 2 ** 20)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = error_text(e)
+        rows.append(row)
+    return rows
