@@ -15,15 +15,10 @@ float32. One launch takes the whole call (no slicing by KV heads).
 """
 from __future__ import annotations
 
-import torch
-
 from ...backends import cuda_kernel_reasons, register_backend
 from . import cuda_kernels as ck
 from . import torch_backend
-from .api import LinearBackend
-from .functions import linear_ops
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .kernel_backends import _KernelBackend
 
 
 class CudaCore:
@@ -58,34 +53,20 @@ def _backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, out, den, featu
                                          causal, normalize, eps, scale, core=_CORE)
 
 
-class CudaBackend(LinearBackend):
+class CudaBackend(_KernelBackend):
     """csrc/linear/ through tfk._C, on a GPU."""
     name = "cuda"
     priority = 15  # below "triton" under "auto" until measured on a GPU, as the other families
     module = "_C"
 
-    def __init__(self):
-        # Made here, not on first use, so a first call under torch.compile finds the ops.
-        self._op = linear_ops(self.name.replace("-", "_"), _forward, _backward)
+    def functions(self):
+        return _forward, _backward
 
-    def reasons(self, call):
-        q = call.query
-        why = cuda_kernel_reasons(self.module, q)
-        if q.dtype not in _DTYPES:
-            why.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
-        D, Dv = q.shape[3], call.value.shape[3]
-        if max(D, Dv) > ck.MAX_DIM - 1:
-            why.append(f"head dims D = {D}, Dv = {Dv} (the kernels take at most {ck.MAX_DIM - 1})")
-        return why
+    def device_reasons(self, t):
+        return cuda_kernel_reasons(self.module, t)
 
     def auto_for(self, call):
         return call.query.is_cuda
-
-    def run(self, call):
-        kv0, z0 = call.initial_state if call.initial_state is not None else (None, None)
-        out, kv, z, _ = self._op(call.query, call.key, call.value, call.key_padding_mask, kv0, z0, call.feature_map,
-                                 call.causal, call.normalize, call.eps, call.scale)
-        return out, kv, z
 
 
 class CudaSimBackend(CudaBackend):
