@@ -6,10 +6,13 @@
 // compiler in host mode) and by the torch bindings (csrc/linear/ops.h).
 //
 // Layouts (contiguous, row-major; the ops in csrc/linear/ops.h check them):
-//   q      (B, H, L, D)      phi_q, scale already applied, in T
-//   k      (B, Hkv, S, D)    phi_k, in T
+//   q      (B, H, L, D)      phi_q in T, or q when fmap names the map to apply
+//   k      (B, Hkv, S, D)    phi_k in T, or k (fmap); keys where keep is 0 count as
+//                            phi_k = 0
 //   v      (B, Hkv, S, E)    V' = [v, 1] (E = Dv + 1: the normaliser is one more
-//                            value column, so one product gives num and den), in T
+//                            value column, so one product gives num and den), in
+//                            T; with `ones`, v (B, Hkv, S, E - 1) and the column
+//                            of ones is the kernel's
 //   s0     (B, Hkv, D, E)    float32 initial state S'_0, or null (zeros)
 //   o      (B, H, L, E)      float32 O' = [num, den]
 //   s      (B, Hkv, D, E)    float32 final state S'_0 + sum_j phi_k_j^T V'_j
@@ -23,6 +26,10 @@ namespace tfk {
 namespace linear {
 
 enum class Dtype : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
+
+// The feature map applied to q and k as they are loaded (in fp32, then
+// rounded to T for the products): tfk/ops/linear/torch_backend.py's maps.
+enum class FeatureMap : int { kIdentity = 0, kElu1 = 1, kRelu = 2 };
 
 constexpr int kMaxDim = 257;  // D and E: E = Dv + 1 for Dv up to 256, and the backward passes V' as features
 constexpr int kChunk = 32;    // positions per chunk (rows of the intra-chunk product)
@@ -40,6 +47,9 @@ struct FwdParams {
   const void* k = nullptr;
   const void* v = nullptr;
   const float* s0 = nullptr;
+  FeatureMap fmap = FeatureMap::kIdentity;
+  const uint8_t* keep = nullptr;  // (B, S): 0 drops the key (phi_k = 0); null keeps all
+  bool ones = false;              // v holds E - 1 columns; column E - 1 of V' is 1
   float* o = nullptr;
   float* s = nullptr;
 };

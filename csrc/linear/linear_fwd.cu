@@ -1,4 +1,5 @@
-// Linear-attention forward on mapped features (csrc/linear/linear.h):
+// Linear-attention forward (csrc/linear/linear.h), on mapped features or with
+// the feature map, the key padding and V's column of ones applied on load:
 //
 //   causal, chunked (kChunk positions a chunk):
 //       O_n = Q_n S_n + tril(Q_n K_n^T) V'_n,   S_{n+1} = S_n + K_n^T V'_n
@@ -79,15 +80,37 @@ __device__ __forceinline__ uint32_t word(const T* p) {
 #endif
 }
 
-// rows [0, kC) x cols [0, cols_pad) of a tile from src rows [pos0, pos0 + kC)
-// (row stride `width` in global memory), zero past `len` rows / `width` cols.
+// The V' tile: rows [pos0, pos0 + kC) x columns [e0, e0 + kBlockE) of V' (row
+// stride vw in memory), zero past `len` rows and `ecols` columns. V' is v
+// itself (vw = E), or [v, 1] with `ones` (vw = E - 1: column E - 1 is 1).
 template <typename T>
-__device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, int64_t pos0, int64_t len, int width,
-                                          int col0, int cols, int cols_pad) {
-  for (int i = threadIdx.x; i < kC * cols_pad; i += kThreads) {
-    const int r = i / cols_pad, c = i % cols_pad;
-    const bool ok = pos0 + r < len && c < cols;
-    tile[r * ld + c] = ok ? src[(pos0 + r) * width + col0 + c] : from_f32<T>(0.f);
+__device__ __forceinline__ void load_values(T* tile, const T* src, int64_t pos0, int64_t len, int vw, int e0,
+                                            int ecols) {
+  for (int i = threadIdx.x; i < kC * kBlockE; i += kThreads) {
+    const int r = i / kBlockE, c = i % kBlockE, col = e0 + c;
+    T x = from_f32<T>(0.f);
+    if (pos0 + r < len && c < ecols) x = col < vw ? src[(pos0 + r) * vw + col] : from_f32<T>(1.f);
+    tile[r * v_ld<T>() + c] = x;
+  }
+}
+
+__device__ __forceinline__ float feature(float x, FeatureMap f) {
+  if (f == FeatureMap::kElu1) return x > 0.f ? x + 1.f : expf(x);
+  if (f == FeatureMap::kRelu) return fmaxf(x, 0.f);
+  return x;
+}
+
+// The Q or K tile (rows [0, kC) x cols [0, dp)) from rows [pos0, pos0 + kC)
+// of src (row stride dim), mapped by f in fp32; zero past `len` rows, past
+// `dim` columns and on rows whose keep[pos] is 0 (keep null: all kept).
+template <typename T>
+__device__ __forceinline__ void load_features(T* tile, int ld, const T* src, int64_t pos0, int64_t len, int dim,
+                                              int dp, FeatureMap f, const uint8_t* keep) {
+  for (int i = threadIdx.x; i < kC * dp; i += kThreads) {
+    const int r = i / dp, c = i % dp;
+    const int64_t pos = pos0 + r;
+    const bool ok = pos < len && c < dim && (keep == nullptr || keep[pos] != 0);
+    tile[r * ld + c] = ok ? from_f32<T>(feature(to_f32(src[pos * dim + c]), f)) : from_f32<T>(0.f);
   }
 }
 
@@ -131,8 +154,11 @@ __device__ __forceinline__ void qk_tile(float* sA, const T* sQ, const T* sK, int
   }
 }
 
+// Min one block an SM: with the bare thread count, ptxas capped these
+// kernels near 72-80 registers and spilled up to 36 bytes once the loads
+// mapped features; unconstrained they take 71-114 and spill nothing.
 template <typename T, bool kCausal>
-__global__ void __launch_bounds__(kThreads) linear_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kThreads, 1) linear_fwd_kernel(const FwdParams p) {
   const Smem lay = smem_layout<T>(p.dim);
   unsigned char* base = dynamic_smem<unsigned char>();
   float* sS = reinterpret_cast<float*>(base + lay.s);
@@ -149,8 +175,10 @@ __global__ void __launch_bounds__(kThreads) linear_fwd_kernel(const FwdParams p)
   const int ecols = E - e0 < kBlockE ? E - e0 : kBlockE;  // valid columns of this tile
   const int tid = threadIdx.x;
 
+  const int vw = p.ones ? E - 1 : E;  // columns of v in memory
   const T* kp = static_cast<const T*>(p.k) + bh * p.len_k * D;
-  const T* vp = static_cast<const T*>(p.v) + bh * p.len_k * E;
+  const T* vp = static_cast<const T*>(p.v) + bh * p.len_k * vw;
+  const uint8_t* keep = p.keep ? p.keep + b * p.len_k : nullptr;
   float* const st = p.s + bh * D * E;
 
   // The state slice: S'_0 or zeros (rows past D stay zero; they are never read).
@@ -243,12 +271,12 @@ __global__ void __launch_bounds__(kThreads) linear_fwd_kernel(const FwdParams p)
   };
 
   const auto load_kv = [&](int64_t pos0) {
-    load_tile(sK, ld, kp, pos0, p.len_k, D, 0, D, dp);
-    load_tile(sV, v_ld<T>(), vp, pos0, p.len_k, E, e0, ecols, kBlockE);
+    load_features(sK, ld, kp, pos0, p.len_k, D, dp, p.fmap, keep);
+    load_values(sV, vp, pos0, p.len_k, vw, e0, ecols);
   };
   const auto load_q = [&](int64_t h, int64_t pos0) {
     const T* qp = static_cast<const T*>(p.q) + (b * p.heads + h) * p.len_q * D;
-    load_tile(sQ, ld, qp, pos0, p.len_q, D, 0, D, dp);
+    load_features(sQ, ld, qp, pos0, p.len_q, D, dp, p.fmap, nullptr);
   };
 
   if constexpr (kCausal) {

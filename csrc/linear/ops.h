@@ -23,11 +23,14 @@
 namespace tfk {
 namespace linear {
 
+// feature_map: FeatureMap (0 identity, 1 elu1, 2 relu); keep (B, S) bool or none;
+// ones: v is (B, Hkv, S, E - 1) and V' = [v, 1].
 constexpr const char* kFwdSchema =
-    "linear_fwd(Tensor q, Tensor k, Tensor v, Tensor? s0, bool causal) -> (Tensor, Tensor)";
+    "linear_fwd(Tensor q, Tensor k, Tensor v, Tensor? s0, bool causal, int feature_map=0, Tensor? keep=None, "
+    "bool ones=False) -> (Tensor, Tensor)";
 constexpr const char* kFwdOutSchema =
-    "linear_fwd.out(Tensor q, Tensor k, Tensor v, Tensor? s0, bool causal, *, Tensor(a!) o, Tensor(b!) s) "
-    "-> (Tensor(a!), Tensor(b!))";
+    "linear_fwd.out(Tensor q, Tensor k, Tensor v, Tensor? s0, bool causal, int feature_map=0, Tensor? keep=None, "
+    "bool ones=False, *, Tensor(a!) o, Tensor(b!) s) -> (Tensor(a!), Tensor(b!))";
 
 namespace ops {
 
@@ -43,11 +46,12 @@ struct Checker {
   }
 };
 
-// q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, E), s0 (B, Hkv, D, E) float32 or none;
-// o (B, H, L, E) float32, s (B, Hkv, D, E) float32.
+// q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, E) (ones: E - 1 columns), s0 (B, Hkv, D, E)
+// float32 or none, keep (B, S) bool or none; o (B, H, L, E) float32, s (B, Hkv, D, E) float32.
 template <typename Device>
 std::tuple<at::Tensor&, at::Tensor&> fwd_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const c10::optional<at::Tensor>& s0, bool causal, at::Tensor& o,
+                                             const c10::optional<at::Tensor>& s0, bool causal, int64_t feature_map,
+                                             const c10::optional<at::Tensor>& keep, bool ones, at::Tensor& o,
                                              at::Tensor& s) {
   const Checker c{std::string(Device::kNamespace) + "::linear_fwd", q.device()};
   void* const stream = Device::stream(q);
@@ -62,7 +66,9 @@ std::tuple<at::Tensor&, at::Tensor&> fwd_out(const at::Tensor& q, const at::Tens
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, c.op, ": q, k and v must have 4 dims, got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), S = k.size(2), E = v.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), E = v.size(3) + (ones ? 1 : 0);
+  TORCH_CHECK(feature_map >= 0 && feature_map <= 2, c.op, ": feature_map must be 0 (identity), 1 (elu1) or 2 (relu), "
+              "got ", feature_map);
   TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, c.op, ": H = ", H, " must be a multiple of Hkv = ", Hkv);
   TORCH_CHECK(D >= 1 && D <= kMaxDim, c.op, ": D = ", D, " must lie in [1, ", kMaxDim, "]");
   TORCH_CHECK(E >= 1 && E <= kMaxDim, c.op, ": E = Dv + 1 = ", E, " must lie in [1, ", kMaxDim, "]");
@@ -70,7 +76,13 @@ std::tuple<at::Tensor&, at::Tensor&> fwd_out(const at::Tensor& q, const at::Tens
   TORCH_CHECK(B * Hkv <= std::numeric_limits<int32_t>::max(), c.op, ": too many (batch, KV head) pairs");
   c.exact(q, "q", q.scalar_type(), {B, H, L, D});
   c.exact(k, "k", q.scalar_type(), {B, Hkv, S, D});
-  c.exact(v, "v", q.scalar_type(), {B, Hkv, S, E});
+  c.exact(v, "v", q.scalar_type(), {B, Hkv, S, ones ? E - 1 : E});
+  if (keep) {
+    c.exact(*keep, "keep", at::kBool, {B, S});
+    p.keep = reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>());
+  }
+  p.fmap = static_cast<FeatureMap>(feature_map);
+  p.ones = ones;
   if (s0) {
     c.exact(*s0, "s0", at::kFloat, {B, Hkv, D, E});
     p.s0 = s0->data_ptr<float>();
@@ -97,14 +109,16 @@ std::tuple<at::Tensor&, at::Tensor&> fwd_out(const at::Tensor& q, const at::Tens
 
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const c10::optional<at::Tensor>& s0, bool causal) {
+                                       const c10::optional<at::Tensor>& s0, bool causal, int64_t feature_map,
+                                       const c10::optional<at::Tensor>& keep, bool ones) {
   const bool ok = q.dim() == 4 && k.dim() == 4 && v.dim() == 4;
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor o = at::empty(ok ? std::vector<int64_t>{q.size(0), q.size(1), q.size(2), v.size(3)}
+  const int64_t E = ok ? v.size(3) + (ones ? 1 : 0) : 0;
+  at::Tensor o = at::empty(ok ? std::vector<int64_t>{q.size(0), q.size(1), q.size(2), E}
                               : std::vector<int64_t>{0}, f32);
-  at::Tensor s = at::empty(ok ? std::vector<int64_t>{k.size(0), k.size(1), k.size(3), v.size(3)}
+  at::Tensor s = at::empty(ok ? std::vector<int64_t>{k.size(0), k.size(1), k.size(3), E}
                               : std::vector<int64_t>{0}, f32);
-  fwd_out<Device>(q, k, v, s0, causal, o, s);
+  fwd_out<Device>(q, k, v, s0, causal, feature_map, keep, ones, o, s);
   return {o, s};
 }
 

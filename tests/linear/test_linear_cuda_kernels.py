@@ -107,6 +107,32 @@ def test_forward_matches_core(case, causal, dtype):
     run_case(B, H, Hkv, L, L if causal else L + 10, D, Dv, dtype, state, causal)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("feature_map", ["identity", "elu1", "relu"])
+def test_forward_fuses_map_padding_and_ones(feature_map, causal, dtype):
+    """feature_map, key_padding_mask and append_ones done by the kernel equal the
+    features made outside it (mapped in float32 from the dtype-rounded inputs,
+    rounded to dtype, masked keys zero, V' = [v, 1]) through the float64 core.
+    E = 71: the column of ones falls in the second 64-column tile."""
+    B, H, Hkv, L, D, Dv = 2, 4, 2, 45, 24, 70
+    S = L if causal else L + 7
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(B, H, L, D, generator=g).to(dtype), torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, Dv, generator=g).to(dtype)
+    mask = torch.rand(B, S, generator=g) < 0.7
+    s0 = torch.rand(B, Hkv, D, Dv + 1, generator=g) * 4
+    o, s = ck.forward(q, k, v, causal=causal, state0=s0, feature_map=feature_map, key_padding_mask=mask,
+                      append_ones=True)
+    pq = tb.feature_map(q.float(), feature_map, -1).to(dtype)
+    pk = (tb.feature_map(k.float(), feature_map, -2) * mask[:, None, :, None]).to(dtype)
+    v1 = ck.with_ones(v)
+    o64, s64 = oracle(pq, pk, v1, s0, causal)
+    o32, s32 = oracle(pq, pk, v1, s0, causal, torch.float32)
+    check("o1", o, o64, o32)
+    check("state", s, s64, s32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_largest_dims(dtype):
     """D = Dv = 256 (E = 257): the largest state tile and shared memory."""
@@ -206,12 +232,17 @@ template <typename T> void run(Dtype dt, T one) {
   const int64_t B = 1, H = 2, Hkv = 1, L = 40, D = 24, E = 70;  // 2 chunks, 2 column tiles, G = 2
   std::vector<T> q(B * H * L * D, one), k(B * Hkv * L * D, one), v(B * Hkv * L * E, one);
   std::vector<float> s0(B * Hkv * D * E, 0.5f), o(B * H * L * E), s(B * Hkv * D * E);
-  for (int causal = 0; causal < 2; ++causal) {
-    FwdParams p;
-    p.dtype = dt; p.causal = causal; p.batch = B; p.heads = H; p.kv_heads = Hkv; p.len_q = L; p.len_k = L;
-    p.dim = D; p.vdim = E; p.q = q.data(); p.k = k.data(); p.v = v.data(); p.s0 = s0.data();
-    p.o = o.data(); p.s = s.data();
-    fwd_launch(p, nullptr);
+  std::vector<uint8_t> keep(B * L, 1);
+  keep[3] = 0;
+  for (int fused = 0; fused < 2; ++fused) {  // fused: elu1, key padding and the ones column on load
+    for (int causal = 0; causal < 2; ++causal) {
+      FwdParams p;
+      p.dtype = dt; p.causal = causal; p.batch = B; p.heads = H; p.kv_heads = Hkv; p.len_q = L; p.len_k = L;
+      p.dim = D; p.vdim = E; p.q = q.data(); p.k = k.data(); p.v = v.data(); p.s0 = s0.data();
+      p.o = o.data(); p.s = s.data();
+      if (fused) { p.fmap = FeatureMap::kElu1; p.keep = keep.data(); p.ones = true; }
+      fwd_launch(p, nullptr);
+    }
   }
 }
 int main() {

@@ -6,14 +6,20 @@ torch_backend.py's op.
 compiled for the host (tfk._sim), on CPU tensors through the host-execution
 layer: for tests and debugging, never chosen by "auto", and slow.
 
-The kernels take mapped features, so the feature maps (all four, and
-callables), the key padding mask, V' = [v, 1], S'_0, the normalisation and dO'
-are torch_backend.py's, in float32; the core O' = phi_q S (chunked causal or
-non-causal) and its backward run in the kernels. Features go in in the
-inputs' dtype (fp16/bf16 on tensor cores, fp32 by FMA); the state and O' are
-float32. One launch takes the whole call (no slicing by KV heads).
+Forward, feature maps identity, elu1 and relu: one kernel launch on q, k, v
+as they are (the map, the key padding and V's column of ones applied as the
+tiles load), then the scale and the normalisation in one pass over
+O' = [num, den]. The softmax map (and the backward of every map) runs
+torch_backend.py's host side around the kernels: features mapped in float32
+and V' = [v, 1] made there, the core O' = phi_q S (chunked causal or
+non-causal) and its backward in the kernels, dO' and the maps' derivatives
+in torch. Features go in in the inputs' dtype (fp16/bf16 on tensor cores,
+fp32 by FMA); the state and O' are float32. One launch takes the whole call
+(no slicing by KV heads).
 """
 from __future__ import annotations
+
+import torch
 
 from ...backends import cuda_kernel_reasons, register_backend
 from . import cuda_kernels as ck
@@ -43,8 +49,21 @@ _CORE = CudaCore()
 
 
 def _forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps, scale):
-    return torch_backend.linear_forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps,
-                                        scale, core=_CORE)
+    """torch_backend.linear_forward's contract. identity, elu1 and relu: one
+    kernel launch on q, k, v as they are (the map, the key padding and V's
+    column of ones applied on load); the scale and the normalisation are one
+    pass over O' here. softmax: torch_backend's host side around the kernel."""
+    if feature_map not in ck.FEATURE_MAPS:
+        return torch_backend.linear_forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize,
+                                            eps, scale, core=_CORE)
+    Dv = v.shape[-1]
+    S0 = None if kv0 is None else torch.cat([kv0, z0.unsqueeze(-1)], -1).float()
+    o1, state = ck.forward(q, k, v, causal=causal, state0=S0, feature_map=feature_map,
+                           key_padding_mask=key_padding_mask, append_ones=True)
+    den = o1[..., Dv].mul_(scale).add_(eps)                               # (B, H, L) float32
+    ratio = scale / den if normalize else torch.full_like(den, scale)
+    out = (o1[..., :Dv] * ratio.unsqueeze(-1)).to(q.dtype)
+    return out, state[..., :Dv].contiguous(), state[..., Dv].contiguous(), den.contiguous()
 
 
 def _backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, out, den, feature_map, causal, normalize, eps,

@@ -2,18 +2,23 @@
 torch.ops.tfk (tfk._C) for CUDA tensors, torch.ops.tfk_sim (tfk._sim, the same
 kernels run by the host-execution layer) for CPU tensors.
 
-The kernels take already-mapped features (the feature maps, the key padding
-mask and the scale stay on the host side, torch_backend.py's ``_prepare``):
+The forward kernel takes mapped features, or applies the map itself:
 
-- ``forward(phi_q, phi_k, v1, *, causal=True, state0=None)`` -> (o1, state)
+- ``forward(phi_q, phi_k, v1, *, causal=True, state0=None, feature_map="identity",
+  key_padding_mask=None, append_ones=False)`` -> (o1, state)
 - ``backward(phi_q, phi_k, v1, do1, *, causal=True, state0=None, dstate=None)``
-  -> (dq, dk, dv1, dstate0), composed from the forward kernel (its docstring)
+  -> (dq, dk, dv1, dstate0) on mapped features, composed from the forward
+  kernel (its docstring)
 
-    phi_q   (B, H, L, D)     phi(q) with the scale already applied
-    phi_k   (B, Hkv, S, D)   phi(k), masked positions already zero
+    phi_q   (B, H, L, D)     phi(q), or q with feature_map "elu1" or "relu"
+                             (mapped on load in fp32, then rounded to the dtype)
+    phi_k   (B, Hkv, S, D)   phi(k), or k (feature_map); keys where
+                             key_padding_mask (B, S) bool is False count as 0
     v1      (B, Hkv, S, E)   V' = [v, 1]: the normaliser is one more value
                              column (E = Dv + 1; ``with_ones(v)`` builds it), so
-                             one product gives numerator and denominator
+                             one product gives numerator and denominator; with
+                             append_ones, v (B, Hkv, S, Dv) and the kernel
+                             supplies the ones
     state0  (B, Hkv, D, E)   float32 S'_0 = [kv0, z0], or None (zeros)
     o1      (B, H, L, E)     float32 O' = [num, den]: out = num / (den + eps)
     state   (B, Hkv, D, E)   float32 S'_0 + sum over all keys of phi_k^T V'
@@ -40,6 +45,7 @@ import torch
 from ... import backends
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FEATURE_MAPS = {"identity": 0, "elu1": 1, "relu": 2}   # csrc/linear/linear.h FeatureMap
 MAX_DIM = 257  # D and E = Dv + 1 (csrc/linear/linear.h kMaxDim): head dims up to 256
 
 
@@ -69,7 +75,7 @@ def _check_features(name, x):
         raise ValueError(f"{name}: expected 4 dimensions, got shape {tuple(x.shape)}")
 
 
-def _check(phi_q, phi_k, v1, causal, state0):
+def _check(phi_q, phi_k, v1, causal, state0, append_ones=False):
     """Refuses bad arguments (module doc); returns state0 contiguous (or None)."""
     _check_features("phi_q", phi_q)
     _check_features("phi_k", phi_k)
@@ -81,19 +87,21 @@ def _check(phi_q, phi_k, v1, causal, state0):
             raise ValueError(f"{name}: on {x.device}, phi_q on {phi_q.device}")
     B, H, L, D = phi_q.shape
     Hkv, S = phi_k.shape[1], phi_k.shape[2]
-    E = v1.shape[3]
+    E = v1.shape[3] + int(append_ones)
     if phi_k.shape[0] != B or phi_k.shape[3] != D:
         raise ValueError(f"phi_k: expected shape ({B}, Hkv, S, {D}) to match phi_q {tuple(phi_q.shape)}, "
                          f"got {tuple(phi_k.shape)}")
     if Hkv < 1 or H % Hkv:
         raise ValueError(f"phi_k: Hkv = {Hkv} KV heads must divide phi_q's H = {H} query heads")
     if tuple(v1.shape[:3]) != (B, Hkv, S):
-        raise ValueError(f"v1: expected shape ({B}, {Hkv}, {S}, Dv + 1) to match phi_k {tuple(phi_k.shape)}, "
-                         f"got {tuple(v1.shape)}")
+        raise ValueError(f"v1: expected shape ({B}, {Hkv}, {S}, {'Dv' if append_ones else 'Dv + 1'}) to match "
+                         f"phi_k {tuple(phi_k.shape)}, got {tuple(v1.shape)}")
     if not 1 <= D <= MAX_DIM:
         raise ValueError(f"phi_q: feature dimension D = {D} must lie in [1, {MAX_DIM}]")
     if not 1 <= E <= MAX_DIM:
         raise ValueError(f"v1: E = Dv + 1 = {E} columns must lie in [1, {MAX_DIM}] (Dv <= {MAX_DIM - 1})")
+    if append_ones and E < 2:
+        raise ValueError("v1: append_ones needs at least one value column")
     if causal and S != L:
         raise ValueError(f"phi_k: causal needs as many keys as queries, got S = {S}, L = {L}")
     if state0 is not None:
@@ -112,23 +120,35 @@ def _check(phi_q, phi_k, v1, causal, state0):
     return state0
 
 
-def forward(phi_q, phi_k, v1, *, causal=True, state0=None):
+def forward(phi_q, phi_k, v1, *, causal=True, state0=None, feature_map="identity", key_padding_mask=None,
+            append_ones=False):
     """O' = [num, den] (B, H, L, E) float32 and the final state (B, Hkv, D, E)
-    float32 of linear attention on mapped features (see the module doc).
+    float32 of linear attention (see the module doc).
 
     causal:      O'_i = phi_q_i (S'_0 + sum_{j <= i} phi_k_j^T V'_j)
     non-causal:  O'_i = phi_q_i (S'_0 + sum_j phi_k_j^T V'_j)
     """
-    state0 = _check(phi_q, phi_k, v1, causal, state0)
+    state0 = _check(phi_q, phi_k, v1, causal, state0, append_ones)
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map: must be one of {tuple(FEATURE_MAPS)} (the kernel's maps), got {feature_map!r}")
     B, H, L, D = phi_q.shape
-    Hkv, E = phi_k.shape[1], v1.shape[3]
+    Hkv, S, E = phi_k.shape[1], phi_k.shape[2], v1.shape[3] + int(append_ones)
     dev = phi_q.device
+    keep = key_padding_mask
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask: must be a bool tensor, got "
+                            f"{keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+        if tuple(keep.shape) != (B, S) or keep.device != dev:
+            raise ValueError(f"key_padding_mask: expected shape ({B}, {S}) on {dev}, got {tuple(keep.shape)} "
+                             f"on {keep.device}")
+        keep = keep.contiguous()
     o1 = backends.new_output((B, H, L, E), torch.float32, dev)
     state = backends.new_output((B, Hkv, D, E), torch.float32, dev)
     if B * Hkv == 0:
         return o1, state
     return ops(dev).linear_fwd.out(phi_q.contiguous(), phi_k.contiguous(), v1.contiguous(), state0,
-                                   bool(causal), o=o1, s=state)
+                                   bool(causal), FEATURE_MAPS[feature_map], keep, bool(append_ones), o=o1, s=state)
 
 
 def backward(phi_q, phi_k, v1, do1, *, causal=True, state0=None, dstate=None):
