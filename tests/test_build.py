@@ -379,5 +379,8 @@ def test_build_info_reports_the_build_and_the_backends():
     if not torch.cuda.is_available():
         assert any("needs CUDA tensors" in r for r in linear["cuda"]["reasons"])
     assert "linear    backend torch" in text
+    lsh = info["lsh_backends"]
+    assert lsh["torch"]["runs"] == lsh["reference"]["runs"] == ["float16", "bfloat16", "float32"]
+    assert "lsh       backend torch" in text
     for name in tfk.backend_names():
         assert f"backend {name}" in text

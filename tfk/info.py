@@ -40,6 +40,15 @@ def _probe_linear_calls():
         yield dtype, LinearCall(x, x, x, True, "elu1", True, 1e-6, 1.0, None, None, False)
 
 
+def _probe_lsh_calls():
+    """The same for LSH attention: a small call (the full-attention path) in each dtype."""
+    from .ops.lsh import LshCall
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.zeros(1, 1, 64, 64, dtype=dtype, device=device)
+        yield dtype, LshCall(x, x, None, 64, 1, 0, False, None, 1.0, 0.0, 0, False)
+
+
 def _usable(family, probes):
     """For each backend of ``family``: the dtypes it runs here, or why it cannot."""
     backends = {}
@@ -56,8 +65,8 @@ def build_info(file=None) -> dict:
     """Print (to ``file``, default stdout) and return: versions, the build of
     the extensions (tfk._C: the CUDA kernels, with the archs and toolkit it was
     compiled for; tfk._sim: the same kernels for the CPU), and, for each
-    backend of each family (attention, moe, linear), the dtypes it runs here or why
-    it cannot."""
+    backend of each family (attention, moe, linear, lsh), the dtypes it runs here
+    or why it cannot."""
     try:
         triton = importlib.import_module("triton").__version__
     except ImportError:
@@ -76,11 +85,12 @@ def build_info(file=None) -> dict:
     backends = _usable("attention", _probe_calls)
     moe_backends = _usable("moe", _probe_moe_calls)
     linear_backends = _usable("linear", _probe_linear_calls)
+    lsh_backends = _usable("lsh", _probe_lsh_calls)
     info = {
         "tfk": __version__, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": triton,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "build": build, "extensions": extensions, "backends": backends, "moe_backends": moe_backends,
-        "linear_backends": linear_backends,
+        "linear_backends": linear_backends, "lsh_backends": lsh_backends,
     }
     out = file or sys.stdout
     print(f"tfk {info['tfk']}: torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
@@ -95,7 +105,8 @@ def build_info(file=None) -> dict:
               "TFK_CUDA_ARCHS='8.0;9.0' pip install --no-build-isolation .", file=out)
     print(f"tfk._sim: {extensions['_sim']}", file=out)
     device = "the GPU" if info["gpu"] else "the CPU"
-    for family, table in (("attention", backends), ("moe", moe_backends), ("linear", linear_backends)):
+    for family, table in (("attention", backends), ("moe", moe_backends), ("linear", linear_backends),
+                          ("lsh", lsh_backends)):
         for name, b in table.items():
             state = ("runs " + ", ".join(b["runs"])) if b["runs"] else "cannot run: " + "; ".join(b["reasons"])
             print(f"  {family:<9} backend {name:<9} on {device}: {state}", file=out)

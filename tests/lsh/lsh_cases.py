@@ -1,0 +1,123 @@
+"""Inputs, the float64 oracle and torch's same-dtype baseline for the LSH
+tests (tests/tolerances.py's rule, as tests/linear/linear_cases.py):
+
+    err(tfk) <= FACTOR * err(torch in dtype) + FLOOR[dtype][output] * max(1, max |reference|)
+
+"torch in dtype" is the reference formula evaluated in float32 on the inputs
+rounded to dtype, its out and gradients rounded to dtype. Every run of a case
+uses the same buckets (hashed once from the float64 qk), so the layouts agree:
+the hashing itself is tested separately.
+"""
+from dataclasses import dataclass, replace
+
+import torch
+
+import tfk
+from tfk.ops.lsh import draw_rotations, hash_buckets, lsh_attention_reference
+from tolerances import FACTOR, FLOOR, max_err
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 2
+    H: int = 2
+    L: int = 64
+    D: int = 40
+    Dv: int | None = None
+    n_hashes: int = 2
+    n_buckets: object = 4
+    chunk_size: int = 16
+    before: int = 1
+    after: int = 0
+    causal: bool = False
+    mask: bool = False          # a random key_padding_mask (and, when B > 1, one row that keeps one key only)
+    scale: float = 1.0
+
+    @property
+    def vdim(self):
+        return self.D if self.Dv is None else self.Dv
+
+    @property
+    def full(self):
+        return self.L <= self.chunk_size
+
+    def with_(self, **kw):
+        return replace(self, **kw)
+
+
+def make_inputs(c: Case, seed=0):
+    """float64 qk, value, mask or None, buckets (None on the full path), and the
+    gradient seeds (dout, dlse) of the loss sum(out*dout) + sum(lse*dlse)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    qk, v = r(c.B, c.H, c.L, c.D), r(c.B, c.H, c.L, c.vdim)
+    mask = None
+    if c.mask:
+        mask = torch.rand(c.B, c.L, generator=g) < 0.75
+        if c.B > 1:
+            mask[-1] = False
+            mask[-1, c.L // 2] = True
+    buckets = None
+    if not c.full:
+        rot = draw_rotations(c.H, c.D, c.n_hashes, c.n_buckets, seed=seed + 1)
+        buckets = hash_buckets(qk, rot, c.n_buckets, mask)
+    return qk, v, mask, buckets, (r(c.B, c.H, c.L, c.vdim), r(c.B, c.H, c.L))
+
+
+def run(fn, inputs, dtype):
+    """fn(qk, v, mask, buckets) -> (out, lse) on leaves cast to dtype; returns
+    {out, lse, dqk, dv} as CPU tensors."""
+    qk, v, mask, buckets, (dout, dlse) = inputs
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (qk, v)]
+    out, lse = fn(*leaves, mask, buckets)
+    loss = (out.double() * dout).sum() + (lse.double() * dlse).sum()
+    dqk, dv = torch.autograd.grad(loss, leaves)
+    return dict(out=out.detach(), lse=lse.detach(), dqk=dqk, dv=dv)
+
+
+def tfk_fn(c: Case, backend="torch"):
+    return lambda qk, v, mask, buckets: tfk.lsh_attention(
+        qk, v, n_hashes=c.n_hashes, n_buckets=c.n_buckets, chunk_size=c.chunk_size, chunks_before=c.before,
+        chunks_after=c.after, causal=c.causal, key_padding_mask=mask, buckets=buckets, scale=c.scale,
+        backend=backend, return_lse=True)
+
+
+def reference_fn(c: Case):
+    return lambda qk, v, mask, buckets: lsh_attention_reference(
+        qk, v, buckets, chunk_size=c.chunk_size, chunks_before=c.before, chunks_after=c.after, causal=c.causal,
+        key_padding_mask=mask, scale=c.scale)
+
+
+def baseline(c: Case, inputs, dtype):
+    """torch in dtype: the formula in float32 on dtype-rounded inputs, out and gradients rounded to dtype."""
+    qk, v, *rest = inputs
+    ref = reference_fn(c)
+
+    def fn(*args):
+        out, lse = ref(*args)
+        return out.to(dtype).float(), lse
+    got = run(fn, (qk.to(dtype), v.to(dtype), *rest), torch.float32)
+    for name in ("out", "dqk", "dv"):
+        got[name] = got[name].to(dtype)
+    return got
+
+
+NAMES = dict(out="out", lse="lse", dqk="dq", dv="dv")   # FLOOR's keys
+
+
+def check_case(c: Case, dtype, backend="torch", seed=0):
+    inputs = make_inputs(c, seed)
+    ref = run(reference_fn(c), inputs, torch.float64)
+    base = baseline(c, inputs, dtype) if dtype != torch.float64 else None
+    got = run(tfk_fn(c, backend), inputs, dtype)
+    assert got["out"].dtype == dtype
+    assert got["lse"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for name, r in ref.items():
+        g = got[name]
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        assert not torch.isnan(g).any(), f"{name}: NaN (an unwritten element, or broken math)"
+        err = max_err(g, r)
+        base_err = max_err(base[name], r) if base is not None else 0.0
+        floor = FLOOR[dtype][NAMES[name]] * max(1.0, float(r.abs().max()))
+        bound = FACTOR * base_err + floor
+        assert err <= bound, f"{name}: err {err:.3g} > bound {bound:.3g} (torch's err in {dtype}: {base_err:.3g})"
