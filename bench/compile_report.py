@@ -6,10 +6,15 @@
 
 CUDA: configures and builds the CMake project (CMakeLists.txt), which compiles
 each csrc/**/*.cu to a cubin per arch with `-Xptxas -v`, and reads the ptxas logs.
+Shared memory is ptxas's static figure plus the dynamic bytes a launch
+requests, from the kernels' own functions in the host library: the attention
+kernels' at their head dim, the linear-attention forward's
+(linear::fwd_smem_bytes) per element type at D = kMaxDim (csrc/linear/linear.h).
 
-Triton: compiles every shipped config of triton_kernels/attention.py and
-triton_kernels/moe.py ahead of time (triton.compile for GPUTarget("cuda",
-arch, 32)) with the argument types Triton's launcher derives from a
+Triton: compiles every shipped config of triton_kernels/attention.py,
+triton_kernels/moe.py and triton_kernels/linear.py ahead of time
+(triton.compile for GPUTarget("cuda", arch, 32)) with the argument types
+Triton's launcher derives from a
 representative call, and reads the log of the ptxas run Triton itself makes
 (its bundled ptxas unless --ptxas toolkit).
 Attention, default matrix: 3 kernels x {fp16, bf16, fp32 (tf32 dots)} x
@@ -23,8 +28,18 @@ gather x row scale x weight layout, route for every BLOCK_E it can take
 (E = 1..256) plain and with every feature, the others per dtype, activation
 or BLOCK_E; --extended adds the least tiles and the rest of the constexpr
 ranges (route's k = 1..8, int32 ids, ...).
+Linear attention (see LINEAR_* below): as MoE, linear.py's launchers
+(forward, backward) on meta tensors, their launches captured (tiles and
+num_warps from linear.config): _linear_fwd, _linear_bwd_dq, _linear_bwd_dk,
+_linear_bwd_dv and _linear_decode for 3 dtypes x head dims (D, Dv) in
+LINEAR_HEAD_DIMS (D = Dv in 16, 40, 64, 80, 128, 256; (64, 128), (128, 64))
+x {causal elu1, non-causal elu1, non-causal softmax}, each with a key padding
+mask and an initial state (or incoming state gradient) on; _softmax_k_stats
+per dtype and D; --extended adds the plain pattern (identity map, nothing
+on), the forward with an fp32 out (the backward's recompute) and the
+one-token decode step.
 --quick is one config per kernel per arch (the tests'). --families picks
-the modules (default attention,moe).
+the modules (default attention,moe,linear).
 
 Prints registers, shared memory, spills and stack per kernel (and config).
 Exits non-zero, naming them, when any kernel spills, fails to compile, or
@@ -164,19 +179,59 @@ def _demangle(names: list[str]) -> list[str]:
 # template argument is the head dim. Their bytes come from the kernels' own
 # functions through the host library (tfk_host_dynamic_smem_bytes).
 _DYNAMIC_SMEM = re.compile(r"tfk::attention::\w+::(\w+)<[^>]*,\s*(\d+)>")
+# The linear-attention forward (csrc/linear/linear_fwd.cu): the template
+# arguments are the element type and causal; the bytes depend on the type and
+# D (the value tile is kBlockE wide whatever E is), from linear::fwd_smem_bytes
+# in the host library at D = kMaxDim (csrc/linear/linear.h), the most a
+# launch takes.
+_DYNAMIC_SMEM_LINEAR = re.compile(r"tfk::linear::\w+::linear_fwd_kernel<\s*([\w:]+)\s*,")
+_LINEAR_CUDA_DTYPES = {"__half": 0, "__nv_bfloat16": 1, "float": 2}  # linear::Dtype
+
+
+class _LinearFwdParams(ctypes.Structure):
+    """tfk::linear::FwdParams (csrc/linear/linear.h): its leading fields, field
+    for field, through vdim (fwd_smem_bytes reads dtype and dim); the fields
+    after them (pointers, the map, flags) as zeroed room, more than they take."""
+    _fields_ = [("dtype", ctypes.c_int), ("causal", ctypes.c_bool), ("batch", ctypes.c_int64),
+                ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("len_q", ctypes.c_int64),
+                ("len_k", ctypes.c_int64), ("dim", ctypes.c_int), ("vdim", ctypes.c_int),
+                ("rest", ctypes.c_int64 * 64)]
+
+
+def linear_cuda_max_dim() -> int:
+    """kMaxDim of csrc/linear/linear.h: the largest D (and E) a launch takes."""
+    m = re.search(r"constexpr int kMaxDim = (\d+);", (ROOT / "csrc" / "linear" / "linear.h").read_text())
+    if not m:
+        raise RuntimeError("compile_report: no kMaxDim in csrc/linear/linear.h")
+    return int(m.group(1))
 
 
 def _add_dynamic_smem(rows: list[dict], build_dir: Path) -> None:
     lib = None
-    for r in rows:
-        m = _DYNAMIC_SMEM.search(r["kernel"])
-        if not m:
-            continue
+
+    def host_lib():
+        nonlocal lib
         if lib is None:
             lib = ctypes.CDLL(str(build_dir / "libtfk_host.so"))
             lib.tfk_host_dynamic_smem_bytes.argtypes = [ctypes.c_char_p, ctypes.c_int]
             lib.tfk_host_dynamic_smem_bytes.restype = ctypes.c_int64
-        n = lib.tfk_host_dynamic_smem_bytes(m.group(1).encode(), int(m.group(2)))
+            # tfk::linear::fwd_smem_bytes(const FwdParams&)
+            lib.linear_fwd_smem = lib["_ZN3tfk6linear14fwd_smem_bytesERKNS0_9FwdParamsE"]
+            lib.linear_fwd_smem.argtypes = [ctypes.POINTER(_LinearFwdParams)]
+            lib.linear_fwd_smem.restype = ctypes.c_int64
+        return lib
+
+    for r in rows:
+        if m := _DYNAMIC_SMEM.search(r["kernel"]):
+            n = host_lib().tfk_host_dynamic_smem_bytes(m.group(1).encode(), int(m.group(2)))
+        elif m := _DYNAMIC_SMEM_LINEAR.search(r["kernel"]):
+            dtype = _LINEAR_CUDA_DTYPES.get(m.group(1))
+            if dtype is None:
+                raise RuntimeError(f"compile_report: unknown element type {m.group(1)} in {r['kernel']}")
+            d = linear_cuda_max_dim()
+            n = host_lib().linear_fwd_smem(ctypes.byref(_LinearFwdParams(dtype=dtype, dim=d, vdim=d)))
+        else:
+            continue
         if n < 0:
             raise RuntimeError(f"compile_report: no dynamic shared memory figure for {r['kernel']}")
         r["smem"] += n
@@ -207,7 +262,7 @@ def cuda_rows(build_dir: str | os.PathLike, archs: list[str]) -> list[dict]:
 # Triton section
 # -----------------------------------------------------------------------------
 #
-# Each shipped config of a Triton module (TRITON_FAMILIES: attention, moe;
+# Each shipped config of a Triton module (TRITON_FAMILIES: attention, moe, linear;
 # each with its matrix of configs and its way to build a config's launch
 # arguments) is compiled ahead of time for a named target (no GPU needed)
 # with the argument types and specialisations Triton's launcher would derive
@@ -287,7 +342,7 @@ def attention_configs(archs: list[str], quick: bool = False, extended: bool = Fa
 
 
 def _config_name(cfg: dict) -> str:
-    if "name" in cfg:  # MoE configs carry theirs
+    if "name" in cfg:  # MoE and linear configs carry theirs
         return cfg["name"]
     prec = "/tf32" if cfg["precision"] == "tf32" else ""
     return f"{cfg['dtype']}{prec} D={cfg['head_dim']} {cfg['pattern']}"
@@ -599,6 +654,170 @@ def _moe_tile(meta: dict) -> str:
     return " ".join(f"{n[6:]}{v}" for n, v in meta.items() if n == "BLOCK" or n.startswith("BLOCK_"))
 
 
+# Linear attention (triton_kernels/linear.py). As for MoE, a config names a
+# launcher call: forward (which launches _linear_fwd, or _linear_decode when L
+# and S are at most DECODE_LEN, and _softmax_k_stats first for the softmax
+# map) or backward (_linear_bwd_dq, _linear_bwd_dk, _linear_bwd_dv, and
+# _softmax_k_stats for the softmax map), run on meta tensors with the kernels
+# swapped for recorders (_capture_launch): the tiles (config(): BLOCK_C,
+# BLOCK_D / BLOCK_TD, BLOCK_DV / BLOCK_TV), the dot precision (DOT_PRECISION:
+# tf32 dots on fp32 operands for every input dtype) and num_warps are
+# linear.py's own.
+#
+# Default matrix, per arch: 3 dtypes x head dims LINEAR_HEAD_DIMS ((D, Dv):
+# D = Dv in 16, 40, 64, 80, 128, 256 (40 pads to 64, but a runtime D that is
+# not a multiple of 16 makes a binary of its own; 80 compiles to 128's), and
+# D != Dv both ways: (64, 128), (128, 64)) x the patterns, each with every
+# feature on: a key padding mask, an initial state (forward, dq, decode) or an
+# incoming state gradient (dk, dv), normalised:
+#   causal: the elu1 map; non-causal: elu1, and softmax (FMAP 3, which has its
+#   own code: row statistics, the keys' statistics; non-causal only).
+#   _linear_fwd, _linear_bwd_dq, _linear_bwd_dk, _linear_bwd_dv, _linear_decode
+#   (L = S = _LINEAR_CALL["L_DECODE"]): 72 configs each; _softmax_k_stats (its
+#   tile depends on D only): 3 dtypes x the 6 D: 18.
+# --extended adds the plain pattern (identity map, no mask, no state, not
+# normalised; causal and non-causal), the forward the backward runs to
+# recompute out in fp32 (OUT fp32, fp16/bf16) and the one-token decode step
+# (L = S = 1: Triton makes 1 a constant).
+# --quick: one config per kernel per arch: fp32, D = Dv = 256 (the widest
+# tiles), causal elu1 (_softmax_k_stats: non-causal softmax), all features.
+#
+# Measured (Triton 3.8, ptxas 12.9, default matrix, 756 configs on sm_80 and
+# sm_90: 582 compiles, 742 s on 2 cores shared with a test run for the first
+# 4 minutes; --quick: 12 configs, 48 s): registers up to 255 in every
+# kernel but _softmax_k_stats (48); shared memory at most 117 KB (_linear_fwd,
+# fp32, D = 256). Spills, after config() moved to 32-position chunks on
+# 8 warps at head dims up to 64 (16 on 4 warps spilled in 10 dk configs):
+# 30 configs, all but 3 at a padded head dim of 128 or 256: _linear_fwd
+# causal at D = 256 (48-480 bytes) and fp32 D = 128 on sm_90 (180),
+# _linear_bwd_dq causal at D = 256 (8-40), _linear_decode causal at D = 256
+# (64-124), _linear_bwd_dk fp32 causal at 128 on sm_80 (8) and a few 4-40
+# byte ones elsewhere. No tiling of config() (chunk 16/32, state tile 16/32,
+# 4/8/16 warps) removes the wide ones: at D = 256 the dots' fp32 operands
+# with the full D as their reduction dim hold ~128 registers per thread in a
+# 16-row tile whatever the warps; they need the kernels to split the D
+# reduction (see docs/DESIGN.md).
+
+LINEAR_MODULE = "tfk.triton_kernels.linear"
+LINEAR_SOURCE = "triton_kernels/linear.py"
+LINEAR_KERNELS = ("_linear_fwd", "_linear_bwd_dq", "_linear_bwd_dk", "_linear_bwd_dv", "_linear_decode",
+                  "_softmax_k_stats")
+LINEAR_DTYPES = ("fp16", "bf16", "fp32")
+LINEAR_HEAD_DIMS = ((16, 16), (40, 40), (64, 64), (80, 80), (128, 128), (256, 256), (64, 128), (128, 64))
+# (feature map, key padding mask, initial state / incoming state gradient, normalize)
+LINEAR_PATTERNS = {
+    "all": dict(feature_map="elu1", mask=True, state=True, normalize=True),
+    "softmax": dict(feature_map="softmax", mask=True, state=True, normalize=True),
+    "plain": dict(feature_map="identity", mask=False, state=False, normalize=False),
+}
+LINEAR_QUICK = ("fp32", (256, 256))
+# The representative call: B = 2, H = 8 query heads over Hkv = 2 KV heads,
+# L = S = 1000 (not a multiple of 16); decode: L = S = 13 (<= DECODE_LEN, not
+# a multiple of 16 nor 1).
+_LINEAR_CALL = dict(B=2, H=8, Hkv=2, L=1000, L_DECODE=13)
+
+
+def _linear_name(dtype: str, o: dict) -> str:
+    parts = [dtype, f"D={o['D']}" + (f" Dv={o['Dv']}" if o["Dv"] != o["D"] else ""),
+             "causal" if o["causal"] else "non-causal", o["pattern"]]
+    if o.get("L"):
+        parts.append(f"L={o['L']}")
+    if o.get("out_fp32"):
+        parts.append("out fp32")
+    return " ".join(parts)
+
+
+def _linear_table():
+    """(tier, kernel, dtype, options) of one arch, as _moe_table."""
+    def opts(D, Dv, causal, pattern, **kw):
+        return dict(dict(D=D, Dv=Dv, causal=causal, pattern=pattern, L=None, out_fp32=False), **kw)
+
+    q_dt, q_dims = LINEAR_QUICK
+    for kernel in LINEAR_KERNELS:
+        for dt in LINEAR_DTYPES:
+            for D, Dv in LINEAR_HEAD_DIMS:
+                if kernel == "_softmax_k_stats":   # D only
+                    if D == Dv:
+                        q = (dt, (D, Dv)) == (q_dt, q_dims)
+                        yield "quick" if q else "default", kernel, dt, opts(D, Dv, False, "softmax")
+                        yield "extended", kernel, dt, opts(D, Dv, False, "softmax", mask=False)
+                    continue
+                for causal, pattern in ((True, "all"), (False, "all"), (False, "softmax"),
+                                        (True, "plain"), (False, "plain")):
+                    q = (dt, (D, Dv), causal, pattern) == (q_dt, q_dims, True, "all")
+                    tier = "quick" if q else "extended" if pattern == "plain" else "default"
+                    yield tier, kernel, dt, opts(D, Dv, causal, pattern)
+                    if pattern == "plain":
+                        continue
+                    if kernel == "_linear_fwd" and dt != "fp32":  # the backward's recompute of out
+                        yield "extended", kernel, dt, opts(D, Dv, causal, pattern, out_fp32=True)
+                    if kernel == "_linear_decode":  # the one-token step
+                        yield "extended", kernel, dt, opts(D, Dv, causal, pattern, L=1)
+
+
+def linear_configs(archs: list[str], quick: bool = False, extended: bool = False) -> list[dict]:
+    """The linear-attention matrix (see above): one dict per (kernel, dtype,
+    options, arch), with its name."""
+    tiers = {"quick"} if quick else {"quick", "default", "extended"} if extended else {"quick", "default"}
+    return [dict(family="linear", kernel=k, dtype=dt, precision="tf32", opts=o, cap=cap, name=_linear_name(dt, o))
+            for cap in _caps(archs) for (t, k, dt, o) in _linear_table() if t in tiers]
+
+
+def _linear_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
+    """(argument values by name, constexprs and launch options) of `cfg`'s
+    kernel as forward/backward of linear.py pass them for the representative
+    call on meta tensors (see above)."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    o, kernel = cfg["opts"], cfg["kernel"]
+    pat = dict(LINEAR_PATTERNS[o["pattern"]], **({"mask": o["mask"]} if "mask" in o else {}))
+    B, H, Hkv = _LINEAR_CALL["B"], _LINEAR_CALL["H"], _LINEAR_CALL["Hkv"]
+    L = o["L"] or (_LINEAR_CALL["L_DECODE"] if kernel == "_linear_decode" else _LINEAR_CALL["L"])
+    D, Dv = o["D"], o["Dv"]
+    dt = getattr(torch, _TORCH_DTYPES[cfg["dtype"]])
+    f32 = torch.float32
+
+    def t(*shape, dtype=dt):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    q, k, v = t(B, H, L, D), t(B, Hkv, L, D), t(B, Hkv, L, Dv)
+    mask = t(B, L, dtype=torch.bool) if pat["mask"] else None
+    kv0, z0 = (t(B, Hkv, D, Dv, dtype=f32), t(B, Hkv, D, dtype=f32)) if pat["state"] else (None, None)
+    if kernel in ("_linear_fwd", "_linear_decode", "_softmax_k_stats"):
+        call = lambda: mod.forward(  # noqa: E731
+            q, k, v, mask, kv0, z0, pat["feature_map"], o["causal"], pat["normalize"], 1e-6, D ** -0.5,
+            t(B, H, L, Dv, dtype=f32 if o["out_fp32"] else dt), t(B, H, L, dtype=f32),
+            t(B, Hkv, D, Dv, dtype=f32), t(B, Hkv, D, dtype=f32))
+    elif kernel in ("_linear_bwd_dq", "_linear_bwd_dk", "_linear_bwd_dv"):
+        # with the state pattern, an incoming state gradient (dkv, dz) too, in fp32 as the host passes it
+        dkv, dz = (t(B, Hkv, D, Dv, dtype=f32), t(B, Hkv, D, dtype=f32)) if pat["state"] else (None, None)
+        call = lambda: mod.backward(  # noqa: E731
+            t(B, H, L, Dv), dkv, dz, q, k, v, mask, kv0, z0, t(B, H, L, dtype=f32), t(B, H, L, dtype=f32),
+            pat["feature_map"], o["causal"], pat["normalize"], D ** -0.5,
+            t(B, H, L, D), t(B, Hkv, L, D), t(B, Hkv, L, Dv), t(B, Hkv, D, Dv, dtype=f32),
+            t(B, Hkv, D, dtype=f32), eps=1e-6)
+    else:
+        raise RuntimeError(f"no launcher known for {kernel}")
+    args, kwargs = _capture_launch(mod, kernel, call)
+    names = [p.name for p in getattr(mod, kernel).params]
+    if len(args) > len(names):
+        raise RuntimeError(f"the launcher passes {len(args)} positional arguments, {kernel} has {len(names)}")
+    mock = lambda x: MockTensor(x.dtype) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    values = {n: mock(x) for n, x in zip(names, args)}
+    meta = {n: mock(x) for n, x in kwargs.items()}
+    if "PREC" in (p.name for p in getattr(mod, kernel).params) and meta.get("PREC") != cfg["precision"]:
+        raise RuntimeError(f"the launcher passes PREC={meta.get('PREC')!r} for {cfg['dtype']}, "
+                           f"the report's matrix says {cfg['precision']!r}")
+    return values, meta
+
+
+def _linear_tile(meta: dict) -> str:
+    """The chunk, then the state tile: "C16 D256 DV16" (forward), "C16 TD16 DV256" (dq, dk)."""
+    return " ".join(f"{n[6:]}{meta[n]}" for n in ("BLOCK_C", "BLOCK_L", "BLOCK_D", "BLOCK_TD", "BLOCK_DV",
+                                                  "BLOCK_TV") if n in meta)
+
+
 # The Triton modules the report compiles: where each lives, its configs and
 # how to build a config's launch arguments.
 TRITON_FAMILIES = {
@@ -606,6 +825,8 @@ TRITON_FAMILIES = {
                       launch_args=_attention_launch_args, tile=lambda meta: f"{meta['BLOCK_M']}x{meta['BLOCK_N']}"),
     "moe": dict(module=MOE_MODULE, source=MOE_SOURCE, configs=moe_configs, launch_args=_moe_launch_args,
                 tile=_moe_tile),
+    "linear": dict(module=LINEAR_MODULE, source=LINEAR_SOURCE, configs=linear_configs,
+                   launch_args=_linear_launch_args, tile=_linear_tile),
 }
 
 
@@ -615,7 +836,7 @@ def _family(cfg: dict) -> dict:
 
 def triton_configs(archs: list[str], quick: bool = False, extended: bool = False,
                    families: tuple | list | None = None) -> list[dict]:
-    """Every family's matrix (attention_configs, moe_configs), `families`
+    """Every family's matrix (attention_configs, moe_configs, linear_configs), `families`
     (default all of TRITON_FAMILIES) in order."""
     return [c for f in (families or TRITON_FAMILIES) for c in TRITON_FAMILIES[f]["configs"](archs, quick, extended)]
 
@@ -1018,11 +1239,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archs", default=None,
                     help="archs, e.g. 80,90 or 8.0;9.0a (default: $TFK_CUDA_ARCHS or 80,90)")
     ap.add_argument("--quick", action="store_true",
-                    help="Triton: one config per kernel per arch (fp16, D=128, every feature on) "
-                         "instead of the full matrix")
+                    help="Triton: one config per kernel per arch (attention: fp16, D=128, every feature "
+                         "on; moe, linear: see the module doc) instead of the full matrix")
     ap.add_argument("--extended", action="store_true",
                     help="Triton: add the bool-mask pattern (plain with a bool attn_mask): three "
-                         "patterns instead of two, half again the configs")
+                         "patterns instead of two, half again the configs; moe, linear: see the module doc")
     ap.add_argument("--keep-going", action="store_true",
                     help="Triton: compile every config; by default a (kernel, dtype, arch) series stops "
                          "at its first failing config")

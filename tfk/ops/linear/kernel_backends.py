@@ -10,10 +10,9 @@ _KernelBackend with a kernels module of the same launchers):
 The host side here allocates the outputs (new_output), makes the operands
 contiguous, computes delta = dout . out (B, H, L) with torch ops (from out
 recomputed in float32 by one more forward for half inputs, as the torch
-backend does), and applies the "softmax" feature map with torch ops around
-the kernels (they fuse identity, elu1 and relu only): phi(q), phi(k) in
-float32 go in as identity-mapped inputs, and the backward chains the
-kernels' d phi through torch_backend.feature_map_grad.
+backend does; the "softmax" map needs delta unnormalised too), and passes
+eps to the backward (the softmax map's dq needs it). Every named feature map,
+softmax included, is applied in the kernels.
 """
 from __future__ import annotations
 
@@ -22,25 +21,15 @@ import importlib
 import torch
 
 from ...backends import new_output, register_backend, triton_device_reasons
-from . import torch_backend
 from .api import LinearBackend
 from .functions import linear_ops
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FUSED_MAPS = ("identity", "elu1", "relu")
 MAX_HEAD_DIM = 256   # triton_kernels/linear.py's MAX_HEAD_DIM (not imported here: triton may be missing)
 
 
 def _contig(t):
     return None if t is None else t.contiguous()
-
-
-def _softmax_maps(q, k, key_padding_mask):
-    """phi(q) (softmax over D), phi(k) (softmax over S, masked keys 0), float32, and q, k in float32."""
-    keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
-    qf, kf = q.float(), k.float()
-    return (torch_backend.feature_map(qf, "softmax", -1), torch_backend.feature_map(kf, "softmax", -2, keep),
-            qf, kf, keep)
 
 
 def _forward(get_kernels):
@@ -50,9 +39,6 @@ def _forward(get_kernels):
         Hkv, Dv = k.shape[1], v.shape[3]
         q, k, v, key_padding_mask, kv0, z0 = map(_contig, (q, k, v, key_padding_mask, kv0, z0))
         out = new_output((B, H, L, Dv), out_dtype or q.dtype, q.device)
-        if feature_map == "softmax":
-            q, k, *_ = _softmax_maps(q, k, key_padding_mask)
-            feature_map = "identity"
         kv, z = new_output((B, Hkv, D, Dv), torch.float32, q.device), new_output((B, Hkv, D), torch.float32, q.device)
         den = new_output((B, H, L), torch.float32, q.device)
         kernels.forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps, scale,
@@ -70,7 +56,7 @@ def _backward(get_kernels, forward):
         sd = torch.float32 if kv0 is None else kv0.dtype
         dout, q, k, v, key_padding_mask, kv0, z0, den = map(
             _contig, (dout, q, k, v, key_padding_mask, kv0, z0, den))
-        if normalize:
+        if normalize or feature_map == "softmax":   # softmax: sum_d dphi_q phi_q comes from delta
             if out.dtype != torch.float32:
                 # a half out's rounding would reach dq and dk amplified by 1/den: recompute it in fp32
                 out = forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps, scale,
@@ -86,17 +72,9 @@ def _backward(get_kernels, forward):
         dv = new_output(v.shape, v.dtype, v.device)
         dkv0, dz0 = new_output((B, Hkv, D, Dv), torch.float32, q.device), \
             new_output((B, Hkv, D), torch.float32, q.device)
-        if feature_map == "softmax":
-            pq, pk, qf, kf, keep = _softmax_maps(q, k, key_padding_mask)
-            dpq, dpk = torch.empty_like(pq), torch.empty_like(pk)     # every element written by the kernels
-            kernels.backward(dout, dkv, dz, pq, pk, v, key_padding_mask, kv0, z0, den, delta, "identity", causal,
-                             normalize, scale, dpq, dpk, dv, dkv0, dz0)
-            dq = torch_backend.feature_map_grad(qf, pq, dpq, "softmax", -1).to(q.dtype)
-            dk = torch_backend.feature_map_grad(kf, pk, dpk, "softmax", -2, keep).to(k.dtype)
-        else:
-            dq, dk = new_output(q.shape, q.dtype, q.device), new_output(k.shape, k.dtype, k.device)
-            kernels.backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, den, delta, feature_map, causal,
-                             normalize, scale, dq, dk, dv, dkv0, dz0)
+        dq, dk = new_output(q.shape, q.dtype, q.device), new_output(k.shape, k.dtype, k.device)
+        kernels.backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, den, delta, feature_map, causal,
+                         normalize, scale, dq, dk, dv, dkv0, dz0, eps=eps)
         return dq, dk, dv, dkv0.to(sd), dz0.to(sd)
     return backward
 
