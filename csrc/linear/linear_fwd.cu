@@ -1,5 +1,7 @@
 // Linear-attention forward (csrc/linear/linear.h), on mapped features or with
-// the feature map, the key padding and V's column of ones applied on load:
+// the feature map, the key padding and V's column of ones applied on load
+// (the "softmax" map: keys by the per-channel statistics of linear_stats.cu,
+// each query row by a softmax over its channels once the tile is loaded):
 //
 //   causal, chunked (kChunk positions a chunk):
 //       O_n = Q_n S_n + tril(Q_n K_n^T) V'_n,   S_{n+1} = S_n + K_n^T V'_n
@@ -19,7 +21,9 @@
 // would add an error as large as the inputs' own, and S can pass fp16's
 // range). The state update K_n^T V'_n takes 16-bit operands as they are:
 // mma.sync for fp16/bf16 (fp32 accumulation), FMA in position order for fp32.
+#include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 
 #include "common/elem.cuh"
@@ -94,6 +98,7 @@ __device__ __forceinline__ void load_values(T* tile, const T* src, int64_t pos0,
   }
 }
 
+// kSoftmax maps elsewhere (softmax_rows, or the key statistics): x here.
 __device__ __forceinline__ float feature(float x, FeatureMap f) {
   if (f == FeatureMap::kElu1) return x > 0.f ? x + 1.f : expf(x);
   if (f == FeatureMap::kRelu) return fmaxf(x, 0.f);
@@ -103,14 +108,44 @@ __device__ __forceinline__ float feature(float x, FeatureMap f) {
 // The Q or K tile (rows [0, kC) x cols [0, dp)) from rows [pos0, pos0 + kC)
 // of src (row stride dim), mapped by f in fp32; zero past `len` rows, past
 // `dim` columns and on rows whose keep[pos] is 0 (keep null: all kept).
+// kstat (the softmax map's keys: this KV head's max[dim], inv[dim]) maps
+// column c as exp(x - max[c]) * inv[c] instead.
 template <typename T>
 __device__ __forceinline__ void load_features(T* tile, int ld, const T* src, int64_t pos0, int64_t len, int dim,
-                                              int dp, FeatureMap f, const uint8_t* keep) {
+                                              int dp, FeatureMap f, const uint8_t* keep,
+                                              const float* kstat = nullptr) {
   for (int i = threadIdx.x; i < kC * dp; i += kThreads) {
     const int r = i / dp, c = i % dp;
     const int64_t pos = pos0 + r;
     const bool ok = pos < len && c < dim && (keep == nullptr || keep[pos] != 0);
-    tile[r * ld + c] = ok ? from_f32<T>(feature(to_f32(src[pos * dim + c]), f)) : from_f32<T>(0.f);
+    float y = 0.f;
+    if (ok) {
+      const float x = to_f32(src[pos * dim + c]);
+      y = kstat ? expf(x - kstat[c]) * kstat[dim + c] : feature(x, f);
+    }
+    tile[r * ld + c] = from_f32<T>(y);
+  }
+}
+
+// The softmax map of a loaded (raw) Q tile: each row r < len - pos0 becomes
+// softmax(row[0, dim)) in fp32, rounded to T. Four threads per row (lanes
+// 4r .. 4r + 3 of one warp), channels strided by 4, combined by shuffles
+// (each lane ends with the same max and sum). Call between barriers.
+template <typename T>
+__device__ __forceinline__ void softmax_rows(T* tile, int ld, int64_t pos0, int64_t len, int dim) {
+  static_assert(kThreads == 4 * kC, "softmax_rows: four threads per row");
+  const int r = threadIdx.x / 4, t = threadIdx.x % 4;
+  T* row = tile + r * ld;
+  float m = -INFINITY;
+  for (int c = t; c < dim; c += 4) m = fmaxf(m, to_f32(row[c]));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+  float sum = 0.f;
+  for (int c = t; c < dim; c += 4) sum += expf(to_f32(row[c]) - m);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  if (pos0 + r < len) {
+    for (int c = t; c < dim; c += 4) row[c] = from_f32<T>(expf(to_f32(row[c]) - m) / sum);
   }
 }
 
@@ -179,6 +214,8 @@ __global__ void __launch_bounds__(kThreads, 1) linear_fwd_kernel(const FwdParams
   const T* kp = static_cast<const T*>(p.k) + bh * p.len_k * D;
   const T* vp = static_cast<const T*>(p.v) + bh * p.len_k * vw;
   const uint8_t* keep = p.keep ? p.keep + b * p.len_k : nullptr;
+  // The softmax map's key statistics (non-causal only: the causal kernel never maps by them).
+  const float* kstat = !kCausal && p.fmap == FeatureMap::kSoftmax ? p.kstats + bh * 2 * D : nullptr;
   float* const st = p.s + bh * D * E;
 
   // The state slice: S'_0 or zeros (rows past D stay zero; they are never read).
@@ -271,12 +308,16 @@ __global__ void __launch_bounds__(kThreads, 1) linear_fwd_kernel(const FwdParams
   };
 
   const auto load_kv = [&](int64_t pos0) {
-    load_features(sK, ld, kp, pos0, p.len_k, D, dp, p.fmap, keep);
+    load_features(sK, ld, kp, pos0, p.len_k, D, dp, p.fmap, keep, kstat);
     load_values(sV, vp, pos0, p.len_k, vw, e0, ecols);
   };
   const auto load_q = [&](int64_t h, int64_t pos0) {
     const T* qp = static_cast<const T*>(p.q) + (b * p.heads + h) * p.len_q * D;
     load_features(sQ, ld, qp, pos0, p.len_q, D, dp, p.fmap, nullptr);
+    if (!kCausal && p.fmap == FeatureMap::kSoftmax) {
+      __syncthreads();  // the raw rows in place
+      softmax_rows(sQ, ld, pos0, p.len_q, D);
+    }
   };
 
   if constexpr (kCausal) {
@@ -341,6 +382,9 @@ int64_t fwd_smem_bytes(const FwdParams& p) {
 
 void fwd_launch(const FwdParams& p, void* stream) {
   if (p.batch * p.kv_heads <= 0 || p.vdim <= 0) return;
+  if (p.fmap == FeatureMap::kSoftmax && (p.causal || p.kstats == nullptr)) {
+    throw std::invalid_argument("linear fwd: the softmax map is non-causal only and needs kstats");
+  }
   switch (p.dtype) {
     case Dtype::kHalf: fwd::Launcher::run<__half>(p, stream); break;
     case Dtype::kBFloat16: fwd::Launcher::run<__nv_bfloat16>(p, stream); break;

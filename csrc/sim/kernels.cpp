@@ -5,6 +5,7 @@
 #include "attention/attention_bwd.cu"
 #include "attention/attention_fwd.cu"
 #include "linear/linear_fwd.cu"
+#include "linear/linear_stats.cu"
 #include "moe/moe_elementwise.cu"
 #include "moe/moe_gemm.cu"
 #include "moe/moe_gemm_tn.cu"

@@ -10,6 +10,7 @@ import torch
 
 import tfk
 from tfk.backends import BackendUnavailable, import_error
+import linear_cases
 from linear_cases import Case, check_case
 
 pytestmark = pytest.mark.skipif(import_error("_sim") is not None,
@@ -32,6 +33,26 @@ CASES = {
     "noncausal_softmax_gqa_mask_scale": Case(B=2, H=4, Hkv=2, L=33, S=40, causal=False, feature_map="softmax",
                                              mask=True, scale=2.0),
 }
+
+
+def _large_logits(make_inputs):
+    """make_inputs with q and k ~ 80 +- 30 (0.5 N(0, 1) * 60 + 80): exp overflows
+    float32 past 88.7 unless the softmax subtracts its max first."""
+    def make(c, seed=0):
+        q, k, *rest = make_inputs(c, seed)
+        return (80 + 60 * q, 80 + 60 * k, *rest)
+    return make
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_large_logits_all_masked_row(dtype, monkeypatch):
+    """The softmax map in the kernels on logits ~ 80 +- 30, with key padding and
+    batch row 1 entirely masked (Case.mask, non-causal), odd D and S, L = 37."""
+    monkeypatch.setattr(linear_cases, "make_inputs", _large_logits(linear_cases.make_inputs))
+    c = Case(B=2, H=4, Hkv=2, L=37, S=45, D=40, Dv=24, causal=False, feature_map="softmax", mask=True, scale=0.5)
+    with tfk.backends.record_choices() as names:
+        check_case(c, dtype, backend="cuda-sim")
+    assert set(names) == {"cuda-sim"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -133,6 +133,141 @@ def test_forward_fuses_map_padding_and_ones(feature_map, causal, dtype):
     check("state", s, s64, s32)
 
 
+# ------------------------------------------------------- the softmax map
+
+def softmax_inputs(B, H, Hkv, L, S, D, Dv, dtype, logits, seed=11):
+    """q, k, v in dtype, a key mask (B, S) with batch row B - 1 all masked, and a
+    float32 initial state. logits "large": q and k ~ 80 +- 30, where exp
+    overflows float32 (past 88.7) unless the max is subtracted first."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    if logits == "large":
+        q, k = 80 + 30 * q, 80 + 30 * k
+    v = torch.randn(B, Hkv, S, Dv, generator=g).to(dtype)
+    mask = torch.rand(B, S, generator=g) < 0.7
+    mask[-1] = False
+    s0 = torch.rand(B, Hkv, D, Dv + 1, generator=g) * 4
+    return q.to(dtype), k.to(dtype), v, mask, s0
+
+
+def torch_softmax_features(q, k, mask, dtype):
+    """torch_backend.feature_map "softmax" in float32 on the dtype-rounded
+    inputs, rounded to dtype (masked keys, and an all-masked row, 0)."""
+    pq = tb.feature_map(q.float(), "softmax", -1).to(dtype)
+    pk = tb.feature_map(k.float(), "softmax", -2, keep=mask[:, None, :, None]).to(dtype)
+    return pq, pk
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("logits", ["normal", "large"])
+def test_softmax_stats_match_torch(logits, dtype):
+    """linear_softmax_stats: per channel the max over the kept keys and 1 / sum
+    exp(k - max) (float32 on the dtype-rounded k), 0 and 0 where every key of
+    the batch row is masked. S = 45 (not a multiple of the 4 position groups'
+    32-row stride), D = 40 (two channel tiles, the second partial)."""
+    _, k, _, mask, _ = softmax_inputs(3, 2, 2, 1, 45, 40, 8, dtype, logits)
+    st = ck.softmax_stats(k, mask)
+    assert st.shape == (3, 2, 2, 40) and st.dtype == torch.float32 and not torch.isnan(st).any()
+    kf = k.float().masked_fill(~mask[:, None, :, None], float("-inf"))
+    mx = kf[:2].amax(2)                                          # rows with a kept key
+    inv = 1 / (kf[:2] - mx[:, :, None]).exp().sum(2)
+    torch.testing.assert_close(st[:2, :, 0], mx, rtol=0, atol=0)
+    torch.testing.assert_close(st[:2, :, 1], inv, rtol=1e-5, atol=0)
+    assert (st[2] == 0).all(), "a batch row with every key masked: max 0 and 1 / sum 0"
+    assert torch.equal(ck.softmax_stats(k, None)[:, :, 0], k.float().amax(2)), "no mask: every key counts"
+
+
+# One rounding of a feature computed in float32 by another formula (the
+# kernel's exp(k - max) * (1 / sum) and its own exp, torch's softmax) may land
+# one unit in the last place of the dtype away: 2 u relative.
+UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
+
+
+def kernel_softmax_features(q, k, mask, dtype):
+    """The kernel's phi_q and phi_k, read back exactly: phi_k from the state with
+    V' = I (S columns: state[d, j] = phi_k[j, d], one product a sum), phi_q
+    from O' with every key masked and S'_0 = I (O'[i, e] = phi_q[i, e])."""
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    eye_s = torch.eye(S).to(dtype).expand(B, Hkv, S, S).contiguous()
+    _, st = ck.forward(q, k, eye_s, causal=False, feature_map="softmax", key_padding_mask=mask)
+    eye_d = torch.eye(D).expand(B, Hkv, D, D).contiguous()
+    o, _ = ck.forward(q, k, torch.zeros(B, Hkv, S, D, dtype=dtype), causal=False, state0=eye_d,
+                      feature_map="softmax", key_padding_mask=torch.zeros_like(mask))
+    return o.to(dtype), st.transpose(-1, -2).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("logits", ["normal", "large"])
+@pytest.mark.parametrize("D", [40, 80])
+def test_softmax_features_match_torch(D, logits, dtype):
+    """The kernel's softmax features equal torch's (feature_map in float32 on
+    the dtype-rounded inputs, rounded to dtype) within one unit in the last
+    place: q rows over D channels, k over the kept positions of each channel
+    (masked keys 0, batch row 2 all masked), S = 45, L = 37."""
+    q, k, _, mask, _ = softmax_inputs(3, 4, 2, 37, 45, D, 8, dtype, logits)
+    kq, kk = kernel_softmax_features(q, k, mask, dtype)
+    pq, pk = torch_softmax_features(q, k, mask, dtype)
+    rtol = 2 * UNIT[dtype] if dtype != torch.float32 else 2.0 ** -20   # fp32: a few ulps of exp
+    for name, got, want in (("phi_q", kq, pq), ("phi_k", kk, pk)):
+        assert not torch.isnan(got).any() and not torch.isinf(got).any(), f"{name}: NaN or inf"
+        torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=1e-38, msg=lambda m: f"{name}: {m}")
+    assert (kk[2] == 0).all() and (kk.masked_select(~mask[:, None, :, None]) == 0).all(), "masked keys: 0"
+    torch.testing.assert_close(kq.double().sum(-1), torch.ones(3, 4, 37, dtype=torch.float64),
+                               rtol=0, atol=D * UNIT[dtype] * 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("logits", ["normal", "large"])
+@pytest.mark.parametrize("D", [40, 80])
+def test_forward_fuses_softmax_map(D, logits, dtype):
+    """feature_map "softmax" in the kernels (key statistics, then the forward
+    mapping k tiles by them and q rows by their own softmax) equals torch's
+    features through the float64 core: key padding with batch row 2 all masked
+    (its phi_k is 0: O' = phi_q S'_0), S = 45 and L = 37 (partial chunks), GQA,
+    an initial state, E = 25. The bound is check()'s plus, per element, what a
+    one-ulp difference in any feature (UNIT) can move it."""
+    B, H, Hkv, L, S, Dv = 3, 4, 2, 37, 45, 24
+    q, k, v, mask, s0 = softmax_inputs(B, H, Hkv, L, S, D, Dv, dtype, logits)
+    o, s = ck.forward(q, k, v, causal=False, state0=s0, feature_map="softmax", key_padding_mask=mask,
+                      append_ones=True)
+    pq, pk = torch_softmax_features(q, k, mask, dtype)
+    v1 = ck.with_ones(v)
+    o64, s64 = oracle(pq, pk, v1, s0, False)
+    o32, s32 = oracle(pq, pk, v1, s0, False, torch.float32)
+    u = 2 * UNIT[dtype]
+    kv_abs = pk.double().abs().transpose(-1, -2) @ v1.double().abs()           # (B, Hkv, D, E)
+    slack_s = u * kv_abs
+    G = H // Hkv
+    st_abs = (s0.double().abs() + 2 * kv_abs).repeat_interleave(G, 1)          # (B, H, D, E)
+    slack_o = u * (pq.double().abs() @ st_abs)
+    for name, got, r64, r32, slack in (("o1", o, o64, o32, slack_o), ("state", s, s64, s32, slack_s)):
+        assert not torch.isnan(got).any(), f"{name}: NaN"
+        scale = max(1.0, float(r64.abs().max()))
+        bound = 2 * max_err(r32, r64) + FLOOR * scale + slack
+        excess = (got.double() - r64).abs() - bound
+        assert (excess <= 0).all(), f"{name}: err exceeds the bound by {float(excess.max()):.3g}"
+    assert torch.equal(s[2], s0[2]), "every key masked: the state stays S'_0"
+    again = ck.forward(q, k, v, causal=False, state0=s0, feature_map="softmax", key_padding_mask=mask,
+                       append_ones=True)
+    assert torch.equal(again[0], o) and torch.equal(again[1], s), "not deterministic"
+
+
+def test_softmax_map_refusals():
+    q, k, v, mask, _ = softmax_inputs(1, 2, 1, 8, 8, 16, 8, torch.float32, "normal")
+    with pytest.raises(ValueError, match="'softmax' .* is non-causal only"):
+        ck.forward(q, k, v, causal=True, feature_map="softmax", append_ones=True)
+    import tfk._sim  # noqa: F401
+    with pytest.raises(RuntimeError, match="the softmax feature map is non-causal only"):
+        torch.ops.tfk_sim.linear_fwd(q, k, v, None, True, 3, None, True, ck.softmax_stats(k))
+    with pytest.raises(RuntimeError, match="the softmax feature map needs kstats"):
+        torch.ops.tfk_sim.linear_fwd(q, k, v, None, False, 3, None, True)
+    with pytest.raises(RuntimeError, match="kstats must have shape"):
+        torch.ops.tfk_sim.linear_fwd(q, k, v, None, False, 3, None, True, torch.zeros(1, 1, 2, 8))
+    with pytest.raises(RuntimeError, match="keep must have shape"):
+        torch.ops.tfk_sim.linear_softmax_stats(k, torch.ones(1, 7, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_largest_dims(dtype):
     """D = Dv = 256 (E = 257): the largest state tile and shared memory."""
@@ -227,6 +362,7 @@ RACE_MAIN = r'''
 #include <stdexcept>
 #include <vector>
 #include "linear/linear_fwd.cu"
+#include "linear/linear_stats.cu"
 using namespace tfk::linear;
 template <typename T> void run(Dtype dt, T one) {
   const int64_t B = 1, H = 2, Hkv = 1, L = 40, D = 24, E = 70;  // 2 chunks, 2 column tiles, G = 2
@@ -234,13 +370,21 @@ template <typename T> void run(Dtype dt, T one) {
   std::vector<float> s0(B * Hkv * D * E, 0.5f), o(B * H * L * E), s(B * Hkv * D * E);
   std::vector<uint8_t> keep(B * L, 1);
   keep[3] = 0;
-  for (int fused = 0; fused < 2; ++fused) {  // fused: elu1, key padding and the ones column on load
-    for (int causal = 0; causal < 2; ++causal) {
+  std::vector<float> kstats(B * Hkv * 2 * D);
+  StatsParams sp;  // the softmax map's key statistics
+  sp.dtype = dt; sp.batch = B; sp.kv_heads = Hkv; sp.len_k = L; sp.dim = D; sp.k = k.data(); sp.keep = keep.data();
+  sp.stats = kstats.data();
+  softmax_stats_launch(sp, nullptr);
+  // fused 1: elu1, key padding and the ones column on load; 2: the softmax map (non-causal)
+  for (int fused = 0; fused < 3; ++fused) {
+    for (int causal = 0; causal < (fused == 2 ? 1 : 2); ++causal) {
       FwdParams p;
       p.dtype = dt; p.causal = causal; p.batch = B; p.heads = H; p.kv_heads = Hkv; p.len_q = L; p.len_k = L;
       p.dim = D; p.vdim = E; p.q = q.data(); p.k = k.data(); p.v = v.data(); p.s0 = s0.data();
       p.o = o.data(); p.s = s.data();
-      if (fused) { p.fmap = FeatureMap::kElu1; p.keep = keep.data(); p.ones = true; }
+      if (fused) { p.fmap = fused == 2 ? FeatureMap::kSoftmax : FeatureMap::kElu1; p.keep = keep.data(); }
+      if (fused) p.ones = true;
+      if (fused == 2) p.kstats = kstats.data();
       fwd_launch(p, nullptr);
     }
   }
@@ -289,10 +433,14 @@ def test_forward_has_no_shared_memory_races(tmp_path):
     assert rc == 0, out
 
 
-def test_race_check_catches_a_missing_barrier(tmp_path):
-    """The check is live on this kernel: without the barrier after A = Q K^T,
-    threads read A entries other warps have not written yet."""
-    rc, out = _race_program(tmp_path, ("        __syncthreads();  // A complete\n", ""))
+@pytest.mark.parametrize("barrier", ["        __syncthreads();  // A complete\n",
+                                     "      __syncthreads();  // the raw rows in place\n"],
+                         ids=["after_qk", "before_softmax_rows"])
+def test_race_check_catches_a_missing_barrier(tmp_path, barrier):
+    """The check is live on this kernel: without the barrier after A = Q K^T
+    (or the one between loading raw q rows and their softmax), threads read
+    entries other warps have not written yet."""
+    rc, out = _race_program(tmp_path, (barrier, ""))
     assert rc == 3 and "RAW" in out, out
 
 

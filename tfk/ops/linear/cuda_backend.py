@@ -6,15 +6,17 @@ torch_backend.py's op.
 compiled for the host (tfk._sim), on CPU tensors through the host-execution
 layer: for tests and debugging, never chosen by "auto", and slow.
 
-Forward, feature maps identity, elu1 and relu: one kernel launch on q, k, v
-as they are (the map, the key padding and V's column of ones applied as the
-tiles load), then the scale and the normalisation in one pass over
-O' = [num, den]. The softmax map (and the backward of every map) runs
-torch_backend.py's host side around the kernels: features mapped in float32
-and V' = [v, 1] made there, the core O' = phi_q S (chunked causal or
-non-causal) and its backward in the kernels, dO' and the maps' derivatives
-in torch. Features go in in the inputs' dtype (fp16/bf16 on tensor cores,
-fp32 by FMA); the state and O' are float32. One launch takes the whole call
+Forward, every named feature map: the kernels on q, k, v as they are (the
+map, the key padding and V's column of ones applied as the tiles load; the
+softmax map, non-causal only, first runs the key-statistics kernel, then the
+forward maps key tiles by them and each query row by its own softmax), then
+the scale and the normalisation in one pass over O' = [num, den]. The
+backward of every map (and a callable map's forward) runs torch_backend.py's
+host side around the kernels: features mapped in float32 and V' = [v, 1]
+made there, the core O' = phi_q S (chunked causal or non-causal) and its
+backward in the kernels, dO' and the maps' derivatives in torch. Features
+go in in the inputs' dtype (fp16/bf16 on tensor cores, fp32 by FMA); the
+state and O' are float32. One launch takes the whole call
 (no slicing by KV heads).
 """
 from __future__ import annotations
@@ -49,10 +51,11 @@ _CORE = CudaCore()
 
 
 def _forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, eps, scale):
-    """torch_backend.linear_forward's contract. identity, elu1 and relu: one
-    kernel launch on q, k, v as they are (the map, the key padding and V's
-    column of ones applied on load); the scale and the normalisation are one
-    pass over O' here. softmax: torch_backend's host side around the kernel."""
+    """torch_backend.linear_forward's contract. Named maps: the kernels on q,
+    k, v as they are (the map, the key padding and V's column of ones applied
+    on load; softmax: the key statistics kernel, then the forward); the scale
+    and the normalisation are one pass over O' here. A callable map:
+    torch_backend's host side around the kernel."""
     if feature_map not in ck.FEATURE_MAPS:
         return torch_backend.linear_forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize,
                                             eps, scale, core=_CORE)

@@ -6,12 +6,15 @@ The forward kernel takes mapped features, or applies the map itself:
 
 - ``forward(phi_q, phi_k, v1, *, causal=True, state0=None, feature_map="identity",
   key_padding_mask=None, append_ones=False)`` -> (o1, state)
+- ``softmax_stats(k, key_padding_mask=None)`` -> (B, Hkv, 2, D) float32: the
+  "softmax" map's key statistics (below); ``forward`` runs it for that map
 - ``backward(phi_q, phi_k, v1, do1, *, causal=True, state0=None, dstate=None)``
   -> (dq, dk, dv1, dstate0) on mapped features, composed from the forward
   kernel (its docstring)
 
-    phi_q   (B, H, L, D)     phi(q), or q with feature_map "elu1" or "relu"
-                             (mapped on load in fp32, then rounded to the dtype)
+    phi_q   (B, H, L, D)     phi(q), or q with feature_map "elu1", "relu" or
+                             "softmax" (mapped on load in fp32, then rounded
+                             to the dtype)
     phi_k   (B, Hkv, S, D)   phi(k), or k (feature_map); keys where
                              key_padding_mask (B, S) bool is False count as 0
     v1      (B, Hkv, S, E)   V' = [v, 1]: the normaliser is one more value
@@ -33,6 +36,16 @@ The forward kernel takes mapped features, or applies the map itself:
   chunks in order, carrying its slice of the state in shared memory; the G
   query heads of a KV head share the block (csrc/linear/linear_fwd.cu).
 
+feature_map "softmax" (Efficient Attention's; non-causal only, causal is a
+ValueError): phi(q) = softmax of each q row over its D channels, phi(k) =
+softmax of k over the S positions per channel, masked keys left out and 0.
+Two launches: linear_softmax_stats (csrc/linear/linear_stats.cu: per (batch,
+KV head, channel) the max over the kept keys and 1 / sum exp(k - max), two
+fixed-order passes over S; max 0 and 1 / sum 0 for a batch row with every key
+masked, so its phi(k) is 0), then the forward, which maps key tiles as
+exp(k - max) * (1 / sum) and each loaded q row by its own max and sum, in fp32,
+rounded to the dtype.
+
 Bad arguments are refused with TypeError (dtypes) or ValueError (shapes,
 sizes, devices) naming the argument.
 """
@@ -45,7 +58,7 @@ import torch
 from ... import backends
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FEATURE_MAPS = {"identity": 0, "elu1": 1, "relu": 2}   # csrc/linear/linear.h FeatureMap
+FEATURE_MAPS = {"identity": 0, "elu1": 1, "relu": 2, "softmax": 3}   # csrc/linear/linear.h FeatureMap
 MAX_DIM = 257  # D and E = Dv + 1 (csrc/linear/linear.h kMaxDim): head dims up to 256
 
 
@@ -120,6 +133,38 @@ def _check(phi_q, phi_k, v1, causal, state0, append_ones=False):
     return state0
 
 
+def _check_keep(keep, B, S, dev):
+    """key_padding_mask (B, S) bool on dev, contiguous, or None."""
+    if keep is None:
+        return None
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask: must be a bool tensor, got "
+                        f"{keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+    if tuple(keep.shape) != (B, S) or keep.device != dev:
+        raise ValueError(f"key_padding_mask: expected shape ({B}, {S}) on {dev}, got {tuple(keep.shape)} "
+                         f"on {keep.device}")
+    return keep.contiguous()
+
+
+def softmax_stats(k, key_padding_mask=None):
+    """The "softmax" map's key statistics, (B, Hkv, 2, D) float32: [:, :, 0, d]
+    the max of k[:, :, :, d] over the kept positions, [:, :, 1, d] 1 / sum of
+    exp(k - max) over them (both 0 where every key is masked), so that
+    phi_k = exp(k - max) * inv (masked keys 0). k (B, Hkv, S, D) fp16, bf16 or fp32."""
+    _check_features("k", k)
+    B, Hkv, S, D = k.shape
+    if not 1 <= D <= MAX_DIM:
+        raise ValueError(f"k: feature dimension D = {D} must lie in [1, {MAX_DIM}]")
+    if k.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"k: the CUDA linear-attention kernels take CUDA tensors, or CPU tensors "
+                         f"(cuda-sim), not {k.device}")
+    keep = _check_keep(key_padding_mask, B, S, k.device)
+    out = backends.new_output((B, Hkv, 2, D), torch.float32, k.device)
+    if B * Hkv == 0:
+        return out
+    return ops(k.device).linear_softmax_stats.out(k.contiguous(), keep, out=out)
+
+
 def forward(phi_q, phi_k, v1, *, causal=True, state0=None, feature_map="identity", key_padding_mask=None,
             append_ones=False):
     """O' = [num, den] (B, H, L, E) float32 and the final state (B, Hkv, D, E)
@@ -127,28 +172,28 @@ def forward(phi_q, phi_k, v1, *, causal=True, state0=None, feature_map="identity
 
     causal:      O'_i = phi_q_i (S'_0 + sum_{j <= i} phi_k_j^T V'_j)
     non-causal:  O'_i = phi_q_i (S'_0 + sum_j phi_k_j^T V'_j)
+
+    feature_map "softmax" (non-causal only) runs softmax_stats on phi_k (= k)
+    first, then the forward with those statistics.
     """
     state0 = _check(phi_q, phi_k, v1, causal, state0, append_ones)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map: must be one of {tuple(FEATURE_MAPS)} (the kernel's maps), got {feature_map!r}")
+    if feature_map == "softmax" and causal:
+        raise ValueError("feature_map: 'softmax' (a softmax of k over all S positions) is non-causal only; "
+                         "pass causal=False or another map")
     B, H, L, D = phi_q.shape
     Hkv, S, E = phi_k.shape[1], phi_k.shape[2], v1.shape[3] + int(append_ones)
     dev = phi_q.device
-    keep = key_padding_mask
-    if keep is not None:
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask: must be a bool tensor, got "
-                            f"{keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__}")
-        if tuple(keep.shape) != (B, S) or keep.device != dev:
-            raise ValueError(f"key_padding_mask: expected shape ({B}, {S}) on {dev}, got {tuple(keep.shape)} "
-                             f"on {keep.device}")
-        keep = keep.contiguous()
+    keep = _check_keep(key_padding_mask, B, S, dev)
     o1 = backends.new_output((B, H, L, E), torch.float32, dev)
     state = backends.new_output((B, Hkv, D, E), torch.float32, dev)
     if B * Hkv == 0:
         return o1, state
-    return ops(dev).linear_fwd.out(phi_q.contiguous(), phi_k.contiguous(), v1.contiguous(), state0,
-                                   bool(causal), FEATURE_MAPS[feature_map], keep, bool(append_ones), o=o1, s=state)
+    phi_k = phi_k.contiguous()
+    kstats = softmax_stats(phi_k, keep) if feature_map == "softmax" else None
+    return ops(dev).linear_fwd.out(phi_q.contiguous(), phi_k, v1.contiguous(), state0, bool(causal),
+                                   FEATURE_MAPS[feature_map], keep, bool(append_ones), kstats, o=o1, s=state)
 
 
 def backward(phi_q, phi_k, v1, do1, *, causal=True, state0=None, dstate=None):
