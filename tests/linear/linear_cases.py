@@ -157,3 +157,35 @@ def check_case(c: Case, dtype, backend="torch", seed=0, device="cpu"):
         floor = FLOOR.get(dtype, {}).get(name, 1e-10) * max(1.0, float(r.abs().max()))
         bound = FACTOR * base_err + floor
         assert err <= bound, f"{name}: err {err:.3g} > bound {bound:.3g} (torch's err in {dtype}: {base_err:.3g})"
+
+
+def check_pieces_equal_one_call(backend, B, H, Hkv, L, D, Dv, pieces, feature_map="elu1", seed=0):
+    """A causal sequence run in ``pieces`` ((start, end) position ranges: a
+    prompt in chunks, then decode steps), each call passing the last state,
+    against one call over it all: outputs, final state and the gradients of
+    q, k and v (through the chain of states) agree, on ``backend``."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = 0.5 * torch.randn(B, H, L, D, generator=g), 0.5 * torch.randn(B, Hkv, L, D, generator=g), \
+        torch.randn(B, Hkv, L, Dv, generator=g)
+    mask = torch.rand(B, L, generator=g) < 0.8
+    kw = dict(feature_map=feature_map, return_state=True, backend=backend)
+
+    def chained(q, k, v):
+        outs, state = [], None
+        for a, b in pieces:
+            out, state = tfk.linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], initial_state=state,
+                                              key_padding_mask=mask[:, a:b], **kw)
+            outs.append(out)
+        return torch.cat(outs, 2), state
+
+    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
+    o1, (kv1, z1) = tfk.linear_attention(*leaves[0], key_padding_mask=mask, **kw)
+    o2, (kv2, z2) = chained(*leaves[1])
+    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv2, kv1, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(z2, z1, rtol=1e-5, atol=1e-4)
+    seeds = [torch.randn(t.shape, generator=g) for t in (o1, kv1, z1)]
+    for o, kv, z in ((o1, kv1, z1), (o2, kv2, z2)):
+        ((o * seeds[0]).sum() + (kv * seeds[1]).sum() + (z * seeds[2]).sum()).backward()
+    for name, a, b in zip(("dq", "dk", "dv"), leaves[0], leaves[1]):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")

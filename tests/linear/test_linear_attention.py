@@ -5,7 +5,6 @@ state's and through the returned state); state carry-over; named errors;
 opcheck, torch.compile; what the backward keeps; the reference against a
 token-by-token recurrence."""
 import itertools
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 import tfk
 from tfk.ops.linear import linear_attention_reference, torch_backend
 from tfk.ops.linear.api import TorchBackend
-from linear_cases import Case, check_case
+from linear_cases import Case, check_case, check_pieces_equal_one_call
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
@@ -118,34 +117,8 @@ def test_causal_chunks_then_decode_equal_one_call(feature_map):
     """A prompt in pieces (one spanning chunk boundaries), then 16 decode steps of
     L = 1, each passing the last state: the outputs, final state and every
     gradient (through the chain of states) equal one call's."""
-    B, H, Hkv, L, D, Dv = 2, 4, 2, 230, 24, 16
-    q, k, v = _qkv(B, H, Hkv, L, D, Dv)
-    mask = torch.rand(B, L, generator=torch.Generator().manual_seed(3)) < 0.8
-    pieces = [(0, 70), (70, 134), (134, 214)] + [(i, i + 1) for i in range(214, 230)]
-    kw = dict(feature_map=feature_map, return_state=True)
-
-    def full(q, k, v):
-        return tfk.linear_attention(q, k, v, key_padding_mask=mask, **kw)
-
-    def chained(q, k, v):
-        outs, state = [], None
-        for a, b in pieces:
-            out, state = tfk.linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], initial_state=state,
-                                              key_padding_mask=mask[:, a:b], **kw)
-            outs.append(out)
-        return torch.cat(outs, 2), state
-
-    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
-    (o1, (kv1, z1)), (o2, (kv2, z2)) = full(*leaves[0]), chained(*leaves[1])
-    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kv2, kv1, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(z2, z1, rtol=1e-5, atol=1e-4)
-    g = torch.Generator().manual_seed(5)
-    seeds = [torch.randn(o1.shape, generator=g), torch.randn(kv1.shape, generator=g), torch.randn(z1.shape, generator=g)]
-    for (o, kv, z), ls in (((o1, kv1, z1), leaves[0]), ((o2, kv2, z2), leaves[1])):
-        ((o * seeds[0]).sum() + (kv * seeds[1]).sum() + (z * seeds[2]).sum()).backward()
-    for name, a, b in zip(("dq", "dk", "dv"), leaves[0], leaves[1]):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    check_pieces_equal_one_call("torch", 2, 4, 2, 230, 24, 16,
+                                [(0, 70), (70, 134), (134, 214)] + [(i, i + 1) for i in range(214, 230)], feature_map)
 
 
 def test_noncausal_state_is_the_sum_over_every_key():

@@ -11,7 +11,7 @@ import torch
 import tfk
 from tfk.backends import BackendUnavailable, import_error
 import linear_cases
-from linear_cases import Case, check_case
+from linear_cases import Case, check_case, check_pieces_equal_one_call
 
 pytestmark = pytest.mark.skipif(import_error("_sim") is not None,
                                 reason="tfk._sim (the CUDA kernels built for the host) is not built")
@@ -76,35 +76,9 @@ def test_callable_feature_map():
 
 def test_causal_chunks_then_decode_equal_one_call():
     """A prompt in two pieces (one spanning a chunk boundary), then decode steps
-    of L = 1 passing the last state: outputs, final state and every gradient
-    equal one call's, on this backend."""
-    B, H, Hkv, L, D, Dv = 1, 4, 2, 75, 24, 16
-    g = torch.Generator().manual_seed(0)
-    q, k, v = 0.5 * torch.randn(B, H, L, D, generator=g), 0.5 * torch.randn(B, Hkv, L, D, generator=g), \
-        torch.randn(B, Hkv, L, Dv, generator=g)
-    mask = torch.rand(B, L, generator=g) < 0.8
-    pieces = [(0, 20), (20, 72)] + [(i, i + 1) for i in range(72, 75)]
-    kw = dict(return_state=True, backend="cuda-sim")
-
-    def chained(q, k, v):
-        outs, state = [], None
-        for a, b in pieces:
-            out, state = tfk.linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], initial_state=state,
-                                              key_padding_mask=mask[:, a:b], **kw)
-            outs.append(out)
-        return torch.cat(outs, 2), state
-
-    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
-    o1, (kv1, z1) = tfk.linear_attention(*leaves[0], key_padding_mask=mask, **kw)
-    o2, (kv2, z2) = chained(*leaves[1])
-    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kv2, kv1, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(z2, z1, rtol=1e-5, atol=1e-4)
-    seeds = [torch.randn(t.shape, generator=g) for t in (o1, kv1, z1)]
-    for (o, kv, z), ls in (((o1, kv1, z1), leaves[0]), ((o2, kv2, z2), leaves[1])):
-        ((o * seeds[0]).sum() + (kv * seeds[1]).sum() + (z * seeds[2]).sum()).backward()
-    for name, a, b in zip(("dq", "dk", "dv"), leaves[0], leaves[1]):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    of L = 1 passing the last state: everything equals one call's, on this backend."""
+    check_pieces_equal_one_call("cuda-sim", 1, 4, 2, 75, 24, 16,
+                                [(0, 20), (20, 72)] + [(i, i + 1) for i in range(72, 75)])
 
 
 def _op_args(causal, fm, mask, state):

@@ -16,7 +16,7 @@ import torch
 
 import tfk
 from tfk.backends import BackendUnavailable
-from linear_cases import Case, check_case
+from linear_cases import Case, check_case, check_pieces_equal_one_call
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs a GPU or TRITON_INTERPRET=1")
@@ -84,35 +84,9 @@ def test_wide_heads():
 @pytest.mark.parametrize("feature_map", ["elu1", pytest.param("relu", marks=pytest.mark.slow)])
 def test_causal_chunks_then_decode_equal_one_call(feature_map):
     """A prompt in pieces (one spanning a chunk boundary), then decode steps of
-    L = 1, each passing the last state: outputs, final state and every gradient
-    (through the chain of states) equal one call's, on this backend."""
-    B, H, Hkv, L, D, Dv = 1, 4, 2, 150, 24, 16
-    g = torch.Generator().manual_seed(0)
-    q, k, v = 0.5 * torch.randn(B, H, L, D, generator=g), 0.5 * torch.randn(B, Hkv, L, D, generator=g), \
-        torch.randn(B, Hkv, L, Dv, generator=g)
-    mask = torch.rand(B, L, generator=g) < 0.8
-    pieces = [(0, 70), (70, 145)] + [(i, i + 1) for i in range(145, 150)]
-    kw = dict(feature_map=feature_map, return_state=True, backend="triton")
-
-    def chained(q, k, v):
-        outs, state = [], None
-        for a, b in pieces:
-            out, state = tfk.linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], initial_state=state,
-                                              key_padding_mask=mask[:, a:b], **kw)
-            outs.append(out)
-        return torch.cat(outs, 2), state
-
-    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
-    (o1, (kv1, z1)) = tfk.linear_attention(*leaves[0], key_padding_mask=mask, **kw)
-    (o2, (kv2, z2)) = chained(*leaves[1])
-    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kv2, kv1, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(z2, z1, rtol=1e-5, atol=1e-4)
-    seeds = [torch.randn(t.shape, generator=g) for t in (o1, kv1, z1)]
-    for (o, kv, z) in ((o1, kv1, z1), (o2, kv2, z2)):
-        ((o * seeds[0]).sum() + (kv * seeds[1]).sum() + (z * seeds[2]).sum()).backward()
-    for name, a, b in zip(("dq", "dk", "dv"), leaves[0], leaves[1]):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    L = 1, each passing the last state: everything equals one call's, on this backend."""
+    check_pieces_equal_one_call("triton", 1, 4, 2, 150, 24, 16,
+                                [(0, 70), (70, 145)] + [(i, i + 1) for i in range(145, 150)], feature_map)
 
 
 @pytest.fixture
