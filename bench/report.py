@@ -21,8 +21,8 @@ Without a GPU a second table runs the CUDA kernels (csrc/attention/) on the
 CPU through backend "cuda-sim" (tfk's host-execution layer) in float16 and
 bfloat16, for every op, checked the same way and not timed: the layer emulates a GPU, its speed says nothing about one.
 ``--no-sim`` skips it. Then the same for the MoE ops (bench/report_moe.py),
-and the linear-attention ops (bench/report_linear.py; the csrc/linear/
-kernels on cuda-sim).
+the linear-attention ops (bench/report_linear.py; the csrc/linear/
+kernels on cuda-sim), and the LSH-attention ops (bench/report_lsh.py).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from tfk import dropout as drop
 from tfk import patterns as P
 from tfk.ops.attention import attention_reference
 
-from . import report_linear, report_moe
+from . import report_linear, report_lsh, report_moe
 from .table import Col, fmt, format_table
 
 # Relative tolerance per dtype: fp32 is absolute-relative; fp16/bf16 add this
@@ -330,14 +330,14 @@ def _check_all(ops, device, dtypes, **kw):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    names = [o.name for o in OPS + report_moe.OPS + report_linear.OPS]
+    names = [o.name for o in OPS + report_moe.OPS + report_linear.OPS + report_lsh.OPS]
     ap.add_argument("--only", nargs="+", metavar="OP", help=f"ops to run, from: {', '.join(names)}")
     ap.add_argument("--backend", default="auto", help="backend to check (default: auto)")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per measurement on CPU (median)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--no-sim", action="store_true", help="skip the CUDA kernels on the CPU (backend cuda-sim)")
     args = ap.parse_args(argv)
-    ops, moe_ops, linear_ops = OPS, report_moe.OPS, report_linear.OPS
+    ops, moe_ops, linear_ops, lsh_ops = OPS, report_moe.OPS, report_linear.OPS, report_lsh.OPS
     if args.only:
         missing = [n for n in args.only if n not in names]
         if missing:
@@ -345,6 +345,7 @@ def main(argv=None):
         ops = [o for o in OPS if o.name in args.only]
         moe_ops = [o for o in report_moe.OPS if o.name in args.only]
         linear_ops = [o for o in report_linear.OPS if o.name in args.only]
+        lsh_ops = [o for o in report_lsh.OPS if o.name in args.only]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
 
@@ -388,10 +389,17 @@ def main(argv=None):
             print(report_moe.format_rows(sim_rows))
             linear_rows += sim_rows
         rows += linear_rows
+    if lsh_ops:
+        print("\nLSH attention (tfk.lsh_attention); err grads: the larger over qk and value (no LSH kernel yet: "
+              "no cuda-sim table):", flush=True)
+        lsh_rows = report_lsh.check_all(lsh_ops, device, dtypes, backend=args.backend, repeat=args.repeat,
+                                        timer=_timed_ms)
+        print(report_moe.format_rows(lsh_rows))
+        rows += lsh_rows
     print()
     for op in ops:
         print(f"  {op.name:<26} B={op.B} H={op.H} Lq={op.Lq} Lk={op.Lk} D={op.D}: {op.describe()}")
-    for op in moe_ops + linear_ops:
+    for op in moe_ops + linear_ops + lsh_ops:
         print(f"  {op.name:<26} {op.describe()}")
     for r in rows:
         if r.get("error"):

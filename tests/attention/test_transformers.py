@@ -105,12 +105,17 @@ print(ran)
 """
 
 
-@pytest.mark.parametrize("first", ["tfk", "transformers"])
+@pytest.mark.parametrize("first", ["tfk", "tfk_then_find_spec", "transformers"])
 def test_import_tfk_is_enough_for_attn_implementation(first):
     """In a fresh process, either import order: no patch_torch() call, and
-    ``import tfk`` alone does not import transformers."""
+    ``import tfk`` alone does not import transformers. "tfk_then_find_spec":
+    an availability check (importlib.util.find_spec) before the import must
+    not use up the registration."""
     if first == "tfk":
         imports = "import tfk\nassert 'transformers' not in sys.modules\nimport transformers"
+    elif first == "tfk_then_find_spec":
+        imports = ("import tfk, importlib.util\nassert importlib.util.find_spec('transformers') is not None\n"
+                   "assert 'transformers' not in sys.modules\nimport transformers")
     else:
         imports = "import transformers\nimport tfk"
     proc = subprocess.run([sys.executable, "-c", CLIENT.format(first=imports)], capture_output=True, text=True)

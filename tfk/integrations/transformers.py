@@ -4,7 +4,11 @@ Hugging Face transformers.
 ``import tfk`` registers "tfk" with transformers' attention and experts
 interfaces: at once when transformers is already imported, else right after
 its first import (an import hook; tfk never imports transformers itself).
+
+``patch_reformer()``, a context manager, runs Reformer's LSH attention
+(``LSHSelfAttention``) through ``tfk.lsh_attention``.
 """
+import contextlib
 import importlib.abc
 import importlib.util
 import sys
@@ -103,19 +107,28 @@ def register():
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: on the first import of transformers it steps
-    aside, and has the real loader register "tfk" once the package has run."""
+    """Finds nothing itself: for transformers it returns the real spec with a
+    loader that registers "tfk" once the package has run, and leaves
+    sys.meta_path then. A lookup that imports nothing
+    (importlib.util.find_spec("transformers"), as availability checks do)
+    gets a spec that is never run, so the finder stays for the real import."""
+    _looking = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != "transformers" or self._looking:
             return None
-        sys.meta_path.remove(self)  # once, and the lookup below finds the real package
-        spec = importlib.util.find_spec(name)
+        self._looking = True   # the lookup below asks every finder, this one included
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
         run = spec.loader.exec_module
 
         def exec_module(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             run(module)
             try:
                 register()
@@ -132,3 +145,101 @@ def register_when_imported():
         register()
     elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+# ------------------------------------------------------------ Reformer's LSH
+
+def _lsh_fallback_reason(module, past_buckets_states, output_attentions, kwargs):
+    """Why this LSHSelfAttention call runs Hugging Face's own code, or None."""
+    if past_buckets_states is not None and len(past_buckets_states) > module.layer_idx:
+        return "incremental decoding with past_buckets_states"
+    if output_attentions:
+        return "output_attentions (tfk does not materialise the probabilities)"
+    if module.training and module.dropout > 0:
+        return "attention dropout in training (HF's dropout masks, recomputed by its reversible backward)"
+    if module.chunk_length is None:
+        return "lsh_attn_chunk_length is None"
+    if kwargs:
+        return f"arguments tfk does not take: {sorted(kwargs)}"
+    return None
+
+
+def _tfk_lsh_self_attention_forward(self, hidden_states, attention_mask=None, num_hashes=None, buckets=None,
+                                    past_buckets_states=None, use_cache=False, output_attentions=False, **kwargs):
+    """``LSHSelfAttention.forward`` with its attention computed by
+    ``tfk.lsh_attention`` (see ``patch_reformer``)."""
+    if _lsh_fallback_reason(self, past_buckets_states, output_attentions, kwargs) is not None:
+        return _LSH_PATCH["original"](self, hidden_states, attention_mask=attention_mask, num_hashes=num_hashes,
+                                        buckets=buckets, past_buckets_states=past_buckets_states,
+                                        use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+    from transformers.models.reformer.modeling_reformer import LSHSelfAttentionOutput
+
+    from ..ops.lsh.api import lsh_attention
+
+    B, L = hidden_states.shape[:2]
+    H, D = self.num_attention_heads, self.attention_head_size
+    num_hashes = num_hashes if num_hashes is not None else self.num_hashes
+    qk = self._split_hidden_size_dim(self.query_key(hidden_states), H, D)
+    value = self._split_hidden_size_dim(self.value(hidden_states), H, D)
+    full = L <= self.chunk_length
+    if full:
+        buckets = None          # HF's standard self-attention: no hashing (buckets pass through as HF does)
+    else:
+        if self.num_buckets is None:
+            self._set_num_buckets(L)
+        if buckets is None:     # HF's own hashing: its rotations, its RNG use, its padding bucket and offsets
+            buckets = self._hash_vectors(qk, num_hashes, attention_mask)
+        buckets = buckets.reshape(B, H, num_hashes, L)
+    mask = None if attention_mask is None else attention_mask.to(torch.bool)
+    out = lsh_attention(qk, value, n_hashes=num_hashes, chunk_size=self.chunk_length,
+                        chunks_before=self.num_chunks_before, chunks_after=self.num_chunks_after,
+                        causal=bool(self.is_decoder), key_padding_mask=mask,
+                        buckets=None if full else buckets)
+    out = self._merge_hidden_size_dims(out, H, D)
+    return LSHSelfAttentionOutput(hidden_states=out, attention_probs=(), buckets=buckets)
+
+
+_LSH_PATCH = {"depth": 0, "original": None}   # nested patch_reformer contexts patch once, restore at the last exit
+
+
+@contextlib.contextmanager
+def patch_reformer():
+    """Within this context, Hugging Face Reformer's ``LSHSelfAttention`` (every
+    instance: ``ReformerModel``, ``ReformerModelWithLMHead``, ...) computes its
+    attention with ``tfk.lsh_attention``; the original forward is restored on
+    exit (also on an exception). Imports transformers when entered.
+
+    What is patched: ``LSHSelfAttention.forward``. The projections, HF's hashing
+    (``_hash_vectors``: its rotations, ``hash_seed`` and RNG use, its padding
+    bucket, ``_set_num_buckets`` when ``num_buckets`` is None) and the returned
+    buckets stay HF's; the sort, chunked attention, masks and the merge of the
+    rounds are one ``tfk.lsh_attention`` call with the layer's config:
+    num_hashes (or the call's), chunk_length, num_chunks_before/after,
+    ``is_decoder`` as ``causal``, ``attention_mask`` as ``key_padding_mask`` and
+    the buckets. HF's reversible backward recomputes each layer with the buckets
+    the forward returned, which tfk takes as given, so the recomputation sees the
+    same layout. L <= chunk_length is HF's full-attention path (tfk's too).
+
+    Calls that run HF's own code unchanged (the fallback, per call):
+    incremental decoding with ``past_buckets_states`` (a prefill that only
+    starts the cache runs through tfk), ``output_attentions=True``, attention
+    dropout > 0 while training (HF's masks, which its reversible backward
+    replays by seed), ``lsh_attn_chunk_length=None``.
+
+    Numerics: fp32 equals HF's eager result (masked keys are -inf in tfk and
+    -1e9 in HF: the same probabilities); the self logit is -1e5 in every dtype,
+    where HF uses -1e3 in fp16.
+    """
+    from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+
+    if _LSH_PATCH["depth"] == 0:
+        _LSH_PATCH["original"] = LSHSelfAttention.forward
+        LSHSelfAttention.forward = _tfk_lsh_self_attention_forward
+    _LSH_PATCH["depth"] += 1
+    try:
+        yield
+    finally:
+        _LSH_PATCH["depth"] -= 1
+        if _LSH_PATCH["depth"] == 0:
+            LSHSelfAttention.forward = _LSH_PATCH["original"]
+            _LSH_PATCH["original"] = None
