@@ -27,6 +27,21 @@ def test_torch_backend_matches_reference(name, dtype):
     check_case(CASES[name], dtype, "torch")
 
 
+@pytest.mark.parametrize("name", ["d72-n4-causal-mask-after1", "before2-after1-causal-factorised",
+                                  "scale-wide-window"])
+@pytest.mark.parametrize("block", [1, 3])
+def test_torch_backend_in_blocks_of_chunks(name, block, monkeypatch):
+    """Blocks of 1 and 3 chunks (a partial last block; windows that wrap across
+    blocks and rounds) give the reference's forward and gradients."""
+    from tfk.ops.lsh import torch_backend as tb
+    c = CASES[name]
+    W = 1 + c.before + c.after
+    monkeypatch.setattr(tb, "BLOCK_ELEMENTS", block * c.B * c.H * c.chunk_size ** 2 * W)
+    N = c.n_hashes * c.L // c.chunk_size
+    assert [b - a for a, b in tb._blocks(c.B, c.H, N, c.chunk_size, W)][0] == block < N
+    check_case(c, torch.float32, "torch")
+
+
 def test_reference_backend_is_the_reference():
     check_case(CASES["d72-n4-causal-mask-after1"], torch.float64, "reference")
 

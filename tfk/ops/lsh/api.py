@@ -61,7 +61,12 @@ def hash_buckets(qk, rotations, n_buckets, key_padding_mask=None):
     for f in _factors(n_buckets):
         part = rotated[..., start:start + f // 2]
         start += f // 2
-        b = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
+        # argmax(cat([part, -part])) without the concatenation (twice the GEMM's
+        # output): the max, or the min's index in the second half when -min
+        # is larger (a tie keeps the first half, as argmax's first occurrence)
+        hi, lo = part.argmax(-1), part.argmin(-1)
+        larger = part.gather(-1, hi[..., None])[..., 0] >= -part.gather(-1, lo[..., None])[..., 0]
+        b = torch.where(larger, hi, lo + f // 2)
         buckets = b if buckets is None else buckets + product * b
         product *= f
     if key_padding_mask is not None:

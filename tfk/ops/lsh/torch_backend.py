@@ -3,8 +3,8 @@
 ``order`` (B, H, n, L) holds, per round, the positions sorted by (bucket,
 position); the rounds concatenated give n·L slots, cut into N = n·L / C chunks
 of C = chunk_size. Chunk c attends to chunks c - before .. c + after (mod N):
-W = 1 + before + after key chunks, gathered by ``torch.roll`` of the chunk axis
-(the window order of Hugging Face's ``_look_adjacent``). Per chunk:
+W = 1 + before + after key chunks, in that order (the window order of Hugging
+Face's ``_look_adjacent``). Per chunk:
 
     S   = scale · Q Kw^T          Q (C, D) the sorted qk, Kw (W·C, D) its normalised keys
     S   = -1e5 where key position == query position; -inf where masked
@@ -13,20 +13,26 @@ W = 1 + before + after key chunks, gathered by ``torch.roll`` of the chunk axis
 then O_c, lse_c go back to original positions per round (out_r, lse_r) and the
 rounds merge: lse = logsumexp_r lse_r, out = Σ_r exp(lse_r - lse) out_r.
 
-Backward (explicit; S, P, O_r recomputed from the inputs, nothing but the
-inputs and ``order`` kept between forward and backward):
+Backward (explicit; nothing but the inputs and ``order`` kept between forward
+and backward): a first pass recomputes O_c and lse_c, hence out_r, lse_r and
 
     dO_r   = w_r dout,   w_r = exp(lse_r - lse)
     dlse_r = w_r (dout · (out_r - out) + dlse)
+
+then a second recomputes S and P and takes
+
     dPd    = dO_c Vw^T,  dVw = Pd^T dO_c,  dP = dPd ∘ keep / (1 - p)
     dS     = P ∘ (dP - rowsum(dP ∘ P) + dlse_c),   0 at the self entries (a constant)
     dQ     = scale · dS Kw,  dKw = scale · dS^T Q
 
-window gradients roll back onto their chunks, slots scatter-add onto positions,
-and the key role's gradient passes through the normalisation:
-dx = r/√D · (dk - x r² (dk·x) / D), r = rsqrt(mean(x²) + 1e-6).
+window gradients add onto their chunks, the key role's through the length
+normalisation, dx = r/√D · (dk - x r² (dk·x) / D), r = rsqrt(mean(x²) + 1e-6),
+and slots scatter-add onto positions.
 
-Memory: the scores are (B, H, N, C, W·C) = O(n · L · C · W) per head, never L×L.
+Both passes go a block of chunks at a time (BLOCK_ELEMENTS scores a block),
+gathering each block's key windows by index: memory is the sorted qk and v
+and their gradients, O(n·L·D), plus one block's scores, never L×L nor the
+whole (n·L, W·C) score tensor.
 Everything runs in float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
@@ -46,24 +52,27 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _windows(x, before, after):
-    """(B, H, N, C, ...) -> (B, H, N, W·C, ...): for chunk c, the chunks
-    c - before .. c + after (mod N) in that order (Hugging Face's ``_look_adjacent``)."""
-    if before == 0 and after == 0:
-        return x
-    return torch.cat([x.roll(-d, dims=2) for d in range(-before, after + 1)], dim=3)
+# Scores a block of chunks computes at once: a few MiB, reused by the
+# allocator from block to block.
+BLOCK_ELEMENTS = 1 << 20
 
 
-def _unwindow(dx, before, after, C):
-    """The transpose of _windows: (B, H, N, W·C, ...) -> (B, H, N, C, ...)."""
-    if before == 0 and after == 0:
-        return dx
-    parts = dx.split(C, dim=3)
-    total = None
-    for part, d in zip(parts, range(-before, after + 1)):
-        rolled = part.roll(d, dims=2)
-        total = rolled if total is None else total + rolled
-    return total
+def _blocks(B, H, N, C, W):
+    """(c0, c1) ranges of chunks, about BLOCK_ELEMENTS scores each."""
+    step = max(1, BLOCK_ELEMENTS // (B * H * C * W * C))
+    for c0 in range(0, N, step):
+        yield c0, min(N, c0 + step)
+
+
+def _window_index(c0, c1, N, before, after, device):
+    """(c1 - c0, W): the key chunks of chunks c0 .. c1 - 1, c - before .. c + after (mod N)."""
+    return (torch.arange(c0, c1, device=device)[:, None] + torch.arange(-before, after + 1, device=device)) % N
+
+
+def _in_windows(x, idx):
+    """x (B, H, N, C, F) at the window index (nb, W) -> (B, H, nb, W·C, F)."""
+    B, H, _, C, Fd = x.shape
+    return x[:, :, idx].reshape(B, H, idx.shape[0], idx.shape[1] * C, Fd)
 
 
 def _gather_slots(x, slots):
@@ -81,40 +90,46 @@ def _normalise_backward(x, dk):
     return (r / math.sqrt(D)) * (dk - x * (r * r) * (dk * x).sum(-1, keepdim=True) / D)
 
 
-def _chunk_scores(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p,
-                  dropout_seed):
-    """Everything the forward and the backward share, in the sorted chunked layout."""
+def _layout(qk, value, order, chunk_size):
+    """The sorted chunked layout: Q (B, H, N, C, D) and V (B, H, N, C, Dv) in the
+    accumulation dtype, and the original position of each slot (B, H, N, C)."""
     acc = acc_dtype(qk.dtype)
     B, H, n, L = order.shape
     C, N = chunk_size, n * L // chunk_size
-    x, v = qk.to(acc), value.to(acc)
     slots = order.reshape(B, H, n * L)
-    Q = _gather_slots(x, slots).view(B, H, N, C, -1)
-    Kw = _windows(_normalise(Q), before, after)
-    Vw = _windows(_gather_slots(v, slots).view(B, H, N, C, -1), before, after)
-    qpos = slots.view(B, H, N, C)
-    kpos = _windows(qpos, before, after)                           # (B, H, N, W·C)
-    S = (Q @ Kw.transpose(-1, -2)).mul_(scale)                      # (B, H, N, C, W·C)
-    qp, kp = qpos[..., :, None], kpos[..., None, :]
-    masked = None
-    if causal:
-        masked = kp > qp
+    Q = _gather_slots(qk.to(acc), slots).view(B, H, N, C, -1)
+    V = _gather_slots(value.to(acc), slots).view(B, H, N, C, -1)
+    return Q, V, slots.view(B, H, N, C)
+
+
+def _block_probs(Q, V, pos, idx, c0, c1, L, n, key_padding_mask, causal, scale, dropout_p, dropout_seed):
+    """One block of chunks c0 .. c1 - 1: its queries, key and value windows, P,
+    lse_c, the dropout keep mask (or None) and where key == query."""
+    B, H, N, C, _ = Q.shape
+    Qb = Q[:, :, c0:c1]
+    Kw, Vw = _normalise(_in_windows(Q, idx)), _in_windows(V, idx)
+    qp = pos[:, :, c0:c1, :, None]                                  # (B, H, nb, C, 1)
+    kpos = pos[:, :, idx].reshape(B, H, c1 - c0, -1)                # (B, H, nb, W·C)
+    kp = kpos[:, :, :, None, :]
+    S = (Qb @ Kw.transpose(-1, -2)).mul_(scale)                     # (B, H, nb, C, W·C)
+    masked = kp > qp if causal else None
     if key_padding_mask is not None:
-        pad = ~key_padding_mask[:, None, :].expand(B, H, L).gather(2, kpos.reshape(B, H, -1)).view(B, H, N, 1, -1)
+        pad = ~key_padding_mask[:, None, :].expand(B, H, L).gather(2, kpos.reshape(B, H, -1)) \
+            .view(B, H, c1 - c0, 1, -1)
         masked = pad if masked is None else masked | pad
     if masked is not None:
         S.masked_fill_(masked, float("-inf"))
     is_self = kp == qp
     S.masked_fill_(is_self, SELF_LOGIT)
-    lse_c = torch.logsumexp(S, -1)                                  # (B, H, N, C)
-    P = torch.exp(S - lse_c[..., None])
+    lse_c = torch.logsumexp(S, -1)                                  # (B, H, nb, C)
+    P = S.sub_(lse_c[..., None]).exp_()
     keep = None
     if dropout_p > 0:
-        b = torch.arange(B, device=qk.device).view(B, 1, 1, 1, 1)
-        h = torch.arange(H, device=qk.device).view(1, H, 1, 1, 1)
-        r = (torch.arange(N, device=qk.device) * C // L).view(1, 1, N, 1, 1)   # the round of each chunk
+        b = torch.arange(B, device=Q.device).view(B, 1, 1, 1, 1)
+        h = torch.arange(H, device=Q.device).view(1, H, 1, 1, 1)
+        r = (torch.arange(c0, c1, device=Q.device) * C // L).view(1, 1, -1, 1, 1)   # the round of each chunk
         keep = drop.keep(dropout_seed, b, h * n + r, qp, kp, H * n, dropout_p)
-    return Q, Kw, Vw, slots, P, lse_c, keep, is_self
+    return Qb, Kw, Vw, P, lse_c, keep, is_self
 
 
 def _undo(x_slots, order, n, L):
@@ -127,17 +142,25 @@ def _undo(x_slots, order, n, L):
 
 
 def _rounds(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p, dropout_seed):
+    """out, lse and the per-round out_r, weights w_r, with the layout (Q, V, pos)."""
     B, H, n, L = order.shape
-    Q, Kw, Vw, slots, P, lse_c, keep, is_self = _chunk_scores(
-        qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p, dropout_seed)
-    Pd = P if keep is None else P * keep / (1 - dropout_p)
-    O_c = Pd @ Vw                                                   # (B, H, N, C, Dv)
-    out_r = _undo(O_c.reshape(B, H, n * L, -1), order, n, L)
-    lse_r = _undo(lse_c.reshape(B, H, n * L, 1), order, n, L)[..., 0]
+    Q, V, pos = _layout(qk, value, order, chunk_size)
+    N, C = Q.shape[2], chunk_size
+    O_c = Q.new_empty(B, H, N, C, V.shape[-1])
+    lse_c = Q.new_empty(B, H, N, C)
+    for c0, c1 in _blocks(B, H, N, C, 1 + before + after):
+        idx = _window_index(c0, c1, N, before, after, Q.device)
+        _, _, Vw, P, lse_b, keep, _ = _block_probs(Q, V, pos, idx, c0, c1, L, n, key_padding_mask, causal, scale,
+                                                   dropout_p, dropout_seed)
+        Pd = P if keep is None else P.mul_(keep).div_(1 - dropout_p)
+        torch.matmul(Pd, Vw, out=O_c[:, :, c0:c1])
+        lse_c[:, :, c0:c1] = lse_b
+    out_r = _undo(O_c.view(B, H, n * L, -1), order, n, L)
+    lse_r = _undo(lse_c.view(B, H, n * L, 1), order, n, L)[..., 0]
     lse = torch.logsumexp(lse_r, 2)
     w = torch.exp(lse_r - lse[:, :, None])                          # (B, H, n, L)
-    out = (w[..., None] * out_r).sum(2)
-    return out, lse, out_r, w, (Q, Kw, Vw, slots, P, Pd, keep, is_self)
+    out = torch.einsum("bhnl,bhnld->bhld", w, out_r)
+    return out, lse, out_r, w, (Q, V, pos)
 
 
 def lsh_forward(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p,
@@ -157,36 +180,42 @@ def lsh_backward(dout, dlse, qk, value, order, key_padding_mask, chunk_size, bef
                  dropout_p, dropout_seed):
     """(dqk, dvalue) for the gradients dout (B, H, L, Dv) and dlse (B, H, L) or None."""
     B, H, n, L = order.shape
-    C, N = chunk_size, n * L // chunk_size
     acc = acc_dtype(qk.dtype)
-    out, lse, out_r, w, (Q, Kw, Vw, slots, P, Pd, keep, is_self) = _rounds(
+    out, lse, out_r, w, (Q, V, pos) = _rounds(
         qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p, dropout_seed)
-    do = dout.to(acc)[:, :, None]                                   # (B, H, 1, L, Dv)
-    dO_r = w[..., None] * do
-    g = (do * (out_r - out[:, :, None])).sum(-1)
+    N, C, D, Dv = Q.shape[2], chunk_size, Q.shape[-1], V.shape[-1]
+    do = dout.to(acc)                                               # (B, H, L, Dv)
+    g = torch.einsum("bhnld,bhld->bhnl", out_r, do) - (do * out).sum(-1)[:, :, None]
+    del out_r
     if dlse is not None:
         g = g + dlse.to(acc)[:, :, None]
     dlse_r = w * g                                                  # (B, H, n, L)
-    # per round, original positions -> sorted slots
-    dO_c = dO_r.gather(3, order[..., None].expand(-1, -1, -1, -1, dO_r.shape[-1])).view(B, H, N, C, -1)
+    # per round, original positions -> sorted slots: dO_c = w_r dout there
+    slots = pos.reshape(B, H, -1)
+    dO_c = _gather_slots(do, slots).mul_(w.gather(3, order).view(B, H, -1, 1)).view(B, H, N, C, Dv)
     dlse_c = dlse_r.gather(3, order).view(B, H, N, C)
-    dVw = Pd.transpose(-1, -2) @ dO_c
-    dP = dO_c @ Vw.transpose(-1, -2)
-    if keep is not None:
-        dP = dP * keep / (1 - dropout_p)
-    dS = P * (dP - (dP * P).sum(-1, keepdim=True) + dlse_c[..., None])
-    dS.masked_fill_(is_self, 0)
-    dS.mul_(scale)
-    dQ = dS @ Kw
-    dKw = dS.transpose(-1, -2) @ Q
-    dK = _unwindow(dKw, before, after, C)
-    dV = _unwindow(dVw, before, after, C)
-    x = qk.to(acc)
-    idx = lambda t: slots[..., None].expand(-1, -1, -1, t.shape[-1])
-    D, Dv = x.shape[-1], value.shape[-1]
-    dq_pos = torch.zeros(B, H, L, D, dtype=acc, device=qk.device).scatter_add_(2, idx(x), dQ.reshape(B, H, -1, D))
-    dk_slots = _normalise_backward(Q.reshape(B, H, -1, D), dK.reshape(B, H, -1, D))
-    dq_pos.scatter_add_(2, idx(x), dk_slots)
+    dQ = torch.zeros_like(Q)        # d loss / d sorted qk, both roles (query, and key through the normalisation)
+    dV = torch.zeros_like(V)
+    W = 1 + before + after
+    for c0, c1 in _blocks(B, H, N, C, W):
+        idx = _window_index(c0, c1, N, before, after, Q.device)
+        Qb, Kw, Vw, P, _, keep, is_self = _block_probs(Q, V, pos, idx, c0, c1, L, n, key_padding_mask, causal,
+                                                       scale, dropout_p, dropout_seed)
+        dOb = dO_c[:, :, c0:c1]
+        Pd = P if keep is None else P * keep / (1 - dropout_p)
+        dVw = Pd.transpose(-1, -2) @ dOb
+        dP = dOb @ Vw.transpose(-1, -2)
+        if keep is not None:
+            dP = dP * keep / (1 - dropout_p)
+        dS = P.mul_(dP - (dP * P).sum(-1, keepdim=True) + dlse_c[:, :, c0:c1, :, None])
+        dS.masked_fill_(is_self, 0).mul_(scale)
+        dQ[:, :, c0:c1] += dS @ Kw
+        dKw = _normalise_backward(_in_windows(Q, idx), dS.transpose(-1, -2) @ Qb)
+        flat = idx.reshape(-1)
+        dQ.index_add_(2, flat, dKw.view(B, H, -1, C, D))
+        dV.index_add_(2, flat, dVw.view(B, H, -1, C, Dv))
+    idx = lambda t: slots[..., None].expand(-1, -1, -1, t.shape[-1])  # noqa: E731
+    dq_pos = torch.zeros(B, H, L, D, dtype=acc, device=qk.device).scatter_add_(2, idx(dQ), dQ.reshape(B, H, -1, D))
     dv_pos = torch.zeros(B, H, L, Dv, dtype=acc, device=qk.device).scatter_add_(2, idx(dV), dV.reshape(B, H, -1, Dv))
     dqk, dvalue = new_output(qk.shape, qk.dtype, qk.device), new_output(value.shape, value.dtype, value.device)
     dqk.copy_(dq_pos)
