@@ -213,10 +213,11 @@ def test_opcheck(dropout_p):
     op = TorchBackend._op
     torch.library.opcheck(op.op, _op_args(dropout_p=dropout_p))
     qk, v, order, mask, *rest = _op_args(dropout_p=dropout_p)
-    out, lse = op.op(qk, v, order, mask, *rest)
+    out, lse, lse_slots = (t.detach() for t in op.op(qk, v, order, mask, *rest))
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    torch.library.opcheck(op.backward_op, (dout, dlse, qk.detach(), v.detach(), order, mask, *rest))
-    torch.library.opcheck(op.backward_op, (dout, None, qk.detach(), v.detach(), order, mask, *rest))
+    saved = (qk.detach(), v.detach(), order, mask, out, lse, lse_slots)
+    torch.library.opcheck(op.backward_op, (dout, dlse, *saved, *rest))
+    torch.library.opcheck(op.backward_op, (dout, None, *saved, *rest))
 
 
 def test_torch_compile_fullgraph():
@@ -260,9 +261,10 @@ def test_torch_backend_memory_is_never_quadratic():
     B, H, L, D, n, C = 1, 1, 2048, 8, 2, 32
     qk, v = torch.randn(B, H, L, D), torch.randn(B, H, L, D)
     order = sorted_order(hash_buckets(qk, torch.randn(H, D, n, 8), 16))
-    args = (order, None, C, 1, 0, True, 1.0, 0.1, 3)
+    opts = (C, 1, 0, True, 1.0, 0.1, 3)
     with Largest():
-        tb.lsh_forward(qk, v, *args)
-        tb.lsh_backward(torch.randn(B, H, L, D), torch.randn(B, H, L), qk, v, *args)
+        out, lse, lse_slots = tb.lsh_forward(qk, v, order, None, *opts)
+        tb.lsh_backward(torch.randn(B, H, L, D), torch.randn(B, H, L), qk, v, order, None, out, lse, lse_slots,
+                        *opts)
     window = n * L * C * 2                   # (n·L / C chunks) × C queries × 2·C keys
     assert Largest.numel <= window < L * L // 8

@@ -4,12 +4,15 @@ functions.py): ``lsh_ops(name, forward, backward)`` registers
 autograd formula, so ``torch.compile(fullgraph=True)`` traces through.
 
     forward(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p, dropout_seed)
-        -> (out (B, H, L, Dv) in qk's dtype, lse (B, H, L) float32 / float64)
-    backward(dout, dlse, qk, value, order, key_padding_mask, <the same options>) -> (dqk, dvalue)
+        -> (out (B, H, L, Dv) in qk's dtype, lse (B, H, L) float32 / float64,
+            lse_slots (B, H, n·L): each sorted slot's log-sum-exp within its chunk's window)
+    backward(dout, dlse, qk, value, order, key_padding_mask, out, lse, lse_slots, <the same options>)
+        -> (dqk, dvalue)
 
 ``order`` (B, H, n, L) int64 is the sorted layout (positions by bucket per
-round); it and the mask get no gradient. Between forward and backward only the
-inputs are kept: the backward recomputes the scores.
+round); it and the mask get no gradient. Between forward and backward the
+inputs, out, lse and lse_slots are kept (O(n·L) more): the backward
+recomputes the scores, not the forward.
 """
 from __future__ import annotations
 
@@ -28,45 +31,51 @@ def lsh_ops(name, forward, backward):
     @torch.library.custom_op(f"tfk::lsh_attention_{name}_fwd", mutates_args=())
     def fwd(qk: torch.Tensor, value: torch.Tensor, order: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
             chunk_size: int, before: int, after: int, causal: bool, scale: float, dropout_p: float,
-            dropout_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+            dropout_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return forward(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p,
                        dropout_seed)
 
     @fwd.register_fake
     def _(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p, dropout_seed):
         B, H, L, _ = qk.shape
-        return qk.new_empty(B, H, L, value.shape[-1]), qk.new_empty(B, H, L, dtype=_acc(qk.dtype))
+        acc = _acc(qk.dtype)
+        return (qk.new_empty(B, H, L, value.shape[-1]), qk.new_empty(B, H, L, dtype=acc),
+                qk.new_empty(B, H, order.shape[2] * L, dtype=acc))
 
     @torch.library.custom_op(f"tfk::lsh_attention_{name}_bwd", mutates_args=())
     def bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], qk: torch.Tensor, value: torch.Tensor,
-            order: torch.Tensor, key_padding_mask: Optional[torch.Tensor], chunk_size: int, before: int, after: int,
-            causal: bool, scale: float, dropout_p: float, dropout_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return backward(dout, dlse, qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale,
-                        dropout_p, dropout_seed)
+            order: torch.Tensor, key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+            lse_slots: torch.Tensor, chunk_size: int, before: int, after: int, causal: bool, scale: float,
+            dropout_p: float, dropout_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return backward(dout, dlse, qk, value, order, key_padding_mask, out, lse, lse_slots, chunk_size, before,
+                        after, causal, scale, dropout_p, dropout_seed)
 
     @bwd.register_fake
-    def _(dout, dlse, qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p,
-          dropout_seed):
+    def _(dout, dlse, qk, value, order, key_padding_mask, out, lse, lse_slots, chunk_size, before, after, causal,
+          scale, dropout_p, dropout_seed):
         return torch.empty_like(qk), torch.empty_like(value)
 
     def setup_context(ctx, inputs, output):
         qk, value, order, mask, *args = inputs
-        ctx.save_for_backward(qk, value, order, mask)
+        ctx.save_for_backward(qk, value, order, mask, *output)
         ctx.args = tuple(args)
+        ctx.mark_non_differentiable(output[2])
 
-    def grad(ctx, dout, dlse):
-        qk, value, order, mask = ctx.saved_tensors
+    def grad(ctx, dout, dlse, _dlse_slots):
+        qk, value, order, mask, out, lse, lse_slots = ctx.saved_tensors
         if dout is None:
             B, H, L, _ = qk.shape
             dout = qk.new_zeros(B, H, L, value.shape[-1])
-        dqk, dvalue = bwd(dout.contiguous(), dlse, qk, value, order, mask, *ctx.args)
+        dqk, dvalue = bwd(dout.contiguous(), dlse, qk, value, order, mask, out, lse, lse_slots, *ctx.args)
         return (dqk, dvalue, None, None) + (None,) * _NON_TENSOR_ARGS
 
     fwd.register_autograd(grad, setup_context=setup_context)
 
     def run(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p, dropout_seed):
-        return fwd(qk, value, order, key_padding_mask, int(chunk_size), int(before), int(after), bool(causal),
-                   float(scale), float(dropout_p), int(dropout_seed))
+        """(out, lse)."""
+        out, lse, _ = fwd(qk, value, order, key_padding_mask, int(chunk_size), int(before), int(after),
+                          bool(causal), float(scale), float(dropout_p), int(dropout_seed))
+        return out, lse
 
     run.op = fwd
     run.backward_op = bwd

@@ -13,26 +13,26 @@ Face's ``_look_adjacent``). Per chunk:
 then O_c, lse_c go back to original positions per round (out_r, lse_r) and the
 rounds merge: lse = logsumexp_r lse_r, out = Σ_r exp(lse_r - lse) out_r.
 
-Backward (explicit; nothing but the inputs and ``order`` kept between forward
-and backward): a first pass recomputes O_c and lse_c, hence out_r, lse_r and
-
-    dO_r   = w_r dout,   w_r = exp(lse_r - lse)
-    dlse_r = w_r (dout · (out_r - out) + dlse)
-
-then a second recomputes S and P and takes
+Backward (explicit): between forward and backward the inputs, ``order``, out,
+lse and lse_slots (each sorted slot's lse_c, n·L floats) are kept. With
+w_r = exp(lse_r - lse), dO_r = w_r dout and dlse_r = w_r (dout · out_r -
+dout · out + dlse); the softmax's rowsum(dP ∘ P) = w_r dout · out_r cancels
+the first part, so one pass that recomputes S and P takes
 
     dPd    = dO_c Vw^T,  dVw = Pd^T dO_c,  dP = dPd ∘ keep / (1 - p)
-    dS     = P ∘ (dP - rowsum(dP ∘ P) + dlse_c),   0 at the self entries (a constant)
+    dS     = P ∘ (dP + w_r (dlse - dout · out)),   0 at the self entries (a constant)
     dQ     = scale · dS Kw,  dKw = scale · dS^T Q
 
-window gradients add onto their chunks, the key role's through the length
-normalisation, dx = r/√D · (dk - x r² (dk·x) / D), r = rsqrt(mean(x²) + 1e-6),
-and slots scatter-add onto positions.
+with no out_r and no second forward; window gradients add onto their chunks,
+the key role's through the length normalisation, dx = r/√D · (dk - x r²
+(dk·x) / D), r = rsqrt(mean(x²) + 1e-6), and slots scatter-add onto positions.
 
-Both passes go a block of chunks at a time (BLOCK_ELEMENTS scores a block),
-gathering each block's key windows by index: memory is the sorted qk and v
-and their gradients, O(n·L·D), plus one block's scores, never L×L nor the
-whole (n·L, W·C) score tensor.
+Forward and backward go a block of chunks at a time (BLOCK_ELEMENTS scores a
+block), gathering each block's key windows by index: memory is the sorted qk
+and v and their gradients, O(n·L·D), plus one block's scores, never L×L nor
+the whole (n·L, W·C) score tensor. At L = 16384, n_hashes = 4 (bench.lsh,
+one thread) the forward+backward peak is about 0.4 of Hugging Face's LSH
+math and the time about half.
 Everything runs in float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _undo(x_slots, order, n, L):
 
 
 def _rounds(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p, dropout_seed):
-    """out, lse and the per-round out_r, weights w_r, with the layout (Q, V, pos)."""
+    """out, lse and each sorted slot's lse within its chunk's window (B, H, n·L)."""
     B, H, n, L = order.shape
     Q, V, pos = _layout(qk, value, order, chunk_size)
     N, C = Q.shape[2], chunk_size
@@ -160,40 +160,45 @@ def _rounds(qk, value, order, key_padding_mask, chunk_size, before, after, causa
     lse = torch.logsumexp(lse_r, 2)
     w = torch.exp(lse_r - lse[:, :, None])                          # (B, H, n, L)
     out = torch.einsum("bhnl,bhnld->bhld", w, out_r)
-    return out, lse, out_r, w, (Q, V, pos)
+    return out, lse, lse_c.view(B, H, n * L)
 
 
 def lsh_forward(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p,
                 dropout_seed):
-    """(out (B, H, L, Dv) in qk's dtype, lse (B, H, L) float32, float64 for float64 inputs)."""
-    out, lse, *_ = _rounds(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p,
-                           dropout_seed)
+    """(out (B, H, L, Dv) in qk's dtype, lse (B, H, L) and lse_slots (B, H, n·L), float32
+    (float64 for float64 inputs)."""
+    out, lse, lse_c = _rounds(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale,
+                              dropout_p, dropout_seed)
     B, H, L = lse.shape
     result = new_output((B, H, L, value.shape[-1]), qk.dtype, qk.device)
-    lse_out = new_output((B, H, L), lse.dtype, qk.device)
+    lse_out, lse_slots = new_output((B, H, L), lse.dtype, qk.device), new_output(lse_c.shape, lse.dtype, qk.device)
     result.copy_(out)
     lse_out.copy_(lse)
-    return result, lse_out
+    lse_slots.copy_(lse_c)
+    return result, lse_out, lse_slots
 
 
-def lsh_backward(dout, dlse, qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale,
-                 dropout_p, dropout_seed):
-    """(dqk, dvalue) for the gradients dout (B, H, L, Dv) and dlse (B, H, L) or None."""
+def lsh_backward(dout, dlse, qk, value, order, key_padding_mask, out, lse, lse_slots, chunk_size, before, after,
+                 causal, scale, dropout_p, dropout_seed):
+    """(dqk, dvalue) for the gradients dout (B, H, L, Dv) and dlse (B, H, L) or None,
+    from the forward's out, lse and lse_slots.
+
+    With w_r = exp(lse_r - lse), dO_c = w_r dout and dlse_r = w_r (dout · out_r -
+    dout · out + dlse), the softmax term rowsum(dP ∘ P) = w_r dout · out_r
+    cancels dlse_r's first part: dS = P ∘ (dP + w_r (dlse - dout · out)), so
+    neither out_r nor a second forward is needed."""
     B, H, n, L = order.shape
     acc = acc_dtype(qk.dtype)
-    out, lse, out_r, w, (Q, V, pos) = _rounds(
-        qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p, dropout_seed)
+    Q, V, pos = _layout(qk, value, order, chunk_size)
     N, C, D, Dv = Q.shape[2], chunk_size, Q.shape[-1], V.shape[-1]
     do = dout.to(acc)                                               # (B, H, L, Dv)
-    g = torch.einsum("bhnld,bhld->bhnl", out_r, do) - (do * out).sum(-1)[:, :, None]
-    del out_r
+    c = -(do * out.to(acc)).sum(-1)                                 # (B, H, L): dlse - dout · out
     if dlse is not None:
-        g = g + dlse.to(acc)[:, :, None]
-    dlse_r = w * g                                                  # (B, H, n, L)
-    # per round, original positions -> sorted slots: dO_c = w_r dout there
+        c = c + dlse.to(acc)
     slots = pos.reshape(B, H, -1)
-    dO_c = _gather_slots(do, slots).mul_(w.gather(3, order).view(B, H, -1, 1)).view(B, H, N, C, Dv)
-    dlse_c = dlse_r.gather(3, order).view(B, H, N, C)
+    w = torch.exp(lse_slots.to(acc) - lse.to(acc).gather(2, slots))  # (B, H, n·L): w_r at each slot
+    dO_c = _gather_slots(do, slots).mul_(w[..., None]).view(B, H, N, C, Dv)
+    coef = (w * c.gather(2, slots)).view(B, H, N, C)
     dQ = torch.zeros_like(Q)        # d loss / d sorted qk, both roles (query, and key through the normalisation)
     dV = torch.zeros_like(V)
     W = 1 + before + after
@@ -207,7 +212,7 @@ def lsh_backward(dout, dlse, qk, value, order, key_padding_mask, chunk_size, bef
         dP = dOb @ Vw.transpose(-1, -2)
         if keep is not None:
             dP = dP * keep / (1 - dropout_p)
-        dS = P.mul_(dP - (dP * P).sum(-1, keepdim=True) + dlse_c[:, :, c0:c1, :, None])
+        dS = P.mul_(dP + coef[:, :, c0:c1, :, None])
         dS.masked_fill_(is_self, 0).mul_(scale)
         dQ[:, :, c0:c1] += dS @ Kw
         dKw = _normalise_backward(_in_windows(Q, idx), dS.transpose(-1, -2) @ Qb)
