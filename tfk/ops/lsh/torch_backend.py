@@ -70,14 +70,24 @@ def _window_index(c0, c1, N, before, after, device):
 
 
 def _in_windows(x, idx):
-    """x (B, H, N, C, F) at the window index (nb, W) -> (B, H, nb, W·C, F)."""
-    B, H, _, C, Fd = x.shape
-    return x[:, :, idx].reshape(B, H, idx.shape[0], idx.shape[1] * C, Fd)
+    """x (B, H, N, C, ...) at the window index (nb, W) -> (B, H, nb, W·C, ...)."""
+    B, H, _, C = x.shape[:4]
+    return x.index_select(2, idx.reshape(-1)).view(B, H, idx.shape[0], idx.shape[1] * C, *x.shape[4:])
+
+
+def _rows(slots, L):
+    """Row indices into a (B·H·L, F) view for the positions ``slots`` (B, H, S):
+    index_select and index_add_ copy whole rows, where gather and scatter_add
+    with an index expanded over F (or advanced indexing) go element by element,
+    several times slower here."""
+    B, H, _ = slots.shape
+    return (slots + torch.arange(0, B * H * L, L, device=slots.device).view(B, H, 1)).reshape(-1)
 
 
 def _gather_slots(x, slots):
     """x (B, H, L, F) at slots (B, H, S) -> (B, H, S, F)."""
-    return x.gather(2, slots[..., None].expand(-1, -1, -1, x.shape[-1]))
+    B, H, L, Fd = x.shape
+    return x.reshape(B * H * L, Fd).index_select(0, _rows(slots, L)).view(B, H, -1, Fd)
 
 
 def _normalise(x):
@@ -109,7 +119,7 @@ def _block_probs(Q, V, pos, idx, c0, c1, L, n, key_padding_mask, causal, scale, 
     Qb = Q[:, :, c0:c1]
     Kw, Vw = _normalise(_in_windows(Q, idx)), _in_windows(V, idx)
     qp = pos[:, :, c0:c1, :, None]                                  # (B, H, nb, C, 1)
-    kpos = pos[:, :, idx].reshape(B, H, c1 - c0, -1)                # (B, H, nb, W·C)
+    kpos = _in_windows(pos, idx)                                    # (B, H, nb, W·C)
     kp = kpos[:, :, :, None, :]
     S = (Qb @ Kw.transpose(-1, -2)).mul_(scale)                     # (B, H, nb, C, W·C)
     masked = kp > qp if causal else None
@@ -137,8 +147,8 @@ def _undo(x_slots, order, n, L):
     B, H = order.shape[:2]
     inv = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=order.device).expand_as(order)
                                            .contiguous())
-    x = x_slots.view(B, H, n, L, -1)
-    return x.gather(3, inv[..., None].expand(-1, -1, -1, -1, x.shape[-1]))
+    inv = inv + torch.arange(0, n * L, L, device=order.device).view(1, 1, n, 1)   # slot of (round, position)
+    return _gather_slots(x_slots, inv.view(B, H, n * L)).view(B, H, n, L, -1)
 
 
 def _rounds(qk, value, order, key_padding_mask, chunk_size, before, after, causal, scale, dropout_p, dropout_seed):
@@ -219,10 +229,10 @@ def lsh_backward(dout, dlse, qk, value, order, key_padding_mask, out, lse, lse_s
         flat = idx.reshape(-1)
         dQ.index_add_(2, flat, dKw.view(B, H, -1, C, D))
         dV.index_add_(2, flat, dVw.view(B, H, -1, C, Dv))
-    idx = lambda t: slots[..., None].expand(-1, -1, -1, t.shape[-1])  # noqa: E731
-    dq_pos = torch.zeros(B, H, L, D, dtype=acc, device=qk.device).scatter_add_(2, idx(dQ), dQ.reshape(B, H, -1, D))
-    dv_pos = torch.zeros(B, H, L, Dv, dtype=acc, device=qk.device).scatter_add_(2, idx(dV), dV.reshape(B, H, -1, Dv))
+    rows = _rows(slots, L)
+    dq_pos = torch.zeros(B * H * L, D, dtype=acc, device=qk.device).index_add_(0, rows, dQ.reshape(-1, D))
+    dv_pos = torch.zeros(B * H * L, Dv, dtype=acc, device=qk.device).index_add_(0, rows, dV.reshape(-1, Dv))
     dqk, dvalue = new_output(qk.shape, qk.dtype, qk.device), new_output(value.shape, value.dtype, value.device)
-    dqk.copy_(dq_pos)
-    dvalue.copy_(dv_pos)
+    dqk.copy_(dq_pos.view(qk.shape))
+    dvalue.copy_(dv_pos.view(value.shape))
     return dqk, dvalue
