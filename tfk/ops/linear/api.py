@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ...backends import Backend, register_backend, select_backend
+from ..checks import check_key_padding_mask
 from . import torch_backend
 from .functions import linear_ops
 from .reference import linear_attention_reference
@@ -156,19 +157,6 @@ def _check_options(causal, feature_map, normalize, eps, scale, return_state, ini
                          f"carry the earlier keys in initial_state, or pass causal=False")
 
 
-def _check_mask(mask, B, S, device):
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be bool (True = a key to attend to), got {mask.dtype}")
-    if tuple(mask.shape) != (B, S):
-        raise ValueError(f"key_padding_mask must be (B, S) = {(B, S)}, got shape {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"key_padding_mask is on {mask.device}, expected query's device {device}")
-
-
 def _check_state(state, B, Hkv, Dp, Dv, query):
     if state is None:
         return None
@@ -243,7 +231,7 @@ def linear_attention(query, key, value, *, causal=True, feature_map="elu1", norm
     B, H, L, D = query.shape
     Hkv, S, Dv = key.shape[1], key.shape[2], value.shape[3]
     _check_options(causal, feature_map, normalize, eps, scale, return_state, initial_state, L, S)
-    _check_mask(key_padding_mask, B, S, query.device)
+    check_key_padding_mask(key_padding_mask, B, S, query.device)
     if callable(feature_map):
         query, key = _apply_callable(feature_map, query, key)
         feature_map = "identity"

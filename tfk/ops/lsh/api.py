@@ -10,6 +10,7 @@ import torch
 
 from ... import dropout as drop
 from ...backends import Backend, register_backend, select_backend
+from ..checks import check_key_padding_mask
 from . import torch_backend
 from .functions import lsh_ops
 from .reference import lsh_attention_reference
@@ -223,19 +224,6 @@ def _check_n_buckets(n_buckets):
     raise ValueError(f"n_buckets must be None, an even int or a non-empty list of even ints, got {n_buckets!r}")
 
 
-def _check_mask(mask, B, L, device):
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be bool (True = a key to attend to), got {mask.dtype}")
-    if tuple(mask.shape) != (B, L):
-        raise ValueError(f"key_padding_mask must be (B, L) = {(B, L)}, got shape {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"key_padding_mask is on {mask.device}, expected qk's device {device}")
-
-
 def _check_rotations(rotations, H, D, n_hashes, n_buckets, device):
     if not isinstance(rotations, torch.Tensor):
         raise TypeError(f"rotations must be a torch.Tensor or None, got {type(rotations).__name__}")
@@ -320,7 +308,7 @@ def lsh_attention(qk, value, *, n_hashes=1, n_buckets=None, chunk_size=64, chunk
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
         raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
-    _check_mask(key_padding_mask, B, L, qk.device)
+    check_key_padding_mask(key_padding_mask, B, L, qk.device, length="L", lead="qk")
     full = L <= chunk_size
     if not full and L % chunk_size:
         raise ValueError(f"the length L = {L} must be a multiple of chunk_size = {chunk_size} when L > chunk_size "
