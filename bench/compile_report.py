@@ -683,20 +683,14 @@ def _moe_tile(meta: dict) -> str:
 # tiles), causal elu1 (_softmax_k_stats: non-causal softmax), all features.
 #
 # Measured (Triton 3.8, ptxas 12.9, default matrix, 756 configs on sm_80 and
-# sm_90: 582 compiles, 742 s on 2 cores shared with a test run for the first
-# 4 minutes; --quick: 12 configs, 48 s): registers up to 255 in every
-# kernel but _softmax_k_stats (48); shared memory at most 117 KB (_linear_fwd,
-# fp32, D = 256). Spills, after config() moved to 32-position chunks on
-# 8 warps at head dims up to 64 (16 on 4 warps spilled in 10 dk configs):
-# 30 configs, all but 3 at a padded head dim of 128 or 256: _linear_fwd
-# causal at D = 256 (48-480 bytes) and fp32 D = 128 on sm_90 (180),
-# _linear_bwd_dq causal at D = 256 (8-40), _linear_decode causal at D = 256
-# (64-124), _linear_bwd_dk fp32 causal at 128 on sm_80 (8) and a few 4-40
-# byte ones elsewhere. No tiling of config() (chunk 16/32, state tile 16/32,
-# 4/8/16 warps) removes the wide ones: at D = 256 the dots' fp32 operands
-# with the full D as their reduction dim hold ~128 registers per thread in a
-# 16-row tile whatever the warps; they need the kernels to split the D
-# reduction (see docs/DESIGN.md).
+# sm_90: 582 compiles, 762 s on 2 cores shared with a test run for the first
+# 5 minutes; --quick: 12 configs, 48 s): no config spills. Registers up to
+# 255 (the causal forward, dq and dk at D = 40 and 64; at most 242 at
+# D = 256), _softmax_k_stats 48; shared memory at most 114 KB (_linear_fwd,
+# fp32, D = 256). The kernels split every dot's reduction into 64-wide
+# blocks (_kdot) and launch with maxnreg=255: before, 30 configs spilled,
+# up to 480 bytes (fp32 D = 256 forward on sm_90), and no tiling of config()
+# removed the wide ones (docs/DESIGN.md).
 
 LINEAR_MODULE = "tfk.triton_kernels.linear"
 LINEAR_SOURCE = "triton_kernels/linear.py"

@@ -465,14 +465,7 @@ def test_linear_config_fails_when_the_launcher_and_the_report_disagree(monkeypat
     assert all(hasattr(getattr(mod, k), "params") for k in mod.KERNELS)
 
 
-# Known (issue 11): at D = 256 the causal _linear_fwd, _linear_bwd_dq and
-# _linear_decode still spill (32-480 bytes) with every tiling config() can
-# choose; strict, so the marks go once the kernels stop spilling.
-_LINEAR_SPILLS = pytest.mark.xfail(strict=True, reason="issue 11: the Triton linear kernels spill at D = 256")
-
-
-@pytest.mark.parametrize("matrix", [pytest.param("quick", marks=_LINEAR_SPILLS),
-                                    pytest.param("default", marks=[pytest.mark.slow, _LINEAR_SPILLS])])
+@pytest.mark.parametrize("matrix", ["quick", pytest.param("default", marks=pytest.mark.slow)])
 def test_linear_shipped_matrix_compiles_without_spills_for_sm80_sm90(matrix):
     """A real check over the linear-attention matrix: each kernel's widest
     config on both archs (quick, the default tier: 12 compiles) or every config

@@ -43,7 +43,11 @@ Padded channels and rows past L (or S) and masked keys get phi = 0 (elu1(0)
 is 1, so the mask is applied after the map). Inputs fp16, bf16 (GPU only: the
 interpreter's bf16 is wrong) or fp32, contiguous (B, heads, len, dim); head
 dims up to MAX_HEAD_DIM, not necessarily powers of two. Offsets of a
-(batch, head) base are int64. Dots take fp32 operands (tf32 on the GPU).
+(batch, head) base are int64. Dots take fp32 operands (tf32 on the GPU);
+those reducing over a padded head dim wider than KBLOCK (phi_q S, phi_q phi_k^T,
+dO' S^T, dO' V^T, ...) run as one batched dot over KBLOCK-wide blocks of that
+dim, summed (_kdot), so a warp holds one block of each operand, not the whole
+(16, 256) fp32 tile (~128 registers a thread, which spilled at D = 256).
 
 The "softmax" map (FMAP 3; non-causal only): phi(k) is a softmax over the
 unmasked S positions of each channel. _softmax_k_stats (one program per
@@ -79,11 +83,14 @@ FEATURE_MAPS = {"identity": 0, "elu1": 1, "relu": 2, "softmax": 3}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 # Positions per chunk: the intra-chunk product costs O(L * CHUNK * D); heads
-# wider than 64 (padded) take CHUNK_WIDE so a chunk's tiles fit in registers.
+# wider than 64 (padded) take CHUNK_WIDE so a chunk's tiles fit in registers
+# (the softmax map's dk takes 16 at every width, in the kernel).
 # From the compile report (python -m bench.compile_report --families linear,
-# sm_80 and sm_90): at head dims up to 64, 16-position chunks on 4 warps
-# spilled 4-28 bytes in 10 dk configs (ptxas holding 64-168 registers); 32 on
-# 8 warps (4 at head dims up to 32) leave 3 of 288 there spilling 4-40 bytes.
+# sm_80 and sm_90, default matrix: 756 configs, no spills): at head dims up to
+# 64, 16-position chunks on 4 warps spilled 4-28 bytes in 10 dk configs; 32 on
+# 8 warps (4 at head dims up to 32) do not, though the causal fwd / dq / dk at
+# D = 40 and 64 use 250-255 registers (D = 40, not a multiple of 16, loads
+# unvectorised). At D = 256 the kernels use at most 242 registers with _kdot.
 CHUNK = 32
 CHUNK_WIDE = 16
 # Columns of the state a program carries along its tiled dim (Dv forward and
@@ -92,6 +99,13 @@ STATE_TILE = 16
 TILE_WIDE = 16
 NUM_WARPS = 4   # 8 when a head dim exceeds 32 (16 caps ptxas at 128 registers: more spills)
 DOT_PRECISION = "tf32"
+# The widest reduction block of a dot (_kdot): 64 leaves no D = 256 spill (32 takes
+# a few registers fewer there, e.g. the fp32 causal forward on sm_90: 200, not 216).
+KBLOCK = tl.constexpr(64)
+# Launch option maxnreg (.maxnreg in the PTX): without it ptxas capped some
+# configs at 80 or 128 registers (3 or 2 blocks an SM) and spilled 4-40 bytes
+# there; 255 lets it take what it needs.
+MAXNREG = 255
 
 
 def _pow2(n):
@@ -110,6 +124,24 @@ def config(D, Dv):
 # -----------------------------------------------------------------------------
 # Kernels
 # -----------------------------------------------------------------------------
+
+@triton.jit
+def _kdot(a, b, PREC: tl.constexpr):
+    """tl.dot(a, b) with the reduction dim K split into blocks of at most KBLOCK, as
+    one batched dot summed over the blocks: a warp holds one block of the operands
+    instead of the whole (M, K) / (K, N) (which spills at K = 256 in fp32)."""
+    M: tl.constexpr = a.shape[0]
+    K: tl.constexpr = a.shape[1]
+    N: tl.constexpr = b.shape[1]
+    if K <= KBLOCK:
+        c = tl.dot(a, b, input_precision=PREC)
+    else:
+        NB: tl.constexpr = K // KBLOCK
+        a3 = tl.permute(tl.reshape(a, (M, NB, KBLOCK)), (1, 0, 2))
+        b3 = tl.reshape(b, (NB, KBLOCK, N))
+        c = tl.sum(tl.dot(a3, b3, input_precision=PREC), 0)
+    return c
+
 
 @triton.jit
 def _phi(x, FMAP: tl.constexpr):
@@ -295,23 +327,23 @@ def _linear_fwd(Q, K, V, KEEP, KV0, Z0, OUT, DEN, KV, Z, STATS, H, HKV, L, S, D,
             xk, pk = _load_phi_k(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP, smax, sinv)
             v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
                         mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            kv += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            kv += _kdot(tl.trans(pk), v, PREC)
             z += tl.sum(pk, 0)
     for l0 in range(0, L, BLOCK_C):
         rows = l0 + offs_c
         rmask = rows < L
         xq, pq = _load_phi_q(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, BLOCK_D, True)
-        num = tl.dot(pq, kv, input_precision=PREC)
+        num = _kdot(pq, kv, PREC)
         den = tl.sum(pq * z[None, :], 1)
         if CAUSAL:   # L == S: the keys of this chunk are the same rows
             xk, pk = _load_phi_k(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP, smax, sinv)
             v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
                         mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            a = tl.dot(pq, tl.trans(pk), input_precision=PREC)
+            a = _kdot(pq, tl.trans(pk), PREC)
             a = tl.where(offs_c[:, None] >= offs_c[None, :], a, 0.0)
-            num += tl.dot(a, v, input_precision=PREC)
+            num += _kdot(a, v, PREC)
             den += tl.sum(a, 1)
-            kv += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            kv += _kdot(tl.trans(pk), v, PREC)
             z += tl.sum(pk, 0)
         den = den * scale + eps
         if NORMALIZE:
@@ -359,21 +391,21 @@ def _linear_bwd_dq(Q, K, V, KEEP, KV0, Z0, DOUT, DEN, DELTA, DQ, STATS, H, HKV, 
             xk, pk = _load_phi_k(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP, smax, sinv)
             v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
                         mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            kv += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            kv += _kdot(tl.trans(pk), v, PREC)
             z += tl.sum(pk, 0)
     for l0 in range(0, L, BLOCK_C):
         rows = l0 + offs_c
         rmask = rows < L
         dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
-        dpq = tl.dot(dov, tl.trans(kv), input_precision=PREC) + doz[:, None] * z[None, :]
+        dpq = _kdot(dov, tl.trans(kv), PREC) + doz[:, None] * z[None, :]
         if CAUSAL:
             xk, pk = _load_phi_k(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP, smax, sinv)
             v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
                         mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            bm = tl.dot(dov, tl.trans(v), input_precision=PREC) + doz[:, None]    # dO'_i . V'_j
+            bm = _kdot(dov, tl.trans(v), PREC) + doz[:, None]    # dO'_i . V'_j
             bm = tl.where(offs_c[:, None] >= offs_c[None, :], bm, 0.0)
-            dpq += tl.dot(bm, pk, input_precision=PREC)
-            kv += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            dpq += _kdot(bm, pk, PREC)
+            kv += _kdot(tl.trans(pk), v, PREC)
             z += tl.sum(pk, 0)
         x, pq = _load_phi_q(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, BLOCK_D, False)
         if FMAP == 3:
@@ -401,7 +433,11 @@ def _linear_bwd_dk(Q, K, V, KEEP, DOUT, DEN, DELTA, DKV, DZ, DK, DKV0, DZ0, STAT
     G = H // HKV
     krow0 = (b * HKV + hk) * S
     srow0 = (b * HKV + hk) * D
-    offs_c = tl.arange(0, BLOCK_C)
+    if FMAP == 3:   # non-causal only: 16-position chunks (32 spilled 40-48 B at fp32 D = 40 on sm_90)
+        BC: tl.constexpr = 16
+    else:
+        BC: tl.constexpr = BLOCK_C
+    offs_c = tl.arange(0, BC)
     offs_d = pd * BLOCK_TD + tl.arange(0, BLOCK_TD)
     offs_v = tl.arange(0, BLOCK_DV)
     dmask = offs_d < D
@@ -417,12 +453,12 @@ def _linear_bwd_dk(Q, K, V, KEEP, DOUT, DEN, DELTA, DKV, DZ, DK, DKV0, DZ0, STAT
     if not CAUSAL:
         for g in range(0, G):
             qrow0 = (b * H + hk * G + g) * L
-            for l0 in range(0, L, BLOCK_C):
+            for l0 in range(0, L, BC):
                 rows = l0 + offs_c
                 rmask = rows < L
                 xq, pq = _load_phi_q(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, BLOCK_D, False)
                 dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
-                rv += tl.dot(tl.trans(pq), dov, input_precision=PREC)
+                rv += _kdot(tl.trans(pq), dov, PREC)
                 rz += tl.sum(pq * doz[:, None], 0)
     ck = tl.zeros((BLOCK_TD,), tl.float32)
     if FMAP == 3:
@@ -430,32 +466,32 @@ def _linear_bwd_dk(Q, K, V, KEEP, DOUT, DEN, DELTA, DKV, DZ, DK, DKV0, DZ0, STAT
         # with U = phi_k^T V' (non-causal: dphi_k = V' R^T), one more pass over the keys
         uv = tl.zeros((BLOCK_TD, BLOCK_DV), tl.float32)
         uz = tl.zeros((BLOCK_TD,), tl.float32)
-        for s0 in range(0, S, BLOCK_C):
+        for s0 in range(0, S, BC):
             rows = s0 + offs_c
             rmask = rows < S
             xk, pk = _load_phi_k(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP, smax, sinv)
             v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
                         mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            uv += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            uv += _kdot(tl.trans(pk), v, PREC)
             uz += tl.sum(pk, 0)
         ck = tl.sum(rv * uv, 1) + rz * uz
-    n_chunks = tl.cdiv(S, BLOCK_C)
+    n_chunks = tl.cdiv(S, BC)
     for i in range(0, n_chunks):
-        rows = (n_chunks - 1 - i) * BLOCK_C + offs_c     # last chunk first
+        rows = (n_chunks - 1 - i) * BC + offs_c     # last chunk first
         rmask = rows < S
         x, pk = _load_phi_k(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP, smax, sinv)
         v = tl.load(V + (krow0 + rows)[:, None] * Dv + offs_v[None, :],
                     mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-        dpk = tl.dot(v, tl.trans(rv), input_precision=PREC) + rz[None, :]     # V'_n R_n^T
+        dpk = _kdot(v, tl.trans(rv), PREC) + rz[None, :]     # V'_n R_n^T
         if CAUSAL:
             for g in range(0, G):
                 qrow0 = (b * H + hk * G + g) * L
                 xq, pq = _load_phi_q(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, BLOCK_D, False)
                 dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
-                bm = tl.dot(dov, tl.trans(v), input_precision=PREC) + doz[:, None]
+                bm = _kdot(dov, tl.trans(v), PREC) + doz[:, None]
                 bm = tl.where(offs_c[:, None] >= offs_c[None, :], bm, 0.0)
-                dpk += tl.dot(tl.trans(bm), pq, input_precision=PREC)
-                rv += tl.dot(tl.trans(pq), dov, input_precision=PREC)
+                dpk += _kdot(tl.trans(bm), pq, PREC)
+                rv += _kdot(tl.trans(pq), dov, PREC)
                 rz += tl.sum(pq * doz[:, None], 0)
         if FMAP == 3:
             dk = pk * (dpk - ck[None, :])
@@ -500,22 +536,22 @@ def _linear_bwd_dv(Q, K, V, KEEP, DOUT, DEN, DELTA, DKV, DV, STATS, H, HKV, L, S
                 rmask = rows < L
                 xq, pq = _load_phi_q(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, BLOCK_D, True)
                 dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
-                rv += tl.dot(tl.trans(pq), dov, input_precision=PREC)
+                rv += _kdot(tl.trans(pq), dov, PREC)
     n_chunks = tl.cdiv(S, BLOCK_C)
     for i in range(0, n_chunks):
         rows = (n_chunks - 1 - i) * BLOCK_C + offs_c
         rmask = rows < S
         xk, pk = _load_phi_k(K + krow0 * D, rows, rmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP, smax, sinv)
-        dv = tl.dot(pk, rv, input_precision=PREC)                            # phi_k R_n
+        dv = _kdot(pk, rv, PREC)                            # phi_k R_n
         if CAUSAL:
             for g in range(0, G):
                 qrow0 = (b * H + hk * G + g) * L
                 xq, pq = _load_phi_q(Q + qrow0 * D, rows, rmask, offs_d, dmask, D, FMAP, BLOCK_D, True)
                 dov, doz = _load_dO(DOUT, DEN, DELTA, qrow0, rows, rmask, offs_v, vmask, Dv, scale, NORMALIZE)
-                a = tl.dot(pq, tl.trans(pk), input_precision=PREC)
+                a = _kdot(pq, tl.trans(pk), PREC)
                 a = tl.where(offs_c[:, None] >= offs_c[None, :], a, 0.0)
-                dv += tl.dot(tl.trans(a), dov, input_precision=PREC)
-                rv += tl.dot(tl.trans(pq), dov, input_precision=PREC)
+                dv += _kdot(tl.trans(a), dov, PREC)
+                rv += _kdot(tl.trans(pq), dov, PREC)
         tl.store(DV + (krow0 + rows)[:, None] * Dv + offs_v[None, :], dv.to(DV.dtype.element_ty),
                  mask=rmask[:, None] & vmask[None, :])
 
@@ -564,21 +600,21 @@ def _linear_decode(Q, K, V, KEEP, KV0, Z0, OUT, DEN, KV, Z, H, HKV, L, S, D, Dv,
         xk, pk = _load_phi(K + krow0 * D, offs_l, kmask, offs_d, dmask, D, FMAP, keep, HAS_KEEP)
     v = tl.load(V + (krow0 + offs_l)[:, None] * Dv + offs_v[None, :],
                 mask=kmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-    kv = kv0 + tl.dot(tl.trans(pk), v, input_precision=PREC)
+    kv = kv0 + _kdot(tl.trans(pk), v, PREC)
     z = z0 + tl.sum(pk, 0)
     lmask = offs_l < L
     for g in range(0, G):
         qrow0 = (b * H + hk * G + g) * L
         xq, pq = _load_phi_q(Q + qrow0 * D, offs_l, lmask, offs_d, dmask, D, FMAP, BLOCK_D, True)
         if CAUSAL:   # L == S
-            num = tl.dot(pq, kv0, input_precision=PREC)
+            num = _kdot(pq, kv0, PREC)
             den = tl.sum(pq * z0[None, :], 1)
-            a = tl.dot(pq, tl.trans(pk), input_precision=PREC)
+            a = _kdot(pq, tl.trans(pk), PREC)
             a = tl.where(offs_l[:, None] >= offs_l[None, :], a, 0.0)
-            num += tl.dot(a, v, input_precision=PREC)
+            num += _kdot(a, v, PREC)
             den += tl.sum(a, 1)
         else:
-            num = tl.dot(pq, kv, input_precision=PREC)
+            num = _kdot(pq, kv, PREC)
             den = tl.sum(pq * z[None, :], 1)
         den = den * scale + eps
         if NORMALIZE:
@@ -648,7 +684,7 @@ def forward(q, k, v, key_padding_mask, kv0, z0, feature_map, causal, normalize, 
     keep, has_keep = _keep(key_padding_mask, q)
     has_s0 = kv0 is not None
     common = dict(FMAP=FEATURE_MAPS[feature_map], CAUSAL=causal, NORMALIZE=normalize, HAS_KEEP=has_keep,
-                  HAS_S0=has_s0, BLOCK_D=BD, BLOCK_DV=tile, PREC=DOT_PRECISION, num_warps=warps)
+                  HAS_S0=has_s0, BLOCK_D=BD, BLOCK_DV=tile, PREC=DOT_PRECISION, num_warps=warps, maxnreg=MAXNREG)
     if max(L, S) <= DECODE_LEN:
         _linear_decode[(B * Hkv, triton.cdiv(Dv, tile))](
             q, k, v, keep, kv0 if has_s0 else kv, z0 if has_s0 else z, out, den, kv, z, H, Hkv, L, S, D, Dv,
@@ -677,7 +713,7 @@ def backward(dout, dkv, dz, q, k, v, key_padding_mask, kv0, z0, den, delta, feat
         raise ValueError("the softmax map's backward needs the forward's eps when normalize")
     stats = _softmax_stats(k, keep, has_keep, feature_map)
     common = dict(FMAP=FEATURE_MAPS[feature_map], CAUSAL=causal, NORMALIZE=normalize, HAS_KEEP=has_keep,
-                  BLOCK_C=C, PREC=DOT_PRECISION, num_warps=warps)
+                  BLOCK_C=C, PREC=DOT_PRECISION, num_warps=warps, maxnreg=MAXNREG)
     td, tv = min(tile, BD), min(tile, BDV)
     _linear_bwd_dq[(B * H, triton.cdiv(D, td))](
         q, k, v, keep, kv0 if has_s0 else dkv0, z0 if has_s0 else dz0, dout, den, delta, dq, stats, H, Hkv, L, S,
