@@ -65,8 +65,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -108,15 +106,6 @@ def impl_fn(name, causal):
     return lambda q, k, v: quadratic(q, k, v, causal)
 
 
-def step(fn, q, k, v, dout, mode):
-    if mode == "fwd":
-        with torch.no_grad():
-            fn(q, k, v)
-        return
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    fn(*leaves).backward(dout)
-
-
 def skip_reason(name, L, causal, args, memory=False):
     """Why (name, L) is not run, or None."""
     if name == "sdpa":
@@ -133,38 +122,15 @@ def skip_reason(name, L, causal, args, memory=False):
 def time_length(L, causal, args):
     """{(impl, mode): median seconds or a string saying why not}."""
     q, k, v, dout = make_inputs(L)
-    results = {}
-    for mode in MODES:
-        live = {}
-        for name in IMPLS:
-            why = skip_reason(name, L, causal, args)
-            if why:
-                results[(name, mode)] = why
-                continue
-            fn = impl_fn(name, causal)
-            t0 = time.perf_counter()
-            step(fn, q, k, v, dout, mode)   # warm-up
-            first = time.perf_counter() - t0
-            if first > args.long:
-                results[(name, mode)] = first
-            else:
-                live[name] = fn
-        times = {name: [] for name in live}
-        for _ in range(args.reps):
-            for name, fn in live.items():
-                t0 = time.perf_counter()
-                step(fn, q, k, v, dout, mode)
-                times[name].append(time.perf_counter() - t0)
-        for name in live:
-            results[(name, mode)] = statistics.median(times[name])
-    return results
+    fns = {name: skip_reason(name, L, causal, args) or impl_fn(name, causal) for name in IMPLS}
+    return peak.time_interleaved(fns, (q, k, v), dout, MODES, args.reps, args.long)
 
 
 def _memory_child(L, name, causal):
     peak.child_threads()
     q, k, v, dout = make_inputs(int(L))
     fn = impl_fn(name, causal == "causal")
-    peak.report_step_peak(lambda: step(fn, q, k, v, dout, "fwd+bwd"))
+    peak.report_step_peak(lambda: peak.cpu_step(fn, (q, k, v), dout, "fwd+bwd"))
 
 
 def memory(L, name, causal):

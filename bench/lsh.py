@@ -54,8 +54,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -127,15 +125,6 @@ def impl_fn(name, L, n_hashes):
     raise ValueError(f"unknown implementation {name!r}")
 
 
-def step(fn, qk, v, dout, mode):
-    if mode == "fwd":
-        with torch.no_grad():
-            fn(qk, v)
-        return
-    leaves = [t.detach().requires_grad_() for t in (qk, v)]
-    fn(*leaves).backward(dout)
-
-
 def skip_reason(name, L, n_hashes, args):
     if name == "sdpa":
         if n_hashes != min(args.n_hashes):
@@ -148,31 +137,8 @@ def skip_reason(name, L, n_hashes, args):
 def time_config(L, n_hashes, args):
     """{(impl, mode): median seconds or a string saying why not}."""
     qk, v, dout = make_inputs(L)
-    results = {}
-    for mode in MODES:
-        live = {}
-        for name in IMPLS:
-            why = skip_reason(name, L, n_hashes, args)
-            if why:
-                results[(name, mode)] = why
-                continue
-            fn = impl_fn(name, L, n_hashes)
-            t0 = time.perf_counter()
-            step(fn, qk, v, dout, mode)       # warm-up
-            first = time.perf_counter() - t0
-            if first > args.long:
-                results[(name, mode)] = first
-            else:
-                live[name] = fn
-        times = {name: [] for name in live}
-        for _ in range(args.reps):
-            for name, fn in live.items():
-                t0 = time.perf_counter()
-                step(fn, qk, v, dout, mode)
-                times[name].append(time.perf_counter() - t0)
-        for name in live:
-            results[(name, mode)] = statistics.median(times[name])
-    return results
+    fns = {name: skip_reason(name, L, n_hashes, args) or impl_fn(name, L, n_hashes) for name in IMPLS}
+    return peak.time_interleaved(fns, (qk, v), dout, MODES, args.reps, args.long)
 
 
 def _memory_child(L, n_hashes, name):
@@ -181,7 +147,7 @@ def _memory_child(L, n_hashes, name):
     L, n_hashes = int(L), int(n_hashes)
     qk, v, dout = make_inputs(L)
     fn = impl_fn(name, L, n_hashes)
-    peak.report_step_peak(lambda: step(fn, qk, v, dout, "fwd+bwd"))
+    peak.report_step_peak(lambda: peak.cpu_step(fn, (qk, v), dout, "fwd+bwd"))
 
 
 def memory(L, n_hashes, name):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 import os
 import subprocess
 import sys
@@ -117,3 +118,45 @@ def measure_rows(base, modes, build, timer, flops):
                 row["error"] = error_text(e)
         rows.append(row)
     return rows
+
+
+def cpu_step(fn, inputs, dout, mode):
+    """One step of the CPU benches: fn(*inputs) under no_grad ("fwd"), or with
+    gradients to every input and the backward of ``dout`` ("fwd+bwd")."""
+    if mode == "fwd":
+        with torch.no_grad():
+            fn(*inputs)
+        return
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    fn(*leaves).backward(dout)
+
+
+def time_interleaved(fns, inputs, dout, modes, reps, long):
+    """{(name, mode): median seconds of cpu_step, or the reason string} for
+    ``fns`` {name: fn, or a string saying why it is not run}. Per mode: one
+    warm-up each (a step slower than ``long`` seconds is timed by it alone),
+    then ``reps`` runs with the implementations interleaved run by run (the
+    machine may be shared)."""
+    results = {}
+    for mode in modes:
+        live = {}
+        for name, fn in fns.items():
+            if isinstance(fn, str):
+                results[(name, mode)] = fn
+                continue
+            t0 = time.perf_counter()
+            cpu_step(fn, inputs, dout, mode)   # warm-up
+            first = time.perf_counter() - t0
+            if first > long:
+                results[(name, mode)] = first
+            else:
+                live[name] = fn
+        times = {name: [] for name in live}
+        for _ in range(reps):
+            for name, fn in live.items():
+                t0 = time.perf_counter()
+                cpu_step(fn, inputs, dout, mode)
+                times[name].append(time.perf_counter() - t0)
+        for name in live:
+            results[(name, mode)] = statistics.median(times[name])
+    return results

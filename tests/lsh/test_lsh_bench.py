@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench import lsh as bench_lsh
+from bench import peak
 
 requires_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                  reason="transformers is not installed")
@@ -41,7 +42,7 @@ def test_bench_hf_and_tfk_compute_the_same_attention():
         outs[name] = (out.detach(), leaves[0].grad, leaves[1].grad)
     for a, b in zip(outs["tfk"], outs["hf"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    bench_lsh.step(bench_lsh.impl_fn("sdpa", L, n), qk, v, dout, "fwd+bwd")
+    peak.cpu_step(bench_lsh.impl_fn("sdpa", L, n), (qk, v), dout, "fwd+bwd")
 
 
 def test_report_rows_check_against_the_reference(monkeypatch):
