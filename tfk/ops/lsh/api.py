@@ -52,24 +52,52 @@ def hash_buckets(qk, rotations, n_buckets, key_padding_mask=None):
     argmax(cat([x R_r, -x R_r])), per factor of a factorised ``n_buckets``
     combined as Hugging Face does (bucket = Σ_f argmax_f · Π_{g<f} n_g). Positions
     that ``key_padding_mask`` drops go to one extra last bucket (as Hugging Face).
-    One batched GEMM and argmax over every (batch, head, round): no loop over them."""
+    Slices of positions, each one GEMM for every (batch, head, round) and the
+    argmaxes (_argmax_signed): no loop over batch, head or round."""
+    def _argmax_signed(part):
+        """argmax(cat([part, -part], -1)), first occurrence, without the concatenation
+        and without a full-size argmax (argmax reduces element by element on the
+        CPU, several times slower than amax): the last dim cut into groups of g, the
+        group maxima of part and of -part (-amin) in cat's order, the first group
+        holding the maximum, then the first maximum inside it."""
+        h = part.shape[-1]
+        g = 1                           # about h / 4: amax over short rows (< 32) is slow too
+        while h % (2 * g) == 0 and 8 * g <= h:
+            g *= 2
+        ng = h // g
+        grp = part.unflatten(-1, (ng, g))                               # (..., ng, g)
+        gi = torch.cat([grp.amax(-1), grp.amin(-1).neg_()], -1).argmax(-1)   # (...): a group of cat([part, -part])
+        # the winning group's g values by whole rows (index_select; gather goes
+        # element by element), negated where it is one of -part's
+        rows = torch.arange(gi.numel(), device=gi.device) * ng + (gi % ng).reshape(-1)
+        inside = grp.reshape(-1, g).index_select(0, rows)
+        inside.mul_((1 - 2 * (gi >= ng)).reshape(-1, 1).to(inside.dtype))
+        return gi * g + inside.argmax(-1).view(gi.shape)
+
+    # rotated values (positions x rounds x rotations) hashed at once: a few
+    # MiB reused slice by slice, not the whole (B, H, n, L, rotation_size / 2)
+    hash_elements = 1 << 21
     acc = acc_dtype(qk.dtype)
-    H = qk.shape[1]
+    B, H, L, D = qk.shape
+    n, half = rotations.shape[2], rotations.shape[3]
     x = qk.detach().to(acc)
-    R = rotations.to(device=qk.device, dtype=acc).expand(H, -1, -1, -1)
-    rotated = torch.einsum("bmtd,mdhr->bmhtr", x, R)            # (B, H, n, L, rotation_size / 2)
-    buckets, start, product = None, 0, 1
-    for f in _factors(n_buckets):
-        part = rotated[..., start:start + f // 2]
-        start += f // 2
-        # argmax(cat([part, -part])) without the concatenation (twice the GEMM's
-        # output): the max, or the min's index in the second half when -min
-        # is larger (a tie keeps the first half, as argmax's first occurrence)
-        hi, lo = part.argmax(-1), part.argmin(-1)
-        larger = part.gather(-1, hi[..., None])[..., 0] >= -part.gather(-1, lo[..., None])[..., 0]
-        b = torch.where(larger, hi, lo + f // 2)
-        buckets = b if buckets is None else buckets + product * b
-        product *= f
+    R = rotations.detach().to(device=qk.device, dtype=acc).expand(H, -1, -1, -1).reshape(1, H, D, n * half) \
+        .expand(B, -1, -1, -1).reshape(B * H, D, n * half)
+    buckets = torch.empty(B, H, n, L, dtype=torch.int64, device=qk.device)
+    step = max(1, hash_elements // (B * H * n * half))
+    buf = torch.empty(B * H * min(step, L) * n * half, dtype=acc, device=qk.device)
+    for l0 in range(0, L, step):
+        l1 = min(L, l0 + step)
+        xs = x[:, :, l0:l1].reshape(B * H, l1 - l0, D)
+        rotated = torch.bmm(xs, R, out=buf[:xs.shape[0] * xs.shape[1] * n * half].view(B * H, l1 - l0, n * half))
+        rotated = rotated.view(B, H, l1 - l0, n, half)
+        b, start, product = None, 0, 1
+        for f in _factors(n_buckets):
+            a = _argmax_signed(rotated[..., start:start + f // 2])
+            start += f // 2
+            b = a if b is None else b + product * a
+            product *= f
+        buckets[:, :, :, l0:l1] = b.transpose(-1, -2)
     if key_padding_mask is not None:
         buckets = torch.where(key_padding_mask[:, None, None, :], buckets, buckets.new_full((), product))
     return buckets
@@ -153,13 +181,8 @@ class ReferenceBackend(LshBackend):
         return out.to(call.qk.dtype), lse.to(acc_dtype(call.qk.dtype))
 
 
-class TorchBackend(LshBackend):
-    """The sorted, chunked form in torch ops (torch_backend.py), O(n·L·chunk·window)
-    memory, as a custom-op pair with an explicit backward. The CPU default."""
-    name = "torch"
-    priority = 10
-
-    _op = staticmethod(lsh_ops("torch", torch_backend.lsh_forward, torch_backend.lsh_backward))
+class OpBackend(LshBackend):
+    """A backend whose ``_op`` (functions.lsh_ops) takes the sorted layout."""
 
     def run(self, call):
         B, H, L, _ = call.qk.shape
@@ -171,6 +194,15 @@ class TorchBackend(LshBackend):
             chunk, before, after = call.chunk_size, call.chunks_before, call.chunks_after
         return self._op(call.qk, call.value, order, call.key_padding_mask, chunk, before, after, call.causal,
                         call.scale, call.dropout_p, call.dropout_seed)
+
+
+class TorchBackend(OpBackend):
+    """The sorted, chunked form in torch ops (torch_backend.py), O(n·L·chunk·window)
+    memory, as a custom-op pair with an explicit backward. The CPU default."""
+    name = "torch"
+    priority = 10
+
+    _op = staticmethod(lsh_ops("torch", torch_backend.lsh_forward, torch_backend.lsh_backward))
 
 
 register_backend(ReferenceBackend())
