@@ -299,16 +299,21 @@ TRITON_HEAD_DIMS = (64, 80, 128, 256)
 # plain: no index, no user mask, no dropout (a causal plan: partial tiles).
 # all: every feature on, the register worst case: query and key index tables
 #   (a dilated/permuted layout), a float attn_mask (MASK_KIND=2), dropout.
+# lsh: LSH attention's sub-passes (tfk/ops/lsh/kernel_backends.py): index
+#   tables per (batch, head) (the sorted rounds), the key padding as a bool
+#   mask (MASK_KIND=1), dropout, and the position predicates (PREDICATES=2:
+#   causal by position and the self logit).
 # bool (--extended): plain + a bool attn_mask (MASK_KIND=1, read as uint8).
 #   Measured (Triton 3.8, --extended on sm_80 and sm_90, 216 configs): no
 #   config spills; bool needs more registers than plain in 38 of the 72
 #   (kernel, dtype, head dim, arch) cases, more than `all` in 8.
 TRITON_PATTERNS = {
-    "plain": dict(HAS_QIDX=False, HAS_KIDX=False, MASK_KIND=0, DROPOUT=False),
-    "all": dict(HAS_QIDX=True, HAS_KIDX=True, MASK_KIND=2, DROPOUT=True),
-    "bool": dict(HAS_QIDX=False, HAS_KIDX=False, MASK_KIND=1, DROPOUT=False),
+    "plain": dict(HAS_QIDX=False, HAS_KIDX=False, MASK_KIND=0, DROPOUT=False, PREDICATES=0),
+    "all": dict(HAS_QIDX=True, HAS_KIDX=True, MASK_KIND=2, DROPOUT=True, PREDICATES=0),
+    "lsh": dict(HAS_QIDX=2, HAS_KIDX=2, MASK_KIND=1, DROPOUT=True, PREDICATES=2),
+    "bool": dict(HAS_QIDX=False, HAS_KIDX=False, MASK_KIND=1, DROPOUT=False, PREDICATES=0),
 }
-TRITON_PATTERNS_DEFAULT = ("plain", "all")
+TRITON_PATTERNS_DEFAULT = ("plain", "all", "lsh")
 # --quick: one config per kernel per arch: every feature on, fp16, head dim
 # 128 (the common training config): 12 s on 2 cores (measured, see above),
 # cheap enough for a test.
@@ -360,8 +365,9 @@ def _attention_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
     pat = TRITON_PATTERNS[cfg["pattern"]]
     D = DV = cfg["head_dim"]
     tdtype = getattr(torch, dt)
-    bm, bn = mod.tile_config(D, tdtype)
-    launch = mod.launch_config(cfg["kernel"], D, tdtype, heavy=bool(pat["MASK_KIND"] or pat["DROPOUT"]))
+    bm, bn = mod.tile_config(D, tdtype, pat["PREDICATES"])
+    launch = mod.launch_config(cfg["kernel"], D, tdtype, bool(pat["MASK_KIND"] or pat["DROPOUT"] or pat["PREDICATES"]),
+                               bn)
     H, Hkv, L = _CALL["H"], _CALL["Hkv"], _CALL["L"]
     lq2 = _CALL["L_IDX"] if pat["HAS_QIDX"] else L
     lk2 = _CALL["L_IDX"] if pat["HAS_KIDX"] else L
@@ -396,10 +402,13 @@ def _attention_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
     # a (B, 1, Lq, Lk) mask expanded over heads; no mask: all 0
     v.update(zip(("smb", "smh", "smm", "smn"), (L * L, 0, L, 1) if pat["MASK_KIND"] else (0, 0, 0, 0)))
     # schedule (Hp, nblocks[, nb]): shared across heads (Hp = 1, head strides 0)
-    # for plain patterns, per head for the index-table one
+    # for plain patterns and LSH's band, per head for the index-table one
     rows, cols = (nqb, nkb) if kernel != "_attn_bwd_dkdv" else (nkb, nqb)
-    per_head = pat["HAS_QIDX"]
+    per_head = pat["HAS_QIDX"] and not pat["PREDICATES"]
     v.update(sch=rows if per_head else 0, scm=1, sbh=rows * cols if per_head else 0, sbm=cols)
+    # index tables per (batch, head) (LSH: the query layout is one round of
+    # the (B, H, n, L) order, the key layout all n = 4 rounds): one stride each
+    v.update(sqi=4 * lq2 if pat["PREDICATES"] else 0, ski=lk2 if pat["PREDICATES"] else 0)
     v.update(H=H, G=H // Hkv, lq2=lq2, lk2=lk2, D=D, DV=DV, qk_scale=D ** -0.5 * _LOG2E)
     if kernel != "_attn_fwd":
         v["scale"] = D ** -0.5
@@ -412,6 +421,8 @@ def _attention_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
         v.update(drop_key=0xC0FFEE42, drop_threshold=2 ** 31, drop_scale=2.0)
     else:
         v.update(drop_key=0, drop_threshold=0, drop_scale=1.0)
+    # dropout's head index h·rounds + round: LSH's 4 hash rounds, round 1
+    v["rounds"], v["rnd"] = (4, 1) if pat["PREDICATES"] else (1, 0)
     meta = dict(pat, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, 1 << (D - 1).bit_length()),
                 BLOCK_DV=max(16, 1 << (DV - 1).bit_length()), PRECISION=cfg["precision"],
                 COUNT_TILES=False, **launch)

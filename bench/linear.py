@@ -362,19 +362,9 @@ def run_gpu(shapes, dtypes=GPU_DTYPES, impls=GPU_IMPLS, *, device="cuda", timer=
     for s in shapes:
         for dt in dtypes:
             inputs = make_gpu_inputs(s, device, _DTYPES[dt])
-            done = []
-            for name in impls:
-                base = dict(shape=s.name, B=s.B, H=s.H, Hkv=s.Hkv, L=s.L, D=s.D, Dv=s.Dv, causal=s.causal,
-                            dtype=dt, impl=name, x_sdpa=None, x_fla=None)
-                done += peak.measure_rows(base, s.modes, lambda: build_gpu_steps(name, s, inputs), timer,
-                                          lambda mode: gpu_flops(s, name, mode))
-                if device != "cpu" and torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            for peer in ("sdpa", "fla"):
-                ref = {r["mode"]: r["ms"] for r in done if r["impl"] == peer and r["ms"]}
-                for r in done:
-                    if r["ms"] and r["mode"] in ref:
-                        r[f"x_{peer}"] = ref[r["mode"]] / r["ms"]
+            base = dict(shape=s.name, B=s.B, H=s.H, Hkv=s.Hkv, L=s.L, D=s.D, Dv=s.Dv, causal=s.causal, dtype=dt)
+            done = peak.measure_impls(impls, base, s.modes, lambda name: build_gpu_steps(name, s, inputs), timer,
+                                      lambda name, mode: gpu_flops(s, name, mode), PEERS, device)
             for r in done:
                 if log:
                     log(r)
@@ -382,17 +372,12 @@ def run_gpu(shapes, dtypes=GPU_DTYPES, impls=GPU_IMPLS, *, device="cuda", timer=
     return rows
 
 
-GPU_COLS = [table.Col("shape", "<", 17), table.Col("dtype", "<", 5), table.Col("mode", "<", 7),
-            table.Col("impl", "<", 20), table.Col("ms", ">", 9), table.Col("TFLOP/s", ">", 8),
-            table.Col("peak MiB", ">", 9), table.Col("x sdpa", ">", 6), table.Col("x fla", ">", 6)]
+PEERS = ("sdpa", "fla")
+GPU_COLS = peak.gpu_cols(17, PEERS)
 
 
 def gpu_cells(r):
-    impl = r["impl"] + (f"[{r['backend']}]" if r.get("backend") else "")
-    if r.get("error"):
-        return [r["shape"], r["dtype"], r["mode"], impl, r["error"]]
-    return [r["shape"], r["dtype"], r["mode"], impl, table.fmt(r["ms"], ".3f"), table.fmt(r["tflops"], ".1f"),
-            table.fmt(r["peak_mib"], ".0f"), table.fmt(r["x_sdpa"], ".2f"), table.fmt(r["x_fla"], ".2f")]
+    return peak.gpu_cells(r, PEERS)
 
 
 def main(argv=None):

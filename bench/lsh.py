@@ -47,6 +47,21 @@ step adds at its peak.
 Summary: the issue's targets at L = 16384, n_hashes = 4: tfk's fwd+bwd time
 against HF's (target >= 2x faster) and its peak memory (target <= half of
 HF's); tfk's scaling, fwd+bwd time at 4x the tokens (target <= 5x).
+
+GPU mode (``--device cuda``, the default when a GPU is present; run_gpu):
+GPU_SHAPES, 65536 tokens a batch (B = 65536 // L) at L = 4096, 16384, 65536,
+H = 8, D = Dv = 64, chunk 64 (one before), causal, n_hashes 1, 2, 4, 8; bf16
+and fp16. Implementations, one at a time: "tfk" (backend "auto", the one it
+chose in brackets), "tfk_triton", "tfk_cuda", "hf" (Hugging Face's layer as
+in CPU mode, on the GPU) and "sdpa" (dense causal, same qk and v). Time: CUDA
+events, median of --reps after --warmup calls. TFLOP/s from the tiles the
+kernels visit: each of the n·L/64 chunks scores its 64 queries against
+(1 + before)·64 keys, 2·64·128·(D + Dv) flops a chunk forward (HF's math
+does the same products), x3.5 forward+backward; SDPA's own, 4·B·H·L²·D / 2
+forward. Peak MiB: torch.cuda.max_memory_allocated growth in one step.
+"x hf", "x sdpa": their time over this row's.
+
+    python -m bench.lsh --device cuda --shapes L16384_n4 --dtypes bf16
 """
 from __future__ import annotations
 
@@ -54,6 +69,7 @@ import argparse
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +78,7 @@ import tfk
 from tfk.ops.lsh import default_n_buckets, draw_rotations
 
 from . import peak, table
+from .peak import CudaTimer
 
 B, H, D, CHUNK, BEFORE, AFTER = 1, 2, 64, 64, 1, 0
 LENGTHS = (4096, 16384)
@@ -239,12 +256,132 @@ def run_cpu(args):
     return rows
 
 
+# ---------------------------------------------------------------------------
+# GPU mode
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GPUShape:
+    name: str
+    B: int
+    H: int
+    L: int
+    D: int
+    n_hashes: int
+    chunk: int = CHUNK
+    before: int = BEFORE
+    after: int = AFTER
+
+
+GPU_SHAPES = {f"L{L}_n{n}": GPUShape(f"L{L}_n{n}", 65536 // L, 8, L, 64, n)
+              for L in (4096, 16384, 65536) for n in N_HASHES}
+GPU_DTYPES = ("bf16", "fp16")
+GPU_IMPLS = ("tfk", "tfk_triton", "tfk_cuda", "hf", "sdpa")
+TFK_BACKENDS = {"tfk": "auto", "tfk_triton": "triton", "tfk_cuda": "cuda"}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def gpu_flops(s: GPUShape, impl, mode):
+    """The flops a row's TFLOP/s counts (module doc)."""
+    if impl == "sdpa":
+        fwd = 4 * s.B * s.H * s.L * s.L * s.D // 2
+    else:
+        window = (1 + s.before + s.after) * s.chunk
+        fwd = s.B * s.H * s.n_hashes * s.L * window * 2 * (s.D + s.D)
+    return fwd if mode == "fwd" else fwd * 7 // 2
+
+
+def _gpu_impl(name, s: GPUShape, device):
+    """fn(qk, v) -> out on (B, H, L, D) tensors, or raises why not."""
+    nb = default_n_buckets(s.L, s.chunk)
+    if name in TFK_BACKENDS:
+        R = draw_rotations(s.H, s.D, s.n_hashes, nb, seed=HASH_SEED).to(device)
+        return lambda qk, v: tfk.lsh_attention(qk, v, n_hashes=s.n_hashes, n_buckets=nb, chunk_size=s.chunk,
+                                               chunks_before=s.before, chunks_after=s.after, causal=True,
+                                               rotations=R, backend=TFK_BACKENDS[name])
+    if name == "hf":
+        from transformers import ReformerConfig
+        from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+        cfg = ReformerConfig(hidden_size=s.H * s.D, num_attention_heads=s.H, attention_head_size=s.D,
+                             lsh_attn_chunk_length=s.chunk, num_hashes=s.n_hashes, num_buckets=nb,
+                             lsh_num_chunks_before=s.before, lsh_num_chunks_after=s.after, is_decoder=True,
+                             hash_seed=HASH_SEED, lsh_attention_probs_dropout_prob=0.0,
+                             max_position_embeddings=s.L)
+        layer = LSHSelfAttention(cfg).eval().to(device)
+        layer.query_key, layer.value = _Given(), _Given()
+
+        def fn(qk, v):
+            B, H, L, D = qk.shape
+            layer.query_key.t = qk.transpose(1, 2).reshape(B, L, H * D)
+            layer.value.t = v.transpose(1, 2).reshape(B, L, H * D)
+            out = layer(qk.new_empty(B, L, H * D)).hidden_states
+            return out.view(B, L, H, D).transpose(1, 2)
+        return fn
+    if name == "sdpa":
+        return lambda qk, v: F.scaled_dot_product_attention(qk, qk, v, is_causal=True)
+    raise ValueError(f"unknown implementation {name!r}")
+
+
+def build_gpu_steps(name, s: GPUShape, inputs, device):
+    """{mode: step()} for implementation ``name``, and the tfk backend that ran (or None)."""
+    qk, v, dout = inputs
+    fn = _gpu_impl(name, s, device)
+    with tfk.backends.record_choices() as ran, torch.no_grad():
+        fn(qk, v)
+    chosen = (ran[0] if ran else None) if name in TFK_BACKENDS else None
+
+    def run(mode):
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(qk, v)
+            return
+        leaves = [t.detach().requires_grad_() for t in (qk, v)]
+        fn(*leaves).backward(dout)
+    return {mode: (lambda mode=mode: run(mode)) for mode in MODES}, chosen
+
+
+def run_gpu(shapes, dtypes=GPU_DTYPES, impls=GPU_IMPLS, *, device="cuda", timer=None, log=None):
+    """Rows, one per (shape, dtype, mode, implementation): ms, TFLOP/s, peak
+    MiB, and HF's and SDPA's time over this one's ("x_hf", "x_sdpa").
+    ``timer``: CudaTimer() by default (a stand-in needs its time(fn) and
+    peak_bytes(fn)); ``log(row)`` is called as each (shape, dtype) is done."""
+    timer = timer or CudaTimer()
+    rows = []
+    for s in shapes:
+        for dt in dtypes:
+            g = torch.Generator(device).manual_seed(0)
+            qk, v, dout = (torch.randn(s.B, s.H, s.L, s.D, generator=g, device=device).to(_DTYPES[dt])
+                           for _ in range(3))
+            base = dict(shape=s.name, B=s.B, H=s.H, L=s.L, D=s.D, n_hashes=s.n_hashes, dtype=dt)
+            done = peak.measure_impls(impls, base, MODES,
+                                      lambda name: build_gpu_steps(name, s, (qk, v, dout), device), timer,
+                                      lambda name, mode: gpu_flops(s, name, mode), PEERS, device)
+            for r in done:
+                if log:
+                    log(r)
+            rows += done
+    return rows
+
+
+PEERS = ("hf", "sdpa")
+GPU_COLS = peak.gpu_cols(10, PEERS)
+
+
+def gpu_cells(r):
+    return peak.gpu_cells(r, PEERS)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is present")
+    ap.add_argument("--shapes", nargs="*", help="GPU mode (default: every GPU shape)")
+    ap.add_argument("--dtypes", nargs="*", default=list(GPU_DTYPES), help="GPU mode")
+    ap.add_argument("--impls", nargs="*", default=list(GPU_IMPLS), help="GPU mode")
+    ap.add_argument("--warmup", type=int, default=3, help="GPU mode: untimed calls first")
     ap.add_argument("--lengths", nargs="*", type=int, default=list(LENGTHS),
-                    help="multiples of 64 (longer: 32768 65536)")
+                    help="CPU mode: multiples of 64 (longer: 32768 65536)")
     ap.add_argument("--n-hashes", nargs="*", type=int, default=list(N_HASHES))
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=None, help="timed runs (default: 3 on CPU, 20 on GPU)")
     ap.add_argument("--long", type=float, default=1.0, help="a step whose warm-up takes longer is timed by it alone")
     ap.add_argument("--sdpa-max", type=int, default=8192)
     ap.add_argument("--memory-n-hashes", nargs="*", type=int, default=[4],
@@ -259,10 +396,32 @@ def main(argv=None):
         os.environ["TFK_BENCH_THREADS"] = str(args.threads)
     if args.memory_child:
         return _memory_child(*args.memory_child)
+    logging.disable(logging.WARNING)        # transformers' notices
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no GPU is present (torch.cuda.is_available() is False)")
+    if device == "cuda":
+        names = args.shapes or list(GPU_SHAPES)
+        unknown = [n for n in names if n not in GPU_SHAPES]
+        if unknown:
+            ap.error(f"unknown shape(s) {unknown}; known: {', '.join(GPU_SHAPES)}")
+        timer = CudaTimer(args.warmup, args.reps or 20)
+        print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; CUDA events, median of {timer.reps} "
+              f"after {timer.warmup} warm-up calls; chunk {CHUNK} (before {BEFORE}, after {AFTER}), causal\n"
+              "TFLOP/s: the band's score and value products (tfk, hf), SDPA's own (sdpa); peak MiB: "
+              "max_memory_allocated growth in one step; x hf, x sdpa: their time / this one's")
+        print(table.format_table(GPU_COLS, []), flush=True)
+        log = lambda r: print(table.format_table(GPU_COLS, [gpu_cells(r)], header=False), flush=True)  # noqa: E731
+        rows = run_gpu([GPU_SHAPES[n] for n in names], args.dtypes, args.impls, device=device, timer=timer,
+                       log=log)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return rows
+    args.reps = args.reps or 3
     bad = [L for L in args.lengths if L % CHUNK or L <= CHUNK]
     if bad:
         ap.error(f"lengths must be multiples of {CHUNK} above it, got {bad}")
-    logging.disable(logging.WARNING)        # transformers' notices
     rows = run_cpu(args)
     if args.json:
         with open(args.json, "w") as f:

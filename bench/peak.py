@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from .table import Col, fmt
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -118,6 +120,42 @@ def measure_rows(base, modes, build, timer, flops):
                 row["error"] = error_text(e)
         rows.append(row)
     return rows
+
+
+def measure_impls(impls, base, modes, build, timer, flops, peers, device):
+    """The GPU modes' rows of one (shape, dtype), every implementation in turn:
+    measure_rows of ``build(name)`` with ``flops(name, mode)``, the GPU's
+    cache emptied between them, and x_<peer>, each peer's time over the row's
+    in the same mode (None where either did not run). ``base`` gets impl and
+    the x_ keys."""
+    rows = []
+    for name in impls:
+        row_base = dict(base, impl=name, **{f"x_{p}": None for p in peers})
+        rows += measure_rows(row_base, modes, lambda: build(name), timer, lambda mode: flops(name, mode))
+        if device != "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for peer in peers:
+        ref = {r["mode"]: r["ms"] for r in rows if r["impl"] == peer and r["ms"]}
+        for r in rows:
+            if r["ms"] and r["mode"] in ref:
+                r[f"x_{peer}"] = ref[r["mode"]] / r["ms"]
+    return rows
+
+
+def gpu_cols(shape_width, peers):
+    """The GPU modes' table columns (bench.table), with a time ratio per peer."""
+    return ([Col("shape", "<", shape_width), Col("dtype", "<", 5), Col("mode", "<", 7), Col("impl", "<", 20),
+             Col("ms", ">", 9), Col("TFLOP/s", ">", 8), Col("peak MiB", ">", 9)]
+            + [Col(f"x {p}", ">", 6) for p in peers])
+
+
+def gpu_cells(r, peers):
+    """A GPU-mode row's cells for gpu_cols: the backend "auto" chose in brackets, or the error."""
+    impl = r["impl"] + (f"[{r['backend']}]" if r.get("backend") else "")
+    if r.get("error"):
+        return [r["shape"], r["dtype"], r["mode"], impl, r["error"]]
+    return ([r["shape"], r["dtype"], r["mode"], impl, fmt(r["ms"], ".3f"), fmt(r["tflops"], ".1f"),
+             fmt(r["peak_mib"], ".0f")] + [fmt(r[f"x_{p}"], ".2f") for p in peers])
 
 
 def cpu_step(fn, inputs, dout, mode):

@@ -390,11 +390,17 @@ def main(argv=None):
             linear_rows += sim_rows
         rows += linear_rows
     if lsh_ops:
-        print("\nLSH attention (tfk.lsh_attention); err grads: the larger over qk and value (no LSH kernel yet: "
-              "no cuda-sim table):", flush=True)
+        print("\nLSH attention (tfk.lsh_attention); err grads: the larger over qk and value:", flush=True)
         lsh_rows = report_lsh.check_all(lsh_ops, device, dtypes, backend=args.backend, repeat=args.repeat,
                                         timer=_timed_ms)
         print(report_moe.format_rows(lsh_rows))
+        sim_ops = [o for o in lsh_ops if report_lsh.cuda_kernels_take(o)]
+        if sim and sim_ops:
+            print("\nThe LSH ops the CUDA attention kernels take (csrc/attention/; 64-wide tiles: chunks of 64), on "
+                  "the CPU: backend cuda-sim, untimed:", flush=True)
+            sim_rows = report_lsh.check_all(sim_ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
+            print(report_moe.format_rows(sim_rows))
+            lsh_rows += sim_rows
         rows += lsh_rows
     print()
     for op in ops:

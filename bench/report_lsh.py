@@ -6,7 +6,9 @@ reference (tfk/ops/lsh/reference.py: dense per round), with its time. Run by
 (bench/report_moe.py): "err grads" is the larger error of the gradients of qk
 and value. The buckets are hashed once, from the float64 qk with fixed
 rotations, and given to both sides (the layout is then the same whatever the
-dtype's rounding does to the argmax). No cuda-sim table: no LSH kernel yet.
+dtype's rounding does to the argmax). The ops the CUDA attention kernels
+take (chunks of 64, or the full-attention path; head dims up to 128) also
+run on cuda-sim (fp16, bf16).
 
 The causal op hashes once (n_hashes=1): under causal masking position 0
 (at least) attends to itself only, in every round, and with n >= 2 rounds
@@ -57,6 +59,11 @@ OPS = [
     LshOp("lsh_noncausal_pad_n4", 2, 2, 256, 64, 64, 4, 32, n_buckets=8, causal=False, padding=True),
     LshOp("lsh_full_path_pad", 2, 2, 57, 72, 40, 2, 64, causal=True, padding=True),
 ]
+
+
+def cuda_kernels_take(op):
+    """Whether the CUDA kernels (64 x 64 tiles, head dims up to 128) run op."""
+    return (op.L <= op.chunk or op.chunk % 64 == 0) and max(op.D, op.Dv) <= 128
 
 
 def _case(op, device):

@@ -181,3 +181,21 @@ def mask_cases(B, H, Lq, Lk):
         "float_with_neg_inf": torch.randn(B, 1, Lq, Lk, generator=g, dtype=torch.float64).masked_fill(
             torch.rand(B, 1, Lq, Lk, generator=g) < 0.3, float("-inf")),
     }
+
+
+class CountingTimer:
+    """Stands in for bench.peak.CudaTimer in the benches' GPU-mode tests on the
+    CPU: runs each step once, counts the calls, reports fixed figures (2 ms,
+    5 MiB)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def time(self, fn):
+        self.calls += 1
+        fn()
+        return 2e-3
+
+    def peak_bytes(self, fn):
+        fn()
+        return 5 * 2 ** 20

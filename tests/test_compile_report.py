@@ -92,10 +92,12 @@ def test_triton_matrix_covers_the_shipped_configs():
     for kernel in cr.TRITON_KERNELS:
         for dtype, precision in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
             for d in (64, 80, 128, 256):
-                for pattern in ("plain", "all"):
+                for pattern in ("plain", "all", "lsh"):
                     for cap in (80, 90):
                         assert (kernel, dtype, precision, d, pattern, cap) in keys
-    assert cr.TRITON_PATTERNS["all"] == dict(HAS_QIDX=True, HAS_KIDX=True, MASK_KIND=2, DROPOUT=True)
+    assert cr.TRITON_PATTERNS["all"] == dict(HAS_QIDX=True, HAS_KIDX=True, MASK_KIND=2, DROPOUT=True, PREDICATES=0)
+    # LSH's sub-passes: index tables per (batch, head), the padding mask, dropout, causal and self predicates
+    assert cr.TRITON_PATTERNS["lsh"] == dict(HAS_QIDX=2, HAS_KIDX=2, MASK_KIND=1, DROPOUT=True, PREDICATES=2)
     quick = cr.triton_configs(ARCHS, quick=True, families=["attention"])
     assert sorted((c["kernel"], c["cap"]) for c in quick) == sorted(
         (k, cap) for k in cr.TRITON_KERNELS for cap in (80, 90))
@@ -105,7 +107,7 @@ def test_triton_matrix_covers_the_shipped_configs():
 
 def test_triton_shipped_matrix_compiles_without_spills_for_sm80_sm90():
     """A real check over every shipped config (each kernel, dtype, head-dim
-    class, plain and all features, both archs): a spill, a compile error or
+    class, plain, all features and LSH's, both archs): a spill, a compile error or
     shared memory over the limit fails here."""
     interpret = os.environ.get("TRITON_INTERPRET")
     info = {}

@@ -43,8 +43,10 @@ class SubPass:
     largest number of key blocks any query block visits, ``nbq`` the largest
     number of query blocks visiting a key block.
     """
-    q_index: torch.Tensor | None   # (Lq',) original query positions in layout order; None = all, in order
-    kv_index: torch.Tensor | None  # (Lk',) original key positions in layout order; None = all, in order
+    # (Lq',) original query positions in layout order, or (B, H, Lq') for a
+    # layout that differs per (batch, head) (LSH's sort); None = all, in order
+    q_index: torch.Tensor | None
+    kv_index: torch.Tensor | None  # (Lk',) or (B, Hkv, Lk') original key positions, likewise
     kv_count: torch.Tensor         # int32 (Hp, nqb): key blocks visited by each query block
     kv_blocks: torch.Tensor        # int32 (Hp, nqb, nb): their indices, ascending; padding repeats the last
     kv_partial: torch.Tensor       # int32 (Hp, nqb, nb): row of partial_masks, or -1 for a full tile
@@ -54,6 +56,15 @@ class SubPass:
     partial_masks: torch.Tensor    # bool (n_partial, block_q, block_k); False outside the sequence
     lq: int                        # len(q_index)
     lk: int                        # len(kv_index)
+    # In-kernel position predicates, in place of tile masks, for layouts made
+    # from data (LSH): 0 none; 1 the query's own position gets the finite
+    # logit -1e5 (Reformer's self mask, over any other mask); 2 that, and keys
+    # past the query's original position masked (causal by position).
+    predicates: int = 0
+    # Dropout draws with head index h·rounds + round out of H·rounds heads:
+    # sub-passes that are hash rounds of the same positions draw independently.
+    round: int = 0
+    rounds: int = 1
 
     @property
     def num_tiles(self):
@@ -92,19 +103,51 @@ class Plan:
         return self.num_tiles / max(self.dense_tiles, 1)
 
 
+def _flat_rows(index, length):
+    """Rows of a (B·heads·length, ...) view for a per-(batch, head) index
+    (B, heads, n): index_select / index_add_ on whole rows."""
+    B, heads = index.shape[:2]
+    base = torch.arange(0, B * heads * length, length, device=index.device).view(B, heads, 1)
+    return (index + base).reshape(-1)
+
+
 def to_layout(x, index):
     """x (B, heads, L, ...) in a sub-pass's layout: its rows ``index``
-    (None: all, in order)."""
-    return x if index is None else x.index_select(2, index)
+    ((n,), or (B, heads, n) per batch and head; None: all, in order)."""
+    if index is None:
+        return x
+    if index.dim() == 1:
+        return x.index_select(2, index)
+    B, heads, L = x.shape[:3]
+    rows = x.reshape(B * heads * L, *x.shape[3:]).index_select(0, _flat_rows(index, L))
+    return rows.view(B, heads, index.shape[-1], *x.shape[3:])
 
 
 def from_layout(x_l, index, length, fill):
     """Layout rows back at their original positions along dim 2 (of
-    ``length``); positions outside the layout get ``fill``."""
+    ``length``); positions outside the layout get ``fill``. A per-(batch,
+    head) index must not repeat a position within a (batch, head)."""
     if index is None:
         return x_l
-    out = torch.full(x_l.shape[:2] + (length,) + x_l.shape[3:], fill, dtype=x_l.dtype, device=x_l.device)
-    return out.index_copy_(2, index, x_l)
+    B, heads = x_l.shape[:2]
+    out = torch.full((B, heads, length) + x_l.shape[3:], fill, dtype=x_l.dtype, device=x_l.device)
+    if index.dim() == 1:
+        return out.index_copy_(2, index, x_l)
+    flat = out.view(B * heads * length, *x_l.shape[3:])
+    flat.index_copy_(0, _flat_rows(index, length), x_l.reshape(-1, *x_l.shape[3:]))
+    return out
+
+
+def add_from_layout(full, part, index):
+    """full (B, heads, L, ...) += layout rows ``part`` at their original
+    positions (repeated positions add up)."""
+    if index is None:
+        return full.add_(part)
+    if index.dim() == 1:
+        return full.index_add_(2, index, part)
+    B, heads, L = full.shape[:3]
+    full.view(B * heads * L, *full.shape[3:]).index_add_(0, _flat_rows(index, L), part.reshape(-1, *full.shape[3:]))
+    return full
 
 
 def _schedule(visit, partial_id):

@@ -32,6 +32,10 @@ from tfk import dropout as drop
 from tfk.ops.attention.engine import backward_over_plan, delta_of, forward_over_plan
 
 LOG2E = 1.4426950408889634
+# Reformer's self logit -1e5 in the log2 domain as float32 holds it. It
+# stands for -1e5·log2 e exactly: a self-only row (lse near -1e5) measures
+# from it (see _probs), so its probabilities and lse are exact.
+SELF_LOGIT2 = tl.constexpr(-144269.5)
 
 # -----------------------------------------------------------------------------
 # Configs
@@ -49,21 +53,27 @@ def dot_precision(dtype):
     return "tf32" if dtype == torch.float32 else "ieee"
 
 
-def tile_config(head_dim, dtype):
+def tile_config(head_dim, dtype, predicates=0):
     """(BLOCK_M, BLOCK_N): the plan's tiles, shared by the forward and backward
-    kernels of a call. ``head_dim`` is the larger of D and Dv."""
+    kernels of a call. ``head_dim`` is the larger of D and Dv. Plans whose
+    sub-passes have position predicates (LSH) take 32-row tiles in 16 bits:
+    with 64 rows their kernels spill (the compile report)."""
     if dtype == torch.float32:
         return (32, 32) if head_dim <= 128 else (16, 32)
+    if predicates:
+        return (32, 64) if head_dim <= 128 else (32, 32)
     return (64, 64) if head_dim <= 128 else (64, 32)
 
 
-def launch_config(kernel, head_dim, dtype, heavy):
+def launch_config(kernel, head_dim, dtype, heavy, block_n=None):
     """Launch options of one kernel: num_warps, num_stages, and for the
     backward kernels SPLIT_N, the column slices a key tile is taken in.
-    ``heavy``: a user mask or dropout is on (more live registers). Chosen with
-    the compile report (python -m bench.compile_report) so that no shipped
-    config spills on sm_80 or sm_90."""
-    block_n = tile_config(head_dim, dtype)[1]
+    ``heavy``: a user mask or dropout is on (more live registers); ``block_n``
+    the plan's key tile when it is not ``tile_config``'s (LSH plans take
+    tiles that divide their chunk). Chosen with the compile report (python
+    -m bench.compile_report) so that no shipped config spills on sm_80 or
+    sm_90."""
+    block_n = block_n or tile_config(head_dim, dtype)[1]
     if kernel == "_attn_fwd":
         return dict(num_warps=4, num_stages=3) if head_dim <= 64 else dict(num_warps=8, num_stages=2)
     if kernel == "_attn_bwd_dq":
@@ -103,17 +113,25 @@ def _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H):
 def _tile_scores(q, kT, partial_id, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
                  smb, smh, smm, smn, qk_scale, c0,
                  MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 COLS: tl.constexpr, PRECISION: tl.constexpr):
+                 COLS: tl.constexpr, PRECISION: tl.constexpr, PREDICATES: tl.constexpr):
     """Scores of a BLOCK_M x COLS tile (columns c0.. of a plan tile BLOCK_N
-    wide) in the log2 domain, -inf where not allowed."""
+    wide) in the log2 domain, -inf where not allowed. PREDICATES (a sub-pass's
+    position predicates): 0 none; 1 the query's own position gets the logit
+    -1e5 (Reformer's self mask, over any other mask); 2 that and keys past the
+    query's original position masked (causal by position)."""
     s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    allowed = row_ok[:, None] & col_ok[None, :]
-    # a partial tile's bit mask (partial_id: its row of the plan's partial
-    # masks); full tiles (partial_id < 0) skip the load
-    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + (c0 + tl.arange(0, COLS))[None, :]
-    bits = tl.load(PMasks + partial_id.to(tl.int64) * (BLOCK_M * BLOCK_N) + tile,
-                   mask=(partial_id >= 0) & allowed, other=1)
-    allowed = allowed & (bits != 0)
+    in_range = row_ok[:, None] & col_ok[None, :]
+    allowed = in_range
+    if PREDICATES == 2:
+        allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
+    if PREDICATES == 0:
+        # a partial tile's bit mask (partial_id: its row of the plan's partial
+        # masks); full tiles (partial_id < 0) skip the load. Sub-passes with
+        # predicates have no tile masks.
+        tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + (c0 + tl.arange(0, COLS))[None, :]
+        bits = tl.load(PMasks + partial_id.to(tl.int64) * (BLOCK_M * BLOCK_N) + tile,
+                       mask=(partial_id >= 0) & allowed, other=1)
+        allowed = allowed & (bits != 0)
     if MASK_KIND != 0:
         # the user mask is indexed by original positions
         m = tl.load(Mask + b * smb + h * smh + q_pos[:, None] * smm + k_pos[None, :] * smn,
@@ -122,16 +140,31 @@ def _tile_scores(q, kT, partial_id, PMasks, Mask, b, h, q_pos, k_pos, row_ok, co
             allowed = allowed & (m != 0)
         else:
             s = s + m.to(tl.float32) * 1.4426950408889634
-    return tl.where(allowed, s, float("-inf"))
+    s = tl.where(allowed, s, float("-inf"))
+    if PREDICATES != 0:
+        s = tl.where(in_range & (k_pos[None, :] == q_pos[:, None]), SELF_LOGIT2, s)
+    return s
 
 
 @triton.jit
-def _positions(Idx, start, n, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr):
+def _self_constant(ds, q_pos, k_pos, PREDICATES: tl.constexpr):
+    """dS with the self-logit entries zeroed: a constant logit has no gradient."""
+    if PREDICATES != 0:
+        ds = tl.where(k_pos[None, :] == q_pos[:, None], 0.0, ds)
+    return ds
+
+
+@triton.jit
+def _positions(Idx, pair, stride, start, n, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr):
     """Layout positions start..start+BLOCK (where the tensors are read), their
-    validity, and their original positions (for masks and dropout)."""
+    validity, and their original positions (for masks and dropout). HAS_IDX:
+    0 the identity; 1 one index table; 2 a table per (batch, head) pair,
+    ``pair`` (b·heads + h) times ``stride`` elements into Idx."""
     lay = start + tl.arange(0, BLOCK)
     ok = lay < n
-    if HAS_IDX:
+    if HAS_IDX == 2:
+        Idx += pair * stride
+    if HAS_IDX != 0:
         pos = tl.load(Idx + lay, mask=ok, other=0).to(tl.int64)
     else:
         pos = lay.to(tl.int64)
@@ -154,24 +187,41 @@ def _load_rows_t(Ptr, b, h, sb, sh, sr, pos, ok, d, D):
 
 
 @triton.jit
-def _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok):
-    """The merged lse (log2 domain) and delta of rows, for the backward. Rows
-    that saw no key get lse +inf, so every probability exp2(s - inf) is 0."""
+def _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok, PREDICATES: tl.constexpr):
+    """The merged lse (log2 domain), delta and score origin of rows, for the
+    backward (probabilities exp2((s - origin) - lse2), _probs). Rows that saw
+    no key get lse +inf, so every probability is 0. Under PREDICATES, a row
+    that saw only its self logit has lse near -1e5, where float32 steps by
+    0.008: its lse2 and scores count from -1e5 (origin SELF_LOGIT2), in small
+    numbers (else a 1% error in its probabilities); others' origin is 0."""
     lse = tl.load(Lse + b * slb + h * slh + rows, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    origin = 0.0
+    if PREDICATES != 0:
+        self_only = (lse < -5e4) & (lse != float("-inf"))
+        lse2 = tl.where(self_only, (lse + 1e5) * 1.4426950408889634, lse2)
+        origin = tl.where(self_only, SELF_LOGIT2, 0.0)
     delta = tl.load(Delta + b * slb + h * slh + rows, mask=row_ok, other=0.0)
-    return lse2, delta
+    return lse2, delta, origin
+
+
+@triton.jit
+def _probs(s, lse2, origin, PREDICATES: tl.constexpr):
+    """exp2((s - origin) - lse2) of scores s (log2 domain), _row_stats' rows."""
+    if PREDICATES != 0:
+        s = s - origin[:, None]
+    return tl.exp2(s - lse2[:, None])
 
 
 @triton.jit
 def _attn_fwd(
     Q, K, V, Out, Lse, Mask, QIdx, KIdx, Count, Blocks, Partial, PMasks, Tiles,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
-    smb, smh, smm, smn, sch, scm, sbh, sbm,
-    H, G, lq2, lk2, D, DV, qk_scale, drop_key, drop_threshold, drop_scale,
+    smb, smh, smm, smn, sch, scm, sbh, sbm, sqi, ski,
+    H, G, lq2, lk2, D, DV, qk_scale, drop_key, drop_threshold, drop_scale, rounds, rnd,
     HAS_QIDX: tl.constexpr, HAS_KIDX: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, PREDICATES: tl.constexpr,
 ):
     """Out, Lse of one query block of a sub-pass. Q, Out, Lse are in the
     sub-pass's query layout, K, V in its key layout (gathered by the host)."""
@@ -180,7 +230,7 @@ def _attn_fwd(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // G
-    rows, row_ok, q_pos = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
+    rows, row_ok, q_pos = _positions(QIdx, bh, sqi, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
     rows = rows.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -195,11 +245,12 @@ def _attn_fwd(
         partial_id = tl.load(Partial + sched + n)
         if COUNT_TILES:
             tl.atomic_add(Tiles + 0, 1)
-        cols, col_ok, k_pos = _positions(KIdx, kb * BLOCK_N, lk2, BLOCK_N, HAS_KIDX)
+        cols, col_ok, k_pos = _positions(KIdx, b * (H // G) + hk, ski, kb * BLOCK_N, lk2, BLOCK_N, HAS_KIDX)
         cols = cols.to(tl.int64)
         kT = _load_rows_t(K, b, hk, skb, skh, skn, cols, col_ok, d, D)
         s = _tile_scores(q, kT, partial_id, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
-                         smb, smh, smm, smn, qk_scale, 0, MASK_KIND, BLOCK_M, BLOCK_N, BLOCK_N, PRECISION)
+                         smb, smh, smm, smn, qk_scale, 0, MASK_KIND, BLOCK_M, BLOCK_N, BLOCK_N, PRECISION,
+                         PREDICATES)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing allowed yet keep m = -inf: subtract 0 instead
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -207,7 +258,7 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H)
+            keep = _keep(drop_key, drop_threshold, b, h * rounds + rnd, q_pos, k_pos, H * rounds)
             p = tl.where(keep, p * drop_scale, 0.0)
         v = _load_rows(V, b, hk, svb, svh, svn, cols, col_ok, dv, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -215,7 +266,12 @@ def _attn_fwd(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    if PREDICATES != 0:
+        # a row that saw only its self logit: from -1e5 in small numbers (_probs)
+        lse_self = ((m_i - SELF_LOGIT2) + tl.log2(l_safe)) * 0.6931471805599453 - 1e5
+        lse = tl.where(m_i < -5e4 * 1.4426950408889634, lse_self, lse)
+    lse = tl.where(empty, float("-inf"), lse)
     tl.store(Out + b * sob + h * soh + rows[:, None] * som + dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(Lse + b * slb + h * slh + rows, lse, mask=row_ok)
@@ -225,11 +281,11 @@ def _attn_fwd(
 def _attn_bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ, Mask, QIdx, KIdx, Count, Blocks, Partial, PMasks, Tiles,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
-    smb, smh, smm, smn, sch, scm, sbh, sbm,
-    H, G, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale,
+    smb, smh, smm, smn, sch, scm, sbh, sbm, sqi, ski,
+    H, G, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale, rounds, rnd,
     HAS_QIDX: tl.constexpr, HAS_KIDX: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, SPLIT_N: tl.constexpr,
+    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, SPLIT_N: tl.constexpr, PREDICATES: tl.constexpr,
 ):
     """dQ = scale * dS @ K for one query block of a sub-pass, in its layout;
     each key tile is taken in SPLIT_N column slices (fewer live registers).
@@ -240,13 +296,13 @@ def _attn_bwd_dq(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // G
-    rows, row_ok, q_pos = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
+    rows, row_ok, q_pos = _positions(QIdx, bh, sqi, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
     rows = rows.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = _load_rows(Q, b, h, sqb, sqh, sqm, rows, row_ok, d, D)
     do = _load_rows(DO, b, h, sob, soh, som, rows, row_ok, dv, DV)
-    lse2, delta = _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok)
+    lse2, delta, origin = _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok, PREDICATES)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.load(Count + h * sch + qb * scm)
     sched = h * sbh + qb * sbm
@@ -256,18 +312,20 @@ def _attn_bwd_dq(
         if COUNT_TILES:
             tl.atomic_add(Tiles + 1, 1)
         for c0 in tl.static_range(0, BLOCK_N, SUB_N):
-            cols, col_ok, k_pos = _positions(KIdx, kb * BLOCK_N + c0, lk2, SUB_N, HAS_KIDX)
+            cols, col_ok, k_pos = _positions(KIdx, b * (H // G) + hk, ski, kb * BLOCK_N + c0, lk2,
+                                             SUB_N, HAS_KIDX)
             cols = cols.to(tl.int64)
             kT = _load_rows_t(K, b, hk, skb, skh, skn, cols, col_ok, d, D)
             vT = _load_rows_t(V, b, hk, svb, svh, svn, cols, col_ok, dv, DV)
             s = _tile_scores(q, kT, partial_id, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
-                             smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION)
-            p = tl.exp2(s - lse2[:, None])
+                             smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION,
+                             PREDICATES)
+            p = _probs(s, lse2, origin, PREDICATES)
             dp = tl.dot(do, vT, input_precision=PRECISION)
             if DROPOUT:
-                keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H)
+                keep = _keep(drop_key, drop_threshold, b, h * rounds + rnd, q_pos, k_pos, H * rounds)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
-            ds = p * (dp - delta[:, None])
+            ds = _self_constant(p * (dp - delta[:, None]), q_pos, k_pos, PREDICATES)
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
     tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], dq * scale,
              mask=row_ok[:, None] & (d[None, :] < D))
@@ -277,11 +335,11 @@ def _attn_bwd_dq(
 def _attn_bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV_, Mask, QIdx, KIdx, Count, Blocks, Partial, PMasks, Tiles,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
-    smb, smh, smm, smn, sch, scm, sbh, sbm,
-    H, Hkv, G, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale,
+    smb, smh, smm, smn, sch, scm, sbh, sbm, sqi, ski,
+    H, Hkv, G, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale, rounds, rnd,
     HAS_QIDX: tl.constexpr, HAS_KIDX: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, SPLIT_N: tl.constexpr,
+    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, SPLIT_N: tl.constexpr, PREDICATES: tl.constexpr,
 ):
     """dK, dV of one key block of key head hk, summed over the G query heads of
     its group, walking the transposed schedule (Count/Blocks/Partial). Each
@@ -293,7 +351,7 @@ def _attn_bwd_dkdv(
     bhk = tl.program_id(1)
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
-    cols, col_ok, k_pos = _positions(KIdx, kb * BLOCK_N + c0, lk2, SUB_N, HAS_KIDX)
+    cols, col_ok, k_pos = _positions(KIdx, bhk, ski, kb * BLOCK_N + c0, lk2, SUB_N, HAS_KIDX)
     cols = cols.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -311,23 +369,24 @@ def _attn_bwd_dkdv(
             if COUNT_TILES:
                 if c0 == 0:
                     tl.atomic_add(Tiles + 2, 1)
-            rows, row_ok, q_pos = _positions(QIdx, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
+            rows, row_ok, q_pos = _positions(QIdx, b * H + h, sqi, qb * BLOCK_M, lq2, BLOCK_M, HAS_QIDX)
             rows = rows.to(tl.int64)
             q = _load_rows(Q, b, h, sqb, sqh, sqm, rows, row_ok, d, D)
             do = _load_rows(DO, b, h, sob, soh, som, rows, row_ok, dv, DV)
-            lse2, delta = _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok)
+            lse2, delta, origin = _row_stats(Lse, Delta, b, h, slb, slh, rows, row_ok, PREDICATES)
             s = _tile_scores(q, kT, partial_id, PMasks, Mask, b, h, q_pos, k_pos, row_ok, col_ok,
-                             smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION)
-            p = tl.exp2(s - lse2[:, None])
+                             smb, smh, smm, smn, qk_scale, c0, MASK_KIND, BLOCK_M, BLOCK_N, SUB_N, PRECISION,
+                             PREDICATES)
+            p = _probs(s, lse2, origin, PREDICATES)
             dp = tl.dot(do, vT, input_precision=PRECISION)
             if DROPOUT:
-                keep = _keep(drop_key, drop_threshold, b, h, q_pos, k_pos, H)
+                keep = _keep(drop_key, drop_threshold, b, h * rounds + rnd, q_pos, k_pos, H * rounds)
                 pd = tl.where(keep, p * drop_scale, 0.0)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             else:
                 pd = p
             dvT += tl.dot(tl.trans(do), pd.to(do.dtype), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = _self_constant(p * (dp - delta[:, None]), q_pos, k_pos, PREDICATES)
             dkT += tl.dot(tl.trans(q), ds.to(q.dtype), input_precision=PRECISION)
     tl.store(DK + b * skb + hk * skh + cols[None, :] * skn + d[:, None], dkT * scale,
              mask=col_ok[None, :] & (d[:, None] < D))
@@ -343,19 +402,24 @@ _NO_DROPOUT = drop.kernel_args(0, 0.0)  # threshold 0: the kernels skip dropout
 
 
 @functools.lru_cache(maxsize=256)
-def _kernel_meta(D, DV, dtype, mask_kind, dropout, count_tiles):
-    """Per kernel name and (HAS_QIDX, HAS_KIDX), the constexprs and launch
-    options of a call with these head dims, dtype and options: a function of
-    them alone (no tensor data), so cached; read-only."""
+def _kernel_meta(D, DV, dtype, mask_kind, dropout, count_tiles, block_m, block_n):
+    """Per kernel name, HAS_QIDX, HAS_KIDX (_index_kind) and PREDICATES, the constexprs
+    and launch options of a call with these head dims, dtype, options and
+    tiles: a function of them alone (no tensor data), so cached; read-only."""
     head_dim = max(D, DV)
-    block_m, block_n = tile_config(head_dim, dtype)
-    heavy = mask_kind != 0 or dropout
     common = dict(MASK_KIND=mask_kind, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
                   PRECISION=dot_precision(dtype), COUNT_TILES=count_tiles)
-    return {(name, has_q, has_k): MappingProxyType(dict(common, HAS_QIDX=has_q, HAS_KIDX=has_k,
-                                                        **launch_config(name, head_dim, dtype, heavy)))
-            for name in KERNELS for has_q in (False, True) for has_k in (False, True)}
+    meta = {}
+    for predicates in (0, 1, 2):
+        heavy = mask_kind != 0 or dropout or predicates != 0
+        for name in KERNELS:
+            options = launch_config(name, head_dim, dtype, heavy, block_n)
+            for has_q in (0, 1, 2):
+                for has_k in (0, 1, 2):
+                    meta[name, has_q, has_k, predicates] = MappingProxyType(
+                        dict(common, HAS_QIDX=has_q, HAS_KIDX=has_k, PREDICATES=predicates, **options))
+    return meta
 
 
 class _Launch:
@@ -380,14 +444,14 @@ class _Launch:
         # themselves while a tfk.backends.count_tiles() block is open
         self.count_tiles = backends.counting_tiles()
         self.tiles = torch.zeros(3, dtype=torch.int32, device=q.device) if self.count_tiles else None
-        self.meta = _kernel_meta(self.D, self.DV, q.dtype, mask_kind, dropout_p > 0, self.count_tiles)
-        meta = self.meta["_attn_fwd", False, False]
-        assert (plan.block_q, plan.block_k) == (meta["BLOCK_M"], meta["BLOCK_N"]), "plan compiled for other tiles"
+        self.meta = _kernel_meta(self.D, self.DV, q.dtype, mask_kind, dropout_p > 0, self.count_tiles,
+                                 plan.block_q, plan.block_k)
 
     def subpass(self, sp, kernel):
         """Plan arguments of one sub-pass: indices, schedule, tile masks,
-        schedule strides (0 across heads for a shared schedule), and the
-        kernel's constexprs and launch options."""
+        schedule strides (0 across heads for a shared schedule), index strides
+        per (batch, head) (0 for a shared index), the dropout's rounds, and
+        the kernel's constexprs and launch options."""
         # dK/dV kernels walk the transposed schedule
         count, blocks, partial = ((sp.q_count, sp.q_blocks, sp.q_partial) if kernel == "_attn_bwd_dkdv"
                                   else (sp.kv_count, sp.kv_blocks, sp.kv_partial))
@@ -401,12 +465,29 @@ class _Launch:
                 sp.partial_masks.view(torch.uint8) if sp.num_partial else fill,
                 self.tiles if self.count_tiles else fill)
         strides = (count.stride(0) if per_head else 0, count.stride(1),
-                   blocks.stride(0) if per_head else 0, blocks.stride(1))
-        return args, strides, self.meta[kernel, sp.q_index is not None, sp.kv_index is not None]
+                   blocks.stride(0) if per_head else 0, blocks.stride(1),
+                   _index_stride(sp.q_index), _index_stride(sp.kv_index))
+        meta = self.meta[kernel, _index_kind(sp.q_index), _index_kind(sp.kv_index), sp.predicates]
+        return args, strides, (sp.rounds, sp.round), meta
 
     def finish(self):
         if self.count_tiles:
             backends.add_kernel_tiles(self.tiles)
+
+
+def _index_kind(index):
+    """HAS_QIDX / HAS_KIDX of an index table (see _positions)."""
+    return 0 if index is None else (1 if index.dim() == 1 else 2)
+
+
+def _index_stride(index):
+    """Elements between the index rows of consecutive (batch, head) pairs: 0
+    for a shared (1-D) index or none; a per-(batch, head) index (B, heads, n)
+    must be laid out so one stride steps over both."""
+    if index is None or index.dim() == 1:
+        return 0
+    assert index.stride(-1) == 1 and index.stride(0) == index.shape[1] * index.stride(1), "index layout"
+    return index.stride(1)
 
 
 def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
@@ -420,12 +501,12 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
     a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed)
 
     def run(sp, q_l, k_l, v_l, o, l):
-        args, strides, meta = a.subpass(sp, "_attn_fwd")
+        args, strides, rounds, meta = a.subpass(sp, "_attn_fwd")
         _attn_fwd[(sp.kv_count.shape[1], a.B * a.H)](
             q_l, k_l, v_l, o, l, a.mask, *args,
             *q_l.stride()[:3], *k_l.stride()[:3], *v_l.stride()[:3], *o.stride()[:3], *l.stride()[:2],
             *a.mask_strides, *strides,
-            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, *a.dropout, **meta)
+            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, *a.dropout, *rounds, **meta)
 
     result = forward_over_plan(plan, q, k, v, a.DV, run)
     a.finish()
@@ -441,14 +522,14 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout
     def run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l):
         strides = (*q_l.stride()[:3], *k_l.stride()[:3], *v_l.stride()[:3], *do_l.stride()[:3],
                    *lse_l.stride()[:2], *a.mask_strides)
-        args, sched, meta = a.subpass(sp, "_attn_bwd_dq")
+        args, sched, rounds, meta = a.subpass(sp, "_attn_bwd_dq")
         _attn_bwd_dq[(sp.kv_count.shape[1], a.B * a.H)](
             q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, a.mask, *args, *strides, *sched,
-            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, **meta)
-        args, sched, meta = a.subpass(sp, "_attn_bwd_dkdv")
+            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, *rounds, **meta)
+        args, sched, rounds, meta = a.subpass(sp, "_attn_bwd_dkdv")
         _attn_bwd_dkdv[(sp.q_count.shape[1] * meta["SPLIT_N"], a.B * a.Hkv)](
             q_l, k_l, v_l, do_l, lse_l, delta_l, dk_l, dv_l, a.mask, *args, *strides, *sched,
-            a.H, a.Hkv, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, **meta)
+            a.H, a.Hkv, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, *rounds, **meta)
 
     dq, dk, dv = backward_over_plan(plan, q, k, v, dout, lse, delta_of(out, dout, dlse), run)
     a.finish()

@@ -50,9 +50,17 @@ struct Params {
   const void* v = nullptr;
   float scale = 1.f;           // on q.k
   // Original positions of the layout's rows (int64, length lq / lk), or null
-  // for the identity: user masks are indexed by original position.
+  // for the identity: user masks are indexed by original position. A layout
+  // per (batch, head) (LSH's sorted rounds) has a table per pair, the pair
+  // (b, h) at b * heads + h times the stride (b * kv_heads + h for keys);
+  // stride 0: one table for every pair.
   const int64_t* q_index = nullptr;
   const int64_t* kv_index = nullptr;
+  int64_t q_index_stride = 0, kv_index_stride = 0;
+  // Position predicates (plan.SubPass): 0 none; 1 the query's own position
+  // gets the logit -1e5 (Reformer's self mask, over any other mask); 2 that
+  // and keys past the query's original position masked (causal by position).
+  int predicates = 0;
   // User mask, read through broadcast strides (elements) over (B, H, Lq, Lk)
   // in original positions: 0 none, 1 bool as uint8 (keep where nonzero),
   // 2 float32, added to the scores.
@@ -65,11 +73,13 @@ struct Params {
   Schedule kv_schedule;        // per query block: key blocks (forward, dQ)
   // Dropout on the probabilities, bit for bit tfk/dropout.py's: the pair of
   // original positions (i, j) of head h in batch b is kept when
-  // mix32(j ^ mix32(i ^ mix32((b * heads + h) ^ drop_key))) >= drop_threshold,
-  // and scaled by drop_scale. drop_threshold 0: no dropout.
+  // mix32(j ^ mix32(i ^ mix32(((b * heads + h) * drop_rounds + drop_round) ^
+  // drop_key))) >= drop_threshold, and scaled by drop_scale (hash rounds of
+  // LSH draw as heads h * rounds + round). drop_threshold 0: no dropout.
   uint32_t drop_key = 0;
   uint32_t drop_threshold = 0;
   float drop_scale = 1.f;
+  int drop_rounds = 1, drop_round = 0;
   // Optional int32[3]: tiles visited by the forward, dQ and dK/dV kernels,
   // counted by the kernels (tests prove no tile outside the plan is touched).
   int32_t* tiles = nullptr;

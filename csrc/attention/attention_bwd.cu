@@ -17,12 +17,6 @@ namespace tfk {
 namespace attention {
 namespace bwd {
 
-// Probability (natural units: exp(s - lse)) of one score x = s * log2(e),
-// given lse2 = lse * log2(e); 0 for a row with no allowed key (lse = -inf).
-__device__ __forceinline__ float prob(float x, float lse2) {
-  return lse2 == -INFINITY ? 0.f : exp2f(x - lse2);
-}
-
 template <typename T, int HD>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const BwdParams p) {
   constexpr int kTile = kBlockM * HD;
@@ -45,12 +39,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Bwd
   const float scale_log2 = p.scale * kLog2e;
   const UserMask user = user_mask(p, blk.b, blk.h);
   const Dropout drop(p, blk.b, blk.h);
-  float lse2[2], delta[2];
+  float delta[2];
+  const RowProb prob[2] = {RowProb(warp * 16 + g < q_valid ? p.lse[q_row0 + warp * 16 + g] : -INFINITY,
+                                   p.predicates),
+                           RowProb(warp * 16 + g + 8 < q_valid ? p.lse[q_row0 + warp * 16 + g + 8] : -INFINITY,
+                                   p.predicates)};
   uint32_t drop_row[2] = {0, 0};
   TFK_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int row = warp * 16 + g + 8 * r;
-    lse2[r] = row < q_valid ? p.lse[q_row0 + row] * kLog2e : -INFINITY;
     delta[r] = row < q_valid ? p.delta[q_row0 + row] : 0.f;
   }
   if (drop.on()) drop.row_words(drop_row, blk.q0, warp * 16, q_valid);
@@ -71,7 +68,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Bwd
     TFK_UNROLL
     for (int n = 0; n < kN; ++n) {
       TFK_UNROLL
-      for (int i = 0; i < 4; ++i) s[n][i] = prob(s[n][i], lse2[i >> 1]) * (dp[n][i] - delta[i >> 1]);  // dS
+      for (int i = 0; i < 4; ++i) {
+        s[n][i] = prob[i >> 1](s[n][i]) * (dp[n][i] - delta[i >> 1]);  // dS
+        if (p.predicates != 0) {
+          const int row = warp * 16 + g + 8 * (i >> 1), col = k0 + n * 8 + 2 * t + (i & 1);
+          if (row < q_valid && col < p.lk && user.self_pair(blk.q0 + row, col)) s[n][i] = 0.f;
+        }
+      }
     }
     gemm_pb<HD, kBlockN / 16>(dq, s, sK + buf * kTile, 0);
     __syncthreads();
@@ -192,13 +195,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const B
         TFK_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int col = c0 + n * 8 + 2 * t + (i & 1);
-          const float pr = prob(s[n][i], lse[col] * kLog2e);  // P^T
+          const float pr = RowProb(lse[col], p.predicates)(s[n][i]);  // P^T
+          const int key = k0 + warp * 16 + g + 8 * (i >> 1);
           float z = 1.f;  // dropout's c Z for this pair
           if (drop.on()) {
-            const int key = k0 + warp * 16 + g + 8 * (i >> 1);
             z = q0 + col < p.lq && key < p.lk && drop.keep(drop.row_word(q0 + col), key) ? drop.scale : 0.f;
           }
           dp[n][i] = pr * (z * dp[n][i] - delta[col]);  // dS^T
+          if (p.predicates != 0 && q0 + col < p.lq && key < p.lk && user.self_pair(q0 + col, key)) dp[n][i] = 0.f;
           s[n][i] = z * pr;                             // (c Z * P)^T, for dV
         }
       }

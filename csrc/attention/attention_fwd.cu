@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const FwdPar
     if (rows[r] >= blk.q_valid) continue;
     // A row no key may attend to: out 0, lse -inf (as torch's math SDPA).
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    if (t == 0) p.lse[row] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
+    if (t == 0) p.lse[row] = sum > 0.f ? row_lse(m[r], sum, p.predicates) : -INFINITY;
     TFK_UNROLL
     for (int d = 0; d < HD / 8; ++d) {
       const int64_t off = row * HD + d * 8 + 2 * t;

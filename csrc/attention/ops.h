@@ -25,13 +25,13 @@ constexpr const char* kFwdSchema =
     "attention_fwd_(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_index, Tensor? kv_index, "
     "Tensor kv_count, Tensor kv_blocks, Tensor kv_partial, Tensor partial_masks, float scale, "
     "Tensor(a!) out, Tensor(b!) lse, int drop_key=0, int drop_threshold=0, float drop_scale=1., "
-    "Tensor(c!)? tiles=None) -> ()";
+    "Tensor(c!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0) -> ()";
 constexpr const char* kBwdSchema =
     "attention_bwd_(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor? mask, "
     "Tensor? q_index, Tensor? kv_index, Tensor kv_count, Tensor kv_blocks, Tensor kv_partial, "
     "Tensor q_count, Tensor q_blocks, Tensor q_partial, Tensor partial_masks, float scale, "
     "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, int drop_key=0, int drop_threshold=0, float drop_scale=1., "
-    "Tensor(d!)? tiles=None) -> ()";
+    "Tensor(d!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0) -> ()";
 
 namespace ops {
 
@@ -80,13 +80,32 @@ inline Schedule schedule(const Checker& c, const at::Tensor& count, const at::Te
   return s;
 }
 
+// An index table: (L,) shared by every (batch, head), or (B, heads, L) with
+// unit stride along L and one stride over (batch, head) pairs (a round of
+// LSH's (B, H, n, L) order is such a view). Returns that stride (0: shared).
+inline int64_t index_table(const Checker& c, const at::Tensor& t, const char* name, int64_t B, int64_t heads,
+                           int64_t L) {
+  TORCH_CHECK(t.device() == c.device, c.op, ": ", name, " is on ", t.device(), ", expected ", c.device);
+  c.dtype(t, name, at::kLong);
+  if (t.dim() == 1) {
+    c.on_device(t, name);
+    c.shape(t, name, {L});
+    return 0;
+  }
+  c.shape(t, name, {B, heads, L});
+  TORCH_CHECK(t.stride(2) == 1 && t.stride(0) == heads * t.stride(1), c.op, ": ", name,
+              " (B, heads, L) must step by one stride over (batch, head) pairs, got strides ", t.strides());
+  return t.stride(1);
+}
+
 // Checks the arguments both ops share and fills p's common fields.
 inline void common(const Checker& c, Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& q_index,
                    const c10::optional<at::Tensor>& kv_index, const at::Tensor& kv_count,
                    const at::Tensor& kv_blocks, const at::Tensor& kv_partial, const at::Tensor& partial_masks,
                    double scale, int64_t drop_key, int64_t drop_threshold, double drop_scale,
-                   const c10::optional<at::Tensor>& tiles) {
+                   const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
+                   int64_t drop_round) {
   p.dtype = kernel_dtype(c, q);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, c.op, ": q, k, v must be (B, H, L, head_dim), got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
@@ -113,13 +132,19 @@ inline void common(const Checker& c, Params& p, const at::Tensor& q, const at::T
   p.scale = static_cast<float>(scale);
 
   if (q_index) {
-    c.tensor(*q_index, "q_index", at::kLong, {Lq});
+    p.q_index_stride = index_table(c, *q_index, "q_index", B, H, Lq);
     p.q_index = q_index->data_ptr<int64_t>();
   }
   if (kv_index) {
-    c.tensor(*kv_index, "kv_index", at::kLong, {Lk});
+    p.kv_index_stride = index_table(c, *kv_index, "kv_index", B, Hkv, Lk);
     p.kv_index = kv_index->data_ptr<int64_t>();
   }
+  TORCH_CHECK(predicates >= 0 && predicates <= 2, c.op, ": predicates must be 0, 1 or 2, got ", predicates);
+  p.predicates = static_cast<int>(predicates);
+  TORCH_CHECK(drop_rounds >= 1 && drop_round >= 0 && drop_round < drop_rounds, c.op,
+              ": drop_round must be in [0, drop_rounds), got ", drop_round, " of ", drop_rounds);
+  p.drop_rounds = static_cast<int>(drop_rounds);
+  p.drop_round = static_cast<int>(drop_round);
   if (mask) {
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.device() == c.device, c.op, ": mask is on ", m.device(), ", expected ", c.device);
@@ -157,11 +182,12 @@ inline FwdParams fwd_params(const char* op, const at::Tensor& q, const at::Tenso
                             const at::Tensor& kv_blocks, const at::Tensor& kv_partial,
                             const at::Tensor& partial_masks, double scale, const at::Tensor& out,
                             const at::Tensor& lse, int64_t drop_key, int64_t drop_threshold, double drop_scale,
-                            const c10::optional<at::Tensor>& tiles) {
+                            const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
+                            int64_t drop_round) {
   const Checker c{op, q.device()};
   FwdParams p;
   common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, drop_key,
-         drop_threshold, drop_scale, tiles);
+         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round);
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == q.scalar_type(), c.op,
               ": out must be float32 or q's dtype, got ", out.scalar_type());
   c.tensor(out, "out", out.scalar_type(), q.sizes());
@@ -180,11 +206,12 @@ inline BwdParams bwd_params(const char* op, const at::Tensor& dout, const at::Te
                             const at::Tensor& q_blocks, const at::Tensor& q_partial,
                             const at::Tensor& partial_masks, double scale, const at::Tensor& dq,
                             const at::Tensor& dk, const at::Tensor& dv, int64_t drop_key, int64_t drop_threshold,
-                            double drop_scale, const c10::optional<at::Tensor>& tiles) {
+                            double drop_scale, const c10::optional<at::Tensor>& tiles, int64_t predicates,
+                            int64_t drop_rounds, int64_t drop_round) {
   const Checker c{op, q.device()};
   BwdParams p;
   common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, drop_key,
-         drop_threshold, drop_scale, tiles);
+         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round);
   c.tensor(dout, "dout", q.scalar_type(), q.sizes());
   c.tensor(lse, "lse", at::kFloat, q.sizes().slice(0, 3));
   c.tensor(delta, "delta", at::kFloat, q.sizes().slice(0, 3));
@@ -214,11 +241,13 @@ void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const c10::optional<at::Tensor>& kv_index, const at::Tensor& kv_count, const at::Tensor& kv_blocks,
                    const at::Tensor& kv_partial, const at::Tensor& partial_masks, double scale, const at::Tensor& out,
                    const at::Tensor& lse, int64_t drop_key, int64_t drop_threshold, double drop_scale,
-                   const c10::optional<at::Tensor>& tiles) {
+                   const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
+                   int64_t drop_round) {
   void* const stream = Device::stream(q);
   const typename Device::Guard guard(q.device());
   const auto p = fwd_params(Device::kFwdName, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial,
-                            partial_masks, scale, out, lse, drop_key, drop_threshold, drop_scale, tiles);
+                            partial_masks, scale, out, lse, drop_key, drop_threshold, drop_scale, tiles, predicates,
+                            drop_rounds, drop_round);
   fwd_launch(p, stream);
   Device::after_launch();
 }
@@ -231,12 +260,13 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& q_count, const at::Tensor& q_blocks, const at::Tensor& q_partial,
                    const at::Tensor& partial_masks, double scale, const at::Tensor& dq, const at::Tensor& dk,
                    const at::Tensor& dv, int64_t drop_key, int64_t drop_threshold, double drop_scale,
-                   const c10::optional<at::Tensor>& tiles) {
+                   const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
+                   int64_t drop_round) {
   void* const stream = Device::stream(q);
   const typename Device::Guard guard(q.device());
   const auto p = bwd_params(Device::kBwdName, dout, q, k, v, lse, delta, mask, q_index, kv_index, kv_count,
                             kv_blocks, kv_partial, q_count, q_blocks, q_partial, partial_masks, scale, dq, dk, dv,
-                            drop_key, drop_threshold, drop_scale, tiles);
+                            drop_key, drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round);
   bwd_launch(p, stream);
   Device::after_launch();
 }

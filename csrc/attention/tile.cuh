@@ -133,8 +133,48 @@ __device__ __forceinline__ void gemm_pb(float (&acc)[HD / 8][4], const float (&p
 // The original position of layout position `pos` (index null: the identity).
 __device__ __forceinline__ int64_t original(const int64_t* index, int pos) { return index ? index[pos] : pos; }
 
+// The index tables of query head h in batch b, and of its key head.
+__device__ __forceinline__ const int64_t* q_table(const Params& p, int b, int h) {
+  return p.q_index ? p.q_index + (static_cast<int64_t>(b) * p.heads + h) * p.q_index_stride : nullptr;
+}
+__device__ __forceinline__ const int64_t* kv_table(const Params& p, int b, int h) {
+  const int hk = h / (p.heads / p.kv_heads);
+  return p.kv_index ? p.kv_index + (static_cast<int64_t>(b) * p.kv_heads + hk) * p.kv_index_stride : nullptr;
+}
+
+// Reformer's self logit -1e5 in log2 units as float32 holds it. It stands
+// for -1e5 * log2(e) exactly: a self-only row (lse near -1e5) measures from
+// it (row_lse, RowProb), so its probabilities and lse are exact.
+constexpr float kSelfLogit2 = -144269.5f;
+// A row whose max (log2 units) or lse (natural) is below these saw only self logits.
+constexpr float kSelfRowMax2 = -5e4f * 1.4426950408889634f;
+constexpr float kSelfRowLse = -5e4f;
+
+// A row's lse (natural) from its max m (log2 units) and sum. A row that saw
+// only its self logit has m near -1.4e5, where float32 steps by 0.016: it
+// measures from the self logit, in small numbers.
+__device__ __forceinline__ float row_lse(float m, float sum, int predicates) {
+  if (predicates != 0 && m < kSelfRowMax2) return ((m - kSelfLogit2) + log2f(sum)) * kLn2 - 1e5f;
+  return (m + log2f(sum)) * kLn2;
+}
+
+// Probabilities exp(s - lse) of a row's scores x = s * log2(e), from its
+// natural lse: exp2f((x - ref) - shift); 0 for a row with no allowed key
+// (lse = -inf). A self-only row (see row_lse) measures from the self logit
+// (else a 1% error in its probabilities).
+struct RowProb {
+  float ref, shift;
+  __device__ __forceinline__ RowProb(float lse, int predicates) {
+    const bool self_only = predicates != 0 && lse < kSelfRowLse;
+    ref = self_only ? kSelfLogit2 : 0.f;
+    shift = lse == -INFINITY ? INFINITY : (self_only ? (lse + 1e5f) * kLog2e : lse * kLog2e);
+  }
+  __device__ __forceinline__ float operator()(float x) const { return exp2f((x - ref) - shift); }
+};
+
 // Whether the user mask lets (query row, key col) of the layout through, and
-// what it adds to the score (log2 units); rows and cols inside the sequence.
+// what it adds to the score (log2 units); the position predicates; rows and
+// cols inside the sequence.
 struct UserMask {
   int kind;
   const void* mask;
@@ -148,12 +188,24 @@ struct UserMask {
     if (kind == 1) return static_cast<const uint8_t*>(mask)[off] ? 0.f : -INFINITY;
     return static_cast<const float*>(mask)[off] * kLog2e;
   }
+
+  // Score x under the position predicates (Params::predicates, not 0).
+  __device__ __forceinline__ float predicate(float x, int predicates, int row, int col) const {
+    const int64_t i = original(q_index, row), j = original(kv_index, col);
+    if (j == i) return kSelfLogit2;
+    return predicates == 2 && j > i ? -INFINITY : x;
+  }
+  // Whether (row, col), inside the sequence, pairs a query with its own
+  // position: its logit is a constant, so its dS is 0.
+  __device__ __forceinline__ bool self_pair(int row, int col) const {
+    return original(q_index, row) == original(kv_index, col);
+  }
 };
 
 __device__ __forceinline__ UserMask user_mask(const Params& p, int b, int h) {
   return UserMask{p.mask_kind,        p.mask,          b * p.mask_stride[0] + h * p.mask_stride[1],
-                  p.mask_stride[2],   p.mask_stride[3], p.q_index,
-                  p.kv_index};
+                  p.mask_stride[2],   p.mask_stride[3], q_table(p, b, h),
+                  kv_table(p, b, h)};
 }
 
 // Scores of one tile to log2 units (times scale_log2), with its masks: pairs
@@ -165,10 +217,10 @@ __device__ __forceinline__ UserMask user_mask(const Params& p, int b, int h) {
 template <bool kTransposed, int N>
 __device__ __forceinline__ void scale_and_mask(float (&s)[N][4], const Params& p, const UserMask& user, int pid,
                                                int q0, int k0, int row0, int col0, float scale_log2) {
-  // Interior full tiles without a user mask (most tiles) only scale. Full
-  // tiles may reach past the sequence's end: the plan only bounds-masks
-  // partial ones.
-  if (pid < 0 && p.mask_kind == 0 && q0 + kBlockM <= p.lq && k0 + kBlockN <= p.lk) {
+  // Interior full tiles without a user mask or predicates (most tiles) only
+  // scale. Full tiles may reach past the sequence's end: the plan only
+  // bounds-masks partial ones.
+  if (pid < 0 && p.mask_kind == 0 && p.predicates == 0 && q0 + kBlockM <= p.lq && k0 + kBlockN <= p.lk) {
     TFK_UNROLL
     for (int n = 0; n < N; ++n) {
       TFK_UNROLL
@@ -187,8 +239,9 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[N][4], const Params& p
       float x = s[n][i] * scale_log2;
       if (q0 + qr >= p.lq || k0 + kr >= p.lk || (pm && !pm[qr * kBlockN + kr])) {
         x = -INFINITY;
-      } else if (p.mask_kind != 0) {
-        x += user.bias(q0 + qr, k0 + kr);
+      } else {
+        if (p.mask_kind != 0) x += user.bias(q0 + qr, k0 + kr);
+        if (p.predicates != 0) x = user.predicate(x, p.predicates, q0 + qr, k0 + kr);
       }
       s[n][i] = x;
     }
@@ -214,8 +267,8 @@ struct Dropout {
   const int64_t* kv_index;
 
   __device__ __forceinline__ Dropout(const Params& p, int b, int h)
-      : head_word(mix32(static_cast<uint32_t>(b * p.heads + h) ^ p.drop_key)), threshold(p.drop_threshold),
-        scale(p.drop_scale), q_index(p.q_index), kv_index(p.kv_index) {}
+      : head_word(mix32(static_cast<uint32_t>((b * p.heads + h) * p.drop_rounds + p.drop_round) ^ p.drop_key)),
+        threshold(p.drop_threshold), scale(p.drop_scale), q_index(q_table(p, b, h)), kv_index(kv_table(p, b, h)) {}
 
   __device__ __forceinline__ bool on() const { return threshold != 0; }
   __device__ __forceinline__ uint32_t row_word(int row) const {

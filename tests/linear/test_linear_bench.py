@@ -3,6 +3,7 @@ the main report's linear rows check against the reference."""
 import torch
 
 from bench import linear as bench_linear
+from helpers import CountingTimer
 
 
 def test_bench_linear_smoke(capsys):
@@ -28,23 +29,6 @@ def test_report_rows_check_against_the_reference(monkeypatch):
                         lambda x, name, dim, keep=None: real(x, name, dim, keep) * (1.01 if dim == -1 else 1.0))
     planted = report_linear.check_all(report_linear.OPS, cpu, [torch.float32], time_it=False)
     assert not {r["op"]: r["ok"] for r in planted}["linear_noncausal_identity"]
-
-
-class CountingTimer:
-    """Stands in for bench.peak.CudaTimer: runs each step once, counts the
-    calls, reports fixed figures (2 ms, 5 MiB)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def time(self, fn):
-        self.calls += 1
-        fn()
-        return 2e-3
-
-    def peak_bytes(self, fn):
-        fn()
-        return 5 * 2 ** 20
 
 
 def test_gpu_flops_by_hand():

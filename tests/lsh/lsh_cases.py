@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import tfk
-from tfk.ops.lsh import draw_rotations, hash_buckets, lsh_attention_reference
+from tfk.ops.lsh import draw_rotations, hash_buckets, lsh_attention_reference, sorted_order
 from tolerances import FACTOR, FLOOR, max_err
 
 
@@ -62,6 +62,38 @@ def make_inputs(c: Case, seed=0):
         rot = draw_rotations(c.H, c.D, c.n_hashes, c.n_buckets, seed=seed + 1)
         buckets = hash_buckets(qk, rot, c.n_buckets, mask)
     return qk, v, mask, buckets, (r(c.B, c.H, c.L, c.vdim), r(c.B, c.H, c.L))
+
+
+def op_args(c: Case, dtype=torch.float32, dropout_p=0.0, seed=5):
+    """The arguments of a backend's forward op (functions.lsh_ops) for case c:
+    leaves qk and value in dtype, the sorted layout, the mask and options."""
+    qk, v, mask, buckets, _ = make_inputs(c)
+    qk, v = qk.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()
+    return (qk, v, sorted_order(buckets), mask, c.chunk_size, c.before, c.after, c.causal, c.scale, dropout_p,
+            seed)
+
+
+def check_compile_fullgraph(**kw):
+    """torch.compile(fullgraph=True) traces tfk.lsh_attention(qk, v, **kw) and its
+    backward: the same loss and gradients as the eager call."""
+    c = Case(B=1, L=64, D=16, n_hashes=2, chunk_size=16, causal=True, mask=True)
+    qk, v, mask, buckets, _ = make_inputs(c)
+    qk, v = qk.float(), v.float()
+
+    def f(qk, v):
+        out, lse = tfk.lsh_attention(qk, v, n_hashes=2, chunk_size=16, causal=True, key_padding_mask=mask,
+                                     return_lse=True, **kw)
+        return out.sum() + lse.sum()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = [t.clone().requires_grad_() for t in (qk, v)]
+    b = [t.clone().requires_grad_() for t in (qk, v)]
+    y1, y2 = f(*a), compiled(*b)
+    y1.backward()
+    y2.backward()
+    assert torch.allclose(y1, y2)
+    for x1, x2 in zip(a, b):
+        assert torch.allclose(x1.grad, x2.grad, atol=1e-6)
 
 
 def run(fn, inputs, dtype):

@@ -7,7 +7,7 @@ import torch
 import tfk
 from tfk.ops.lsh import dense_keep, draw_rotations, hash_buckets, lsh_attention_reference, sorted_order
 from tfk.ops.lsh.api import LshCall, TorchBackend
-from lsh_cases import Case, check_case, make_inputs
+from lsh_cases import Case, check_case, check_compile_fullgraph, make_inputs, op_args
 
 CASES = {
     "d40-n2": Case(),
@@ -201,11 +201,9 @@ def test_bad_input_named_error(name):
 
 # --------------------------------------------------------- op and compile
 
-def _op_args(dtype=torch.float32, dropout_p=0.0):
-    c = Case(B=1, L=32, D=8, n_hashes=2, chunk_size=8, causal=True, mask=True)
-    qk, v, mask, buckets, _ = make_inputs(c)
-    qk, v = qk.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()
-    return (qk, v, sorted_order(buckets), mask, 8, 1, 1, True, 1.0, dropout_p, 5)
+def _op_args(dropout_p=0.0):
+    return op_args(Case(B=1, L=32, D=8, n_hashes=2, chunk_size=8, after=1, causal=True, mask=True),
+                   dropout_p=dropout_p)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
@@ -221,25 +219,8 @@ def test_opcheck(dropout_p):
 
 
 def test_torch_compile_fullgraph():
-    c = Case(B=1, L=64, D=16, n_hashes=2, chunk_size=16, causal=True, mask=True)
-    qk, v, mask, _, _ = make_inputs(c)
-    qk, v = qk.float(), v.float()
-    rot = draw_rotations(2, 16, 2, 4, seed=0)
-
-    def f(qk, v):
-        out, lse = tfk.lsh_attention(qk, v, n_hashes=2, n_buckets=4, chunk_size=16, causal=True,
-                                     key_padding_mask=mask, rotations=rot, return_lse=True)
-        return out.sum() + lse.sum()
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    a = [t.clone().requires_grad_() for t in (qk, v)]
-    b = [t.clone().requires_grad_() for t in (qk, v)]
-    y1, y2 = f(*a), compiled(*b)
-    y1.backward()
-    y2.backward()
-    assert torch.allclose(y1, y2)
-    for x1, x2 in zip(a, b):
-        assert torch.allclose(x1.grad, x2.grad, atol=1e-6)
+    # hashing inside the traced call (rotations given)
+    check_compile_fullgraph(n_buckets=4, rotations=draw_rotations(2, 16, 2, 4, seed=0))
 
 
 def test_torch_backend_memory_is_never_quadratic():

@@ -7,6 +7,7 @@ import torch
 
 from bench import lsh as bench_lsh
 from bench import peak
+from helpers import CountingTimer
 
 requires_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                  reason="transformers is not installed")
@@ -68,7 +69,10 @@ def test_report_runs_an_lsh_op(tmp_path, capsys):
     path = tmp_path / "report.json"
     assert report.main(["--only", "lsh_full_path_pad", "--repeat", "1", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["op"], r["ok"]) for r in rows] == [("lsh_full_path_pad", True)]
+    # the CUDA kernels take it too (L <= chunk): its cuda-sim rows follow
+    assert [(r["op"], r["backend"], r["ok"]) for r in rows] == [
+        ("lsh_full_path_pad", "torch", True), ("lsh_full_path_pad", "cuda-sim", True),
+        ("lsh_full_path_pad", "cuda-sim", True)]
     assert "LSH attention (tfk.lsh_attention)" in capsys.readouterr().out
 
 
@@ -80,3 +84,44 @@ def test_report_half_precision_rows():
                                 time_it=False)
     assert [r["dtype"] for r in rows] == ["float16", "bfloat16"]
     assert all(r["ok"] for r in rows), rows
+
+
+def test_gpu_flops_by_hand():
+    s = bench_lsh.GPU_SHAPES["L16384_n4"]
+    # B=4, H=8: n·L = 65536 slots, each scoring 128 keys, 2·(64 + 64) flops a pair
+    assert bench_lsh.gpu_flops(s, "tfk", "fwd") == 4 * 8 * 65536 * 128 * 256 == 68_719_476_736
+    assert bench_lsh.gpu_flops(s, "hf", "fwd+bwd") == 68_719_476_736 * 7 // 2
+    assert bench_lsh.gpu_flops(s, "sdpa", "fwd") == 4 * 4 * 8 * 16384 ** 2 * 64 // 2
+    assert all(sh.B * sh.L == 65536 for sh in bench_lsh.GPU_SHAPES.values())
+
+
+@requires_hf
+def test_run_gpu_on_cpu_with_a_counting_timer():
+    """The GPU mode's loop on CPU tensors: every (implementation, mode) row,
+    the backend "auto" chose, a row that says why an implementation cannot
+    run, the ratios, and the table."""
+    tiny = [bench_lsh.GPUShape("tiny", 1, 2, 256, 16, 2)]
+    timer, logged = CountingTimer(), []
+    impls = ("tfk", "tfk_cuda", "hf", "sdpa")
+    rows = bench_lsh.run_gpu(tiny, ("fp32",), impls, device="cpu", timer=timer, log=logged.append)
+    assert logged == rows
+    assert [(r["impl"], r["mode"]) for r in rows] == [(i, m) for i in impls for m in ("fwd", "fwd+bwd")]
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    assert timer.calls == len([r for r in rows if not r.get("error")]) == 6
+    r = by[("tfk", "fwd+bwd")]
+    assert r.get("error") is None and r["backend"] == "torch", r
+    assert r["ms"] == 2.0 and r["peak_mib"] == 5.0 and r["x_hf"] == r["x_sdpa"] == 1.0
+    assert r["tflops"] == bench_lsh.gpu_flops(tiny[0], "tfk", "fwd+bwd") / 2e-3 / 1e12
+    assert by[("tfk_cuda", "fwd")]["error"].startswith("n/a (BackendUnavailable")
+    lines = bench_lsh.table.format_table(bench_lsh.GPU_COLS, [bench_lsh.gpu_cells(r) for r in rows]).splitlines()
+    assert len(lines) == 2 + len(rows) and "tfk[torch]" in lines[2]
+
+
+@requires_hf
+def test_gpu_steps_compute_the_same_attention():
+    """The GPU mode's tfk and HF functions agree (same rotations)."""
+    s = bench_lsh.GPUShape("tiny", 1, 2, 256, 16, 2)
+    qk, v = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+    a = bench_lsh._gpu_impl("tfk", s, "cpu")(qk, v)
+    b = bench_lsh._gpu_impl("hf", s, "cpu")(qk, v)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

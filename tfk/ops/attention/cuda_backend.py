@@ -76,6 +76,11 @@ def _schedules(sp, backward):
     return kv + (sp.q_count, sp.q_blocks, sp.q_partial) if backward else kv
 
 
+def _subpass_options(sp):
+    """The sub-pass's position predicates and dropout rounds, as the ops take them."""
+    return dict(predicates=sp.predicates, drop_rounds=sp.rounds, drop_round=sp.round)
+
+
 def _prepare(q, k, v, mask):
     """The kernels' head dim, the ops for q's device, the mask as they read
     it, and the tile counters the kernels fill (forward, dQ, dK/dV), None
@@ -101,7 +106,8 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0):
 
     def run(sp, q_l, k_l, v_l, o, l):
         ops.attention_fwd_(q_l, k_l, v_l, m, sp.q_index, sp.kv_index, *_schedules(sp, False),
-                           sp.partial_masks.view(torch.uint8), scale, o, l, **dropout, tiles=tiles)
+                           sp.partial_masks.view(torch.uint8), scale, o, l, **dropout, tiles=tiles,
+                           **_subpass_options(sp))
 
     out, lse = forward_over_plan(plan, _pad(q, hd), _pad(k, hd), _pad(v, hd), hd, run)
     _count(tiles)
@@ -117,7 +123,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout
     def run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l):
         ops.attention_bwd_(do_l, q_l, k_l, v_l, lse_l, delta_l, m, sp.q_index, sp.kv_index,
                            *_schedules(sp, True), sp.partial_masks.view(torch.uint8), scale, dq_l, dk_l, dv_l,
-                           **dropout, tiles=tiles)
+                           **dropout, tiles=tiles, **_subpass_options(sp))
 
     dq, dk, dv = backward_over_plan(plan, _pad(q, hd), _pad(k, hd), _pad(v, hd), _pad(dout, hd), lse,
                                     delta_of(out, dout, dlse), run)

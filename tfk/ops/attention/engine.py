@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ...backends import new_output
-from ...plan import Plan, from_layout, get_plan, plan_by_id, plan_id, to_layout
+from ...plan import Plan, add_from_layout, from_layout, get_plan, plan_by_id, plan_id, to_layout
 from .merge import merge_partials
 
 
@@ -29,8 +29,9 @@ def forward_over_plan(plan, q, k, v, dv, run):
     B, H, Lq = q.shape[:3]
     single = len(plan.subpasses) == 1 and plan.subpasses[0].q_index is None
     out = lse = None
+    kv = KeyLayouts(k, v)
     for sp in plan.subpasses:
-        q_l, k_l, v_l = to_layout(q, sp.q_index), to_layout(k, sp.kv_index), to_layout(v, sp.kv_index)
+        q_l, (k_l, v_l) = to_layout(q, sp.q_index), kv.of(sp)
         o = new_output((B, H, sp.lq, dv), q.dtype if single else torch.float32, q.device)
         l = new_output((B, H, sp.lq), torch.float32, q.device)
         run(sp, q_l, k_l, v_l, o, l)
@@ -40,6 +41,20 @@ def forward_over_plan(plan, q, k, v, dv, run):
         return (torch.zeros(B, H, Lq, dv, dtype=q.dtype, device=q.device),
                 torch.full((B, H, Lq), float("-inf"), device=q.device))
     return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
+
+
+class KeyLayouts:
+    """k, v gathered into each sub-pass's key layout, once per distinct index
+    (LSH's hash rounds share one key layout: one gather, not one a round)."""
+
+    def __init__(self, k, v):
+        self.k, self.v, self.index, self.kv = k, v, None, None
+
+    def of(self, sp):
+        if self.kv is None or sp.kv_index is not self.index:
+            self.index = sp.kv_index
+            self.kv = to_layout(self.k, sp.kv_index), to_layout(self.v, sp.kv_index)
+        return self.kv
 
 
 def delta_of(out, dout, dlse):
@@ -56,15 +71,16 @@ def backward_over_plan(plan, q, k, v, dout, lse, delta, run):
     merged lse and delta; they add up at the original positions.
     """
     dq = dk = dv = None
+    kv = KeyLayouts(k, v)
     for sp in plan.subpasses:
         q_l, do_l, lse_l, delta_l = (to_layout(x, sp.q_index) for x in (q, dout, lse, delta))
-        k_l, v_l = to_layout(k, sp.kv_index), to_layout(v, sp.kv_index)
+        k_l, v_l = kv.of(sp)
         dq_l, dk_l, dv_l = (new_output(x.shape, torch.float32, x.device) for x in (q_l, k_l, v_l))
         run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l)
         if dq is None:
             dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
         for full, part, index in ((dq, dq_l, sp.q_index), (dk, dk_l, sp.kv_index), (dv, dv_l, sp.kv_index)):
-            full.add_(part) if index is None else full.index_add_(2, index, part)
+            add_from_layout(full, part, index)
     if dq is None:
         return tuple(torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
     return dq, dk, dv

@@ -55,21 +55,8 @@ class TritonBackend(Backend):
     priority = 20
 
     def reasons(self, call):
-        if not _HAS_TRITON:
-            return ["triton is not installed"]
-        why = []
-        q = call.q
-        if not q.is_cuda and not (q.is_cpu and _INTERPRET):
-            why.append(f"tensors on {q.device}: needs CUDA, or CPU tensors with TRITON_INTERPRET=1 "
-                       "set before tfk is imported")
-        if q.dtype not in _DTYPES:
-            why.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
-        elif q.dtype == torch.bfloat16 and not q.is_cuda:
-            why.append("bfloat16 arithmetic is wrong in Triton's interpreter: bf16 runs on GPU only")
-        elif q.dtype == torch.float32 and q.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
-            why.append("float32 runs with tf32 dots on GPU: set torch.backends.cuda.matmul.allow_tf32 = True "
-                       "to allow them, or use backend='torch' for exact float32")
-        return why + kernel_reasons(call, _kernels().MAX_HEAD_DIM)
+        why = device_reasons(call.q)
+        return why + kernel_reasons(call, _kernels().MAX_HEAD_DIM) if _HAS_TRITON else why
 
     def auto_for(self, call):
         return call.q.is_cuda
@@ -80,6 +67,25 @@ class TritonBackend(Backend):
         plan = _plan(call.pattern, q.shape[2], k.shape[2], max(q.shape[-1], v.shape[-1]), q.dtype, q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
         return attention_fwd(q, k, v, call.attn_mask, plan, call.scale, call.dropout_p, seed)
+
+
+def device_reasons(q):
+    """Why the Triton kernels cannot take tensors like ``q`` (device, dtype):
+    every family's Triton backends share these."""
+    if not _HAS_TRITON:
+        return ["triton is not installed"]
+    why = []
+    if not q.is_cuda and not (q.is_cpu and _INTERPRET):
+        why.append(f"tensors on {q.device}: needs CUDA, or CPU tensors with TRITON_INTERPRET=1 "
+                   "set before tfk is imported")
+    if q.dtype not in _DTYPES:
+        why.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
+    elif q.dtype == torch.bfloat16 and not q.is_cuda:
+        why.append("bfloat16 arithmetic is wrong in Triton's interpreter: bf16 runs on GPU only")
+    elif q.dtype == torch.float32 and q.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
+        why.append("float32 runs with tf32 dots on GPU: set torch.backends.cuda.matmul.allow_tf32 = True "
+                   "to allow them, or use backend='torch' for exact float32")
+    return why
 
 
 register_backend(TritonBackend())

@@ -27,7 +27,9 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lsh_ops(name, forward, backward):
+def lsh_ops(name, forward, backward, slot_lse=True):
+    """``slot_lse=False``: the backend's backward takes the merged lse alone,
+    and its third output is empty (B, H, 0)."""
     @torch.library.custom_op(f"tfk::lsh_attention_{name}_fwd", mutates_args=())
     def fwd(qk: torch.Tensor, value: torch.Tensor, order: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
             chunk_size: int, before: int, after: int, causal: bool, scale: float, dropout_p: float,
@@ -40,7 +42,7 @@ def lsh_ops(name, forward, backward):
         B, H, L, _ = qk.shape
         acc = _acc(qk.dtype)
         return (qk.new_empty(B, H, L, value.shape[-1]), qk.new_empty(B, H, L, dtype=acc),
-                qk.new_empty(B, H, order.shape[2] * L, dtype=acc))
+                qk.new_empty(B, H, order.shape[2] * L if slot_lse else 0, dtype=acc))
 
     @torch.library.custom_op(f"tfk::lsh_attention_{name}_bwd", mutates_args=())
     def bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], qk: torch.Tensor, value: torch.Tensor,
