@@ -48,7 +48,8 @@ class SubPass:
     q_index: torch.Tensor | None
     kv_index: torch.Tensor | None  # (Lk',) or (B, Hkv, Lk') original key positions, likewise
     kv_count: torch.Tensor         # int32 (Hp, nqb): key blocks visited by each query block
-    kv_blocks: torch.Tensor        # int32 (Hp, nqb, nb): their indices, ascending; padding repeats the last
+    kv_blocks: torch.Tensor        # int32 (Hp, nqb, nb): their indices, ascending (an LSH band: in window
+                                   # order, a block may repeat); padding repeats the last
     kv_partial: torch.Tensor       # int32 (Hp, nqb, nb): row of partial_masks, or -1 for a full tile
     q_count: torch.Tensor          # int32 (Hp, nkb): the transposed schedule, per key block
     q_blocks: torch.Tensor         # int32 (Hp, nkb, nbq): the query blocks visiting it

@@ -96,15 +96,16 @@ def check_compile_fullgraph(**kw):
         assert torch.allclose(x1.grad, x2.grad, atol=1e-6)
 
 
-def run(fn, inputs, dtype):
-    """fn(qk, v, mask, buckets) -> (out, lse) on leaves cast to dtype; returns
-    {out, lse, dqk, dv} as CPU tensors."""
+def run(fn, inputs, dtype, device="cpu"):
+    """fn(qk, v, mask, buckets) -> (out, lse) on leaves cast to dtype on device;
+    returns {out, lse, dqk, dv} as CPU tensors."""
     qk, v, mask, buckets, (dout, dlse) = inputs
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (qk, v)]
-    out, lse = fn(*leaves, mask, buckets)
-    loss = (out.double() * dout).sum() + (lse.double() * dlse).sum()
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    leaves = [t.detach().to(device, dtype).requires_grad_() for t in (qk, v)]
+    out, lse = fn(*leaves, on(mask), on(buckets))
+    loss = (out.double() * on(dout)).sum() + (lse.double() * on(dlse)).sum()
     dqk, dv = torch.autograd.grad(loss, leaves)
-    return dict(out=out.detach(), lse=lse.detach(), dqk=dqk, dv=dv)
+    return dict(out=out.detach().cpu(), lse=lse.detach().cpu(), dqk=dqk.cpu(), dv=dv.cpu())
 
 
 def tfk_fn(c: Case, backend="torch"):
@@ -137,11 +138,12 @@ def baseline(c: Case, inputs, dtype):
 NAMES = dict(out="out", lse="lse", dqk="dq", dv="dv")   # FLOOR's keys
 
 
-def check_case(c: Case, dtype, backend="torch", seed=0):
+def check_case(c: Case, dtype, backend="torch", seed=0, device="cpu", floor_dtype=None):
+    """``floor_dtype``: the dtype whose FLOOR applies (tf32 dots on a GPU: float16's)."""
     inputs = make_inputs(c, seed)
     ref = run(reference_fn(c), inputs, torch.float64)
     base = baseline(c, inputs, dtype) if dtype != torch.float64 else None
-    got = run(tfk_fn(c, backend), inputs, dtype)
+    got = run(tfk_fn(c, backend), inputs, dtype, device)
     assert got["out"].dtype == dtype
     assert got["lse"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     for name, r in ref.items():
@@ -150,6 +152,6 @@ def check_case(c: Case, dtype, backend="torch", seed=0):
         assert not torch.isnan(g).any(), f"{name}: NaN (an unwritten element, or broken math)"
         err = max_err(g, r)
         base_err = max_err(base[name], r) if base is not None else 0.0
-        floor = FLOOR[dtype][NAMES[name]] * max(1.0, float(r.abs().max()))
+        floor = FLOOR[floor_dtype or dtype][NAMES[name]] * max(1.0, float(r.abs().max()))
         bound = FACTOR * base_err + floor
         assert err <= bound, f"{name}: err {err:.3g} > bound {bound:.3g} (torch's err in {dtype}: {base_err:.3g})"

@@ -8,12 +8,12 @@ concatenated sorted order (``order`` flattened, n·L slots). The schedule is
 static, a band with wrap-around: the query block of chunk c visits the key
 blocks of chunks c - before .. c + after (mod N = n·L / chunk), so a backend
 visits exactly n · L/block_q · (1 + before + after) · chunk/block_k tiles per
-(batch, head) in the forward (n·L/chunk · (1 + before + after) when the tiles
-are the chunk). Causal order, the self logit and the key padding are
-position predicates in the kernels (``SubPass.predicates``, the padding as
-a (B, 1, 1, L) bool mask), not tile masks;
-the engine merges the rounds by log-sum-exp, and its backward runs each
-round with the merged lse, as for any plan's sub-passes.
+(batch, head) in each pass (n·L/chunk · (1 + before + after) when the tiles
+are the chunk). Causal order and the self logit are position predicates in
+the kernels (``SubPass.predicates``), the key padding the engine's bool
+mask (B, 1, 1, L): no tile masks. The engine merges the rounds by
+log-sum-exp, and its backward runs each round with the merged lse, as for
+any plan's sub-passes.
 
 The keys are qk length-normalised (torch_backend.keys_of, in float32, then
 in qk's dtype): the engine's dk goes back through the normalisation onto
@@ -87,8 +87,8 @@ def _band(n, L, chunk, before, after, bq, bk, device):
 
 
 def lsh_plan(order, chunk_size, before, after, causal, block_q, block_k):
-    """The plan of an LSH call: ``order`` (B, H, n, L) the positions sorted per
-    round, or None for the one-pass path (L <= chunk_size)."""
+    """The plan of an LSH call: ``order`` (B, H, n, L), the positions sorted
+    per round; tiles (block_q, block_k) that divide chunk_size."""
     B, H, n, L = order.shape
     kv_index = order.reshape(B, H, n * L)       # one object: the engine gathers k, v once
     empty = torch.zeros(0, block_q, block_k, dtype=torch.bool, device=order.device)
