@@ -823,6 +823,65 @@ def _linear_tile(meta: dict) -> str:
                                                   "BLOCK_TV") if n in meta)
 
 
+# KV-cache decoding (triton_kernels/kvcache.py): a config names a call of the
+# launcher, kvcache_forward (the split pass _kvcache_split, then the merge
+# _kvcache_merge), captured on meta tensors (_capture_launch) with its own
+# tiles (tile_config: BLOCK_M rows of the G x Lq group, BLOCK_N keys), warps,
+# stages and dot precision (tf32 for fp32).
+# Matrix, per arch: 3 dtypes x head dims (64, 128, 256) x two calls: one-token
+# decode, causal, contiguous cache, G = 4 (4 rows); and a 16-query block under
+# a sliding window on a paged cache (pages of 16), G = 8 (128 rows: row blocks
+# of 64, 32 over D = 128): 36 configs of each kernel. --quick: fp16, D = 128,
+# the paged window.
+KVCACHE_MODULE = "tfk.triton_kernels.kvcache"
+KVCACHE_SOURCE = "triton_kernels/kvcache.py"
+KVCACHE_KERNELS = ("_kvcache_split", "_kvcache_merge")
+KVCACHE_DTYPES = ("fp16", "bf16", "fp32")
+KVCACHE_HEAD_DIMS = (64, 128, 256)
+# (name, paged, window, G, Lq)
+KVCACHE_CALLS = (("decode", False, 0, 4, 1), ("paged window", True, 32, 8, 16))
+KVCACHE_QUICK = ("fp16", 128, "paged window")
+
+
+def kvcache_configs(archs: list[str], quick: bool = False, extended: bool = False) -> list[dict]:
+    """The KV-cache matrix (see above): one dict per (kernel, dtype, D, call, arch)."""
+    return [dict(family="kvcache", kernel=k, dtype=dt, precision="tf32" if dt == "fp32" else "ieee",
+                 opts=dict(D=D, call=c), cap=cap, name=f"{dt} D={D} {c[0]}")
+            for cap in _caps(archs) for k in KVCACHE_KERNELS for dt in KVCACHE_DTYPES for D in KVCACHE_HEAD_DIMS
+            for c in KVCACHE_CALLS if not quick or (dt, D, c[0]) == KVCACHE_QUICK]
+
+
+def _kvcache_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
+    """(argument values by name, constexprs and launch options) of `cfg`'s
+    kernel as kvcache_forward passes them for its call on meta tensors."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    from tfk import patterns as P
+    from tfk.ops.kvcache.call import KVCacheCall, band_of
+
+    D, (_, paged, window, G, Lq) = cfg["opts"]["D"], cfg["opts"]["call"]
+    dt = getattr(torch, _TORCH_DTYPES[cfg["dtype"]])
+    B, Hkv = 2, 2
+    meta = lambda *shape, dtype=dt: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    cache = meta(64, Hkv, 16, D) if paged else meta(B, Hkv, 4096, D)
+    table = meta(B, 64, dtype=torch.int32) if paged else None
+    pattern = P.sliding_window(window) if window else P.causal()
+    call = KVCacheCall(meta(B, Hkv * G, Lq, D), cache, meta(*cache.shape), meta(B, dtype=torch.int32), table,
+                       pattern, band_of(pattern), D ** -0.5, True, 1000)
+    args, kwargs = _capture_launch(mod, cfg["kernel"], lambda: mod.kvcache_forward(call))
+    names = [p.name for p in getattr(mod, cfg["kernel"]).params]
+    mock = lambda x: MockTensor(x.dtype) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return {n: mock(x) for n, x in zip(names, args)}, {n: mock(x) for n, x in kwargs.items()}
+
+
+def _kvcache_tile(meta: dict) -> str:
+    """Rows x keys of the split pass; splits x value width of the merge."""
+    if "BLOCK_N" in meta:
+        return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}"
+    return f"S{meta['BLOCK_S']} DV{meta['BLOCK_DV']}"
+
+
 # The Triton modules the report compiles: where each lives, its configs and
 # how to build a config's launch arguments.
 TRITON_FAMILIES = {
@@ -832,6 +891,8 @@ TRITON_FAMILIES = {
                 tile=_moe_tile),
     "linear": dict(module=LINEAR_MODULE, source=LINEAR_SOURCE, configs=linear_configs,
                    launch_args=_linear_launch_args, tile=_linear_tile),
+    "kvcache": dict(module=KVCACHE_MODULE, source=KVCACHE_SOURCE, configs=kvcache_configs,
+                    launch_args=_kvcache_launch_args, tile=_kvcache_tile),
 }
 
 

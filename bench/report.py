@@ -20,7 +20,9 @@ float32 otherwise.
 Without a GPU a second table runs the CUDA kernels (csrc/attention/) on the
 CPU through backend "cuda-sim" (tfk's host-execution layer) in float16 and
 bfloat16, for every op, checked the same way and not timed: the layer emulates a GPU, its speed says nothing about one.
-``--no-sim`` skips it. Then the same for the MoE ops (bench/report_moe.py),
+``--no-sim`` skips it. Then the same for packed sequences
+(bench/report_varlen.py), KV-cache decoding (bench/report_kvcache.py,
+forward only), the MoE ops (bench/report_moe.py),
 the linear-attention ops (bench/report_linear.py; the csrc/linear/
 kernels on cuda-sim), and the LSH-attention ops (bench/report_lsh.py).
 """
@@ -43,7 +45,7 @@ from tfk import dropout as drop
 from tfk import patterns as P
 from tfk.ops.attention import attention_reference
 
-from . import report_linear, report_lsh, report_moe
+from . import report_kvcache, report_linear, report_lsh, report_moe, report_varlen
 from .table import Col, fmt, format_table
 
 # Relative tolerance per dtype: fp32 is absolute-relative; fp16/bf16 add this
@@ -330,19 +332,23 @@ def _check_all(ops, device, dtypes, **kw):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    names = [o.name for o in OPS + report_moe.OPS + report_linear.OPS + report_lsh.OPS]
+    names = [o.name for o in OPS + report_varlen.OPS + report_kvcache.OPS + report_moe.OPS + report_linear.OPS
+             + report_lsh.OPS]
     ap.add_argument("--only", nargs="+", metavar="OP", help=f"ops to run, from: {', '.join(names)}")
     ap.add_argument("--backend", default="auto", help="backend to check (default: auto)")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per measurement on CPU (median)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--no-sim", action="store_true", help="skip the CUDA kernels on the CPU (backend cuda-sim)")
     args = ap.parse_args(argv)
-    ops, moe_ops, linear_ops, lsh_ops = OPS, report_moe.OPS, report_linear.OPS, report_lsh.OPS
+    ops, varlen_ops, kv_ops = OPS, report_varlen.OPS, report_kvcache.OPS
+    moe_ops, linear_ops, lsh_ops = report_moe.OPS, report_linear.OPS, report_lsh.OPS
     if args.only:
         missing = [n for n in args.only if n not in names]
         if missing:
             ap.error(f"unknown op(s) {missing}; known: {', '.join(names)}")
         ops = [o for o in OPS if o.name in args.only]
+        varlen_ops = [o for o in report_varlen.OPS if o.name in args.only]
+        kv_ops = [o for o in report_kvcache.OPS if o.name in args.only]
         moe_ops = [o for o in report_moe.OPS if o.name in args.only]
         linear_ops = [o for o in report_linear.OPS if o.name in args.only]
         lsh_ops = [o for o in report_lsh.OPS if o.name in args.only]
@@ -365,47 +371,40 @@ def main(argv=None):
             sim_rows = _check_all(ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
             print(format_rows(sim_rows))
             rows += sim_rows
-    if moe_ops:
-        print("\nMixture-of-Experts (tfk.moe); err grads: the largest over the inputs' gradients:", flush=True)
-        moe_rows = report_moe.check_all(moe_ops, device, dtypes, backend=args.backend, repeat=args.repeat,
-                                        timer=_timed_ms)
-        print(report_moe.format_rows(moe_rows))
-        if sim:
-            print("\nThe MoE CUDA kernels (csrc/moe/) on the CPU: backend cuda-sim, untimed:", flush=True)
-            sim_rows = report_moe.check_all(moe_ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
-            print(report_moe.format_rows(sim_rows))
-            moe_rows += sim_rows
-        rows += moe_rows
-    if linear_ops:
-        print("\nLinear attention (tfk.linear_attention); err grads: the largest over q, k, v (and the initial "
-              "state's):", flush=True)
-        linear_rows = report_linear.check_all(linear_ops, device, dtypes, backend=args.backend,
-                                              repeat=args.repeat, timer=_timed_ms)
-        print(report_moe.format_rows(linear_rows))
-        if sim:
-            print("\nThe linear-attention CUDA kernels (csrc/linear/) on the CPU: backend cuda-sim, untimed:",
-                  flush=True)
-            sim_rows = report_linear.check_all(linear_ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
-            print(report_moe.format_rows(sim_rows))
-            linear_rows += sim_rows
-        rows += linear_rows
-    if lsh_ops:
-        print("\nLSH attention (tfk.lsh_attention); err grads: the larger over qk and value:", flush=True)
-        lsh_rows = report_lsh.check_all(lsh_ops, device, dtypes, backend=args.backend, repeat=args.repeat,
-                                        timer=_timed_ms)
-        print(report_moe.format_rows(lsh_rows))
-        sim_ops = [o for o in lsh_ops if report_lsh.cuda_kernels_take(o)]
+    sections = [  # (module, its ops, title, title of its cuda-sim table, which ops cuda-sim takes)
+        (report_varlen, varlen_ops, "Packed sequences (tfk.attention_varlen); err grads: the largest over query, "
+         "key and value:", "The same on the CUDA attention kernels (csrc/attention/) on the CPU: backend "
+         "cuda-sim, untimed:", report_varlen.cuda_kernels_take),
+        (report_kvcache, kv_ops, "KV-cache decoding (tfk.attention_with_kvcache, forward only):",
+         "The split-KV CUDA kernels (csrc/kvcache/) on the CPU: backend cuda-sim, untimed:",
+         report_kvcache.cuda_kernels_take),
+        (report_moe, moe_ops, "Mixture-of-Experts (tfk.moe); err grads: the largest over the inputs' gradients:",
+         "The MoE CUDA kernels (csrc/moe/) on the CPU: backend cuda-sim, untimed:", None),
+        (report_linear, linear_ops, "Linear attention (tfk.linear_attention); err grads: the largest over q, k, v "
+         "(and the initial state's):", "The linear-attention CUDA kernels (csrc/linear/) on the CPU: backend "
+         "cuda-sim, untimed:", None),
+        (report_lsh, lsh_ops, "LSH attention (tfk.lsh_attention); err grads: the larger over qk and value:",
+         "The LSH ops the CUDA attention kernels take (csrc/attention/; 64-wide tiles: chunks of 64), on the CPU: "
+         "backend cuda-sim, untimed:", report_lsh.cuda_kernels_take),
+    ]
+    for module, family_ops, title, sim_title, sim_takes in sections:
+        if not family_ops:
+            continue
+        print("\n" + title, flush=True)
+        family_rows = module.check_all(family_ops, device, dtypes, backend=args.backend, repeat=args.repeat,
+                                       timer=_timed_ms)
+        print(report_moe.format_rows(family_rows))
+        sim_ops = [o for o in family_ops if sim_takes is None or sim_takes(o)]
         if sim and sim_ops:
-            print("\nThe LSH ops the CUDA attention kernels take (csrc/attention/; 64-wide tiles: chunks of 64), on "
-                  "the CPU: backend cuda-sim, untimed:", flush=True)
-            sim_rows = report_lsh.check_all(sim_ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
+            print("\n" + sim_title, flush=True)
+            sim_rows = module.check_all(sim_ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
             print(report_moe.format_rows(sim_rows))
-            lsh_rows += sim_rows
-        rows += lsh_rows
+            family_rows += sim_rows
+        rows += family_rows
     print()
     for op in ops:
         print(f"  {op.name:<26} B={op.B} H={op.H} Lq={op.Lq} Lk={op.Lk} D={op.D}: {op.describe()}")
-    for op in moe_ops + linear_ops + lsh_ops:
+    for op in varlen_ops + kv_ops + moe_ops + linear_ops + lsh_ops:
         print(f"  {op.name:<26} {op.describe()}")
     for r in rows:
         if r.get("error"):

@@ -176,12 +176,14 @@ def check_op(op, device, dtype, *, backend="auto", repeat=3, time_it=True, timer
     return row
 
 
-def check_all(ops, device, dtypes, **kw):
+def check_all(ops, device, dtypes, check=None, **kw):
+    """Rows of every (op, dtype) by ``check`` (default check_op); a failure is
+    a row with its traceback."""
     rows = []
     for op in ops:
         for dtype in dtypes:
             try:
-                rows.append(check_op(op, device, dtype, **kw))
+                rows.append((check or check_op)(op, device, dtype, **kw))
             except Exception:  # noqa: BLE001 -- a failure is a row, and a non-zero exit
                 rows.append({"op": op.name, "what": op.describe(), "dtype": str(dtype).replace("torch.", ""),
                              "error": traceback.format_exc(limit=8), "ok": False})
@@ -191,7 +193,7 @@ def check_all(ops, device, dtypes, **kw):
 def format_rows(rows):
     cols = [Col("op", "<"), Col("dtype", "<"), Col("backend", "<"), Col("err out"), Col("err grads"),
             Col("fwd ms"), Col("f+b ms"), Col("check", "<")]
-    err = lambda e: "inf" if e == float("inf") else f"{e:.1e}"  # noqa: E731
+    err = lambda e: "-" if e is None else "inf" if e == float("inf") else f"{e:.1e}"  # noqa: E731
     lines = []
     for r in rows:
         if r.get("error"):

@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "attention/ops.h"
+#include "kvcache/ops.h"
 #include "linear/ops.h"
 #include "merge/merge_lse.h"
 #include "moe/ops.h"
@@ -84,6 +85,7 @@ TORCH_LIBRARY(tfk, m) {
   m.def(tfk::attention::kBwdSchema);
   TFK_MOE_DEFS(m);
   TFK_LINEAR_DEFS(m);
+  TFK_KVCACHE_DEFS(m);
 }
 
 TORCH_LIBRARY_IMPL(tfk, CUDA, m) {
@@ -92,6 +94,7 @@ TORCH_LIBRARY_IMPL(tfk, CUDA, m) {
   m.impl("attention_bwd_", &tfk::attention::ops::attention_bwd<tfk::Cuda>);
   TFK_MOE_IMPLS(m, tfk::Cuda);
   TFK_LINEAR_IMPLS(m, tfk::Cuda);
+  TFK_KVCACHE_IMPLS(m, tfk::Cuda);
 }
 
 // `import tfk._C` loads this library, which runs the registrations above; the

@@ -11,6 +11,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from bench import compile_report as cr
 
@@ -513,3 +514,45 @@ def test_linear_cuda_rows_get_dynamic_shared_memory():
         t = re.search(r"<(\w+),", r["kernel"]).group(1)
         assert r["smem"] == 16 + _linear_cuda_smem(*names[t], d), r
         assert r["smem"] <= cr.smem_limit("sm_80")
+
+
+# ------------------------------------------------------------- KV-cache decoding
+
+def test_kvcache_launch_args_are_the_launchers_own(monkeypatch):
+    """Every KV-cache config's arguments, from kvcache_forward run on meta
+    tensors, pass the argument check, with tile_config's tiles and warps and
+    the dtype's dot precision. No compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location("_tfk_kvcache_compilable", cr.ROOT / cr.KVCACHE_SOURCE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    options = set(make_backend(GPUTarget("cuda", 90, 32)).parse_options({}).__dict__)
+    configs = cr.kvcache_configs(["90"])
+    assert len(configs) == len(cr.KVCACHE_KERNELS) * 3 * len(cr.KVCACHE_HEAD_DIMS) * len(cr.KVCACHE_CALLS)
+    for cfg in configs:
+        values, meta = cr._launch_args(mod, cfg)
+        params = {p.name: p.is_constexpr for p in getattr(mod, cfg["kernel"]).params}
+        cr.check_kernel_arguments(cfg["kernel"], params, values, meta, options)
+        if cfg["kernel"] == "_kvcache_split":
+            _, _, G, Lq = cfg["opts"]["call"][1:]
+            dtype = getattr(torch, cr._TORCH_DTYPES[cfg["dtype"]])
+            block_m, block_n, warps, stages = mod.tile_config(G * Lq, cfg["opts"]["D"], dtype)
+            assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"]) == (block_m, block_n, warps), cfg
+            assert meta["PRECISION"] == cfg["precision"], cfg
+
+
+@pytest.mark.parametrize("matrix", ["quick", pytest.param("default", marks=pytest.mark.slow)])
+def test_kvcache_matrix_compiles_without_spills_for_sm80_sm90(matrix):
+    """The split-KV decode kernels compile for both archs, with no spill and
+    shared memory within the arch's limit: the quick config (the default
+    tier: 4 compiles) or the report's whole matrix (the long tier)."""
+    quick = matrix == "quick"
+    rows = cr.triton_rows(ARCHS, quick=quick, keep_going=True, families=["kvcache"])
+    assert len(rows) == len(cr.kvcache_configs(ARCHS, quick=quick))
+    errors = [f"{r['kernel']} [{r['config']}] [{r['arch']}]: {r['error']}" for r in rows if r["error"]]
+    assert not errors, "\n".join(errors)
+    assert {r["kernel"] for r in rows} == set(cr.KVCACHE_KERNELS)
+    assert all(r["source"] == cr.KVCACHE_SOURCE and r["registers"] > 0 for r in rows)
+    assert cr.problems(rows) == [], "\n" + cr.format_table(rows)

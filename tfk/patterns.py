@@ -134,6 +134,11 @@ class Pattern:
     def regions(self):
         return [Region(IDENTITY, IDENTITY, self)]
 
+    def plan(self, lq, lk, block_q, block_k, device):
+        """The plan of a pattern that builds its own (packed sequences), or
+        None: ``tfk.plan.compile_plan`` compiles it."""
+        return None
+
     def dense_mask(self, Lq, Lk, device=None):
         """The bool mask this pattern means: (Lq, Lk), or (heads, Lq, Lk) for a
         per-head pattern. True where query i may attend to key j."""

@@ -280,6 +280,9 @@ def compile_plan(pattern: Pattern | None, lq: int, lk: int, block_q: int, block_
     """
     device = torch.device(device)
     pattern = DENSE if pattern is None else pattern
+    own = pattern.plan(lq, lk, block_q, block_k, device)
+    if own is not None:
+        return own
 
     layouts = {}
 

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "attention/ops.h"
+#include "kvcache/ops.h"
 #include "linear/ops.h"
 #include "moe/ops.h"
 
@@ -47,6 +48,7 @@ TFK_SIM_LIBRARY(TFK_SIM_NAMESPACE, m) {
   m.def(tfk::attention::kBwdSchema);
   TFK_MOE_DEFS(m);
   TFK_LINEAR_DEFS(m);
+  TFK_KVCACHE_DEFS(m);
 }
 
 TFK_SIM_LIBRARY_IMPL(TFK_SIM_NAMESPACE, m) {
@@ -54,6 +56,7 @@ TFK_SIM_LIBRARY_IMPL(TFK_SIM_NAMESPACE, m) {
   m.impl("attention_bwd_", &tfk::attention::ops::attention_bwd<tfk::Sim>);
   TFK_MOE_IMPLS(m, tfk::Sim);
   TFK_LINEAR_IMPLS(m, tfk::Sim);
+  TFK_KVCACHE_IMPLS(m, tfk::Sim);
 }
 
 static PyModuleDef tfk_sim_module = {PyModuleDef_HEAD_INIT, "_sim",

@@ -4,6 +4,7 @@
 // named .cu to nvcc. No torch headers here (host mode defines CUDA's names).
 #include "attention/attention_bwd.cu"
 #include "attention/attention_fwd.cu"
+#include "kvcache/kvcache_fwd.cu"
 #include "linear/linear_fwd.cu"
 #include "linear/linear_stats.cu"
 #include "moe/moe_elementwise.cu"

@@ -16,7 +16,10 @@ import warnings
 
 import torch
 
+from .. import patterns
 from ..ops.attention.api import scaled_dot_product_attention
+from ..ops.attention.varlen import Packed, attention_varlen
+from ..ops.kvcache.api import attention_with_kvcache
 
 
 def tfk_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -29,6 +32,18 @@ def tfk_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         raise ValueError("attn_implementation='tfk' does not support softcap yet")
     groups = getattr(module, "num_key_value_groups", 1)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if position_bias is None:
+        decode = _cached_decode(query, key, value, attention_mask, dropout, is_causal, kwargs)
+        if decode is not None:
+            seqlens, pattern = decode
+            out = attention_with_kvcache(query, key, value, seqlens, pattern=pattern, scale=scaling)
+            return out.transpose(1, 2).contiguous(), None
+        packed = _packed_sequences(query, key, attention_mask, is_causal, kwargs)
+        if packed is not None:
+            cu, longest, pattern = packed
+            q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))   # (L, heads, D)
+            out = attention_varlen(q, k, v, cu, cu, longest, longest, pattern, scale=scaling, dropout_p=dropout)
+            return out.unsqueeze(0), None
     q_len = query.shape[2]
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
     # (decided on the model's mask, before a position bias joins it, as transformers decides)
@@ -49,6 +64,75 @@ def tfk_attention_forward(module, query, key, value, attention_mask, dropout=0.0
                                        scale=scaling, is_causal=is_causal, enable_gqa=groups > 1)
     out = out.reshape(out.shape[0], -1, q_len, out.shape[-1])  # undoes the packing above
     return out.transpose(1, 2).contiguous(), None
+
+
+def _cached_decode(query, key, value, attention_mask, dropout, is_causal, kwargs):
+    """(cache_seqlens, pattern) when the call decodes against a cache that
+    transformers updated (key/value: the whole cache, as a StaticCache
+    passes it) under the plain causal mask (and the layer's sliding window):
+    sequence b's queries are then at s_b, s_b + 1, ... with s_b the last key
+    its first query may read, which the mask must confirm for every query,
+    or None (the masked path runs: padding, a rolled window, anything else).
+    Forward only (inference): never while a gradient is wanted."""
+    B, _, Lq, _ = query.shape
+    Lk = key.shape[2]
+    if not is_causal or dropout or Lq >= Lk or attention_mask is None or attention_mask.dtype != torch.bool \
+            or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    mask = attention_mask[:, 0].expand(B, Lq, Lk)
+    j = torch.arange(Lk, device=query.device)
+    seqlens = torch.where(mask[:, 0], j, -1).amax(-1)                      # (B,): the first query's position
+    p = (seqlens.view(B, 1) + torch.arange(Lq, device=query.device)).unsqueeze(-1)   # (B, Lq, 1)
+    want = j <= p
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        want = want & (j > p - window)
+    if bool((seqlens < 0).any()) or int(seqlens.max()) + Lq > Lk or not bool((mask == want).all()):
+        return None
+    pattern = None if window is None else patterns.sliding_window(window - 1)
+    return seqlens.to(torch.int32), pattern
+
+
+def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
+    """(cu_seqlens, longest, pattern) when a batch of one row packs several
+    documents, as transformers passes them: flash-attn's keyword arguments
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` (which flash-attn honours over any
+    mask), or ``position_ids`` restarting per document (transformers' rule: a
+    step other than +1 starts one), whose mask transformers built and which
+    must then equal the packed pattern's, else None (the masked path runs).
+    The pattern within each document: causal or not, with the layer's
+    ``sliding_window`` (transformers': a key less than ``sliding_window``
+    positions away)."""
+    L = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != L or L < 2 or torch.compiler.is_compiling():
+        return None
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        pattern = patterns.sliding_window(window - 1, 0 if is_causal else window - 1)
+    else:
+        pattern = patterns.causal() if is_causal else None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        if not torch.equal(cu_q, cu_k) or int(cu_q[-1]) != L:
+            return None
+        cu = cu_q.to(torch.int32)
+        return cu, int(cu.diff().max()), pattern
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.shape[-1] != L or attention_mask is None \
+            or attention_mask.dtype != torch.bool:
+        return None
+    pos = position_ids.reshape(-1, L)[0]
+    starts = (pos[1:] - pos[:-1] != 1).nonzero().flatten() + 1
+    if starts.numel() == 0:
+        return None
+    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), L)]).to(torch.int32)
+    lens = cu.diff().tolist()
+    allowed = Packed(pattern or patterns.DENSE, lens, lens).dense_mask(L, L, device=query.device)
+    if not bool((attention_mask == allowed).all()):
+        return None
+    return cu, max(lens), pattern
 
 
 # transformers' hidden_act names of the activations tfk's experts fuse
