@@ -276,9 +276,12 @@ class _Engine:
         """Chunk c's keys of t (B, Hkv, nkp, D) with contiguous rows: (R, n*bk, D)."""
         if c.step is None:
             return t[b, hk, c.kpos]
+        return self._strided_keys(t[b, hk], c)
+
+    def _strided_keys(self, t, c):
+        """Chunk c's keys of t (nkp, D), rows contiguous, as a strided view (R, n*bk, D)."""
         D = t.shape[-1]
-        return t.as_strided((c.R, c.nbk, D), (c.step * self.bk * D, D, 1),
-                            t.storage_offset() + b * t.stride(0) + hk * t.stride(1) + c.kb0 * self.bk * D)
+        return t.as_strided((c.R, c.nbk, D), (c.step * self.bk * D, D, 1), t.storage_offset() + c.kb0 * self.bk * D)
 
     def add_keys(self, t, b, hk, c, val):
         """Add val (R, n*bk, D) at chunk c's keys of t (B, Hkv, nkp, D)."""
@@ -286,9 +289,12 @@ class _Engine:
         if c.step is None:
             t.index_add_(0, c.kpos.flatten(), val.flatten(0, 1))
             return
+        if c.R == 1 or c.step >= c.n:  # the rows' keys do not overlap: one add through the view
+            self._strided_keys(t, c).add_(val)
+            return
         blocks, val = t.view(self.nkb, self.bk, -1), val.view(c.R, c.n, self.bk, -1)
         for j in range(c.n):  # tile column j of every row: blocks kb0 + j + step*r
-            blocks[c.kb0 + j:c.kb0 + j + c.step * (c.R - 1) + 1:c.step] += val[:, j]
+            blocks[c.kb0 + j:c.kb0 + j + c.step * (c.R - 1) + 1:c.step].add_(val[:, j])
 
     def scores(self, qc, kc, b, hq, c):
         """Masked base-2 scores (R, G*bq, n*bk) of chunk c at batch b, heads hq,
