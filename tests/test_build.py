@@ -382,5 +382,9 @@ def test_build_info_reports_the_build_and_the_backends():
     lsh = info["lsh_backends"]
     assert lsh["torch"]["runs"] == lsh["reference"]["runs"] == ["float16", "bfloat16", "float32"]
     assert "lsh       backend torch" in text
+    kvcache = info["kvcache_backends"]
+    assert kvcache["torch"]["runs"] == kvcache["reference"]["runs"] == ["float16", "bfloat16", "float32"]
+    assert kvcache["cuda-sim"]["runs"] == ([] if torch.cuda.is_available() else ["float16", "bfloat16"])
+    assert "kvcache   backend torch" in text
     for name in tfk.backend_names():
         assert f"backend {name}" in text

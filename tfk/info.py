@@ -49,6 +49,18 @@ def _probe_lsh_calls():
         yield dtype, LshCall(x, x, None, 64, 1, 0, False, None, 1.0, 0.0, 0, False)
 
 
+def _probe_kvcache_calls():
+    """The same for KV-cache decoding: one query over a short cache in each dtype."""
+    from .ops.kvcache import KVCacheCall, band_of
+    from .patterns import causal
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q, cache = torch.zeros(1, 1, 1, 64, dtype=dtype, device=device), torch.zeros(1, 1, 64, 64, dtype=dtype,
+                                                                                      device=device)
+        seqlens = torch.zeros(1, dtype=torch.int32, device=device)
+        yield dtype, KVCacheCall(q, cache, cache, seqlens, None, causal(), band_of(causal()), 1.0, False)
+
+
 def _usable(family, probes):
     """For each backend of ``family``: the dtypes it runs here, or why it cannot."""
     backends = {}
@@ -65,7 +77,7 @@ def build_info(file=None) -> dict:
     """Print (to ``file``, default stdout) and return: versions, the build of
     the extensions (tfk._C: the CUDA kernels, with the archs and toolkit it was
     compiled for; tfk._sim: the same kernels for the CPU), and, for each
-    backend of each family (attention, moe, linear, lsh), the dtypes it runs here
+    backend of each family (attention, moe, linear, lsh, kvcache), the dtypes it runs here
     or why it cannot."""
     try:
         triton = importlib.import_module("triton").__version__
@@ -86,11 +98,12 @@ def build_info(file=None) -> dict:
     moe_backends = _usable("moe", _probe_moe_calls)
     linear_backends = _usable("linear", _probe_linear_calls)
     lsh_backends = _usable("lsh", _probe_lsh_calls)
+    kvcache_backends = _usable("kvcache", _probe_kvcache_calls)
     info = {
         "tfk": __version__, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": triton,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "build": build, "extensions": extensions, "backends": backends, "moe_backends": moe_backends,
-        "linear_backends": linear_backends, "lsh_backends": lsh_backends,
+        "linear_backends": linear_backends, "lsh_backends": lsh_backends, "kvcache_backends": kvcache_backends,
     }
     out = file or sys.stdout
     print(f"tfk {info['tfk']}: torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
@@ -106,7 +119,7 @@ def build_info(file=None) -> dict:
     print(f"tfk._sim: {extensions['_sim']}", file=out)
     device = "the GPU" if info["gpu"] else "the CPU"
     for family, table in (("attention", backends), ("moe", moe_backends), ("linear", linear_backends),
-                          ("lsh", lsh_backends)):
+                          ("lsh", lsh_backends), ("kvcache", kvcache_backends)):
         for name, b in table.items():
             state = ("runs " + ", ".join(b["runs"])) if b["runs"] else "cannot run: " + "; ".join(b["reasons"])
             print(f"  {family:<9} backend {name:<9} on {device}: {state}", file=out)
