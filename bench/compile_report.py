@@ -12,7 +12,7 @@ kernels' at their head dim, the linear-attention forward's
 (linear::fwd_smem_bytes) per element type at D = kMaxDim (csrc/linear/linear.h).
 
 Triton: compiles every shipped config of triton_kernels/attention.py,
-triton_kernels/moe.py and triton_kernels/linear.py ahead of time
+triton_kernels/moe.py, triton_kernels/linear.py and triton_kernels/kvcache.py ahead of time
 (triton.compile for GPUTarget("cuda", arch, 32)) with the argument types
 Triton's launcher derives from a
 representative call, and reads the log of the ptxas run Triton itself makes
@@ -38,8 +38,12 @@ mask and an initial state (or incoming state gradient) on; _softmax_k_stats
 per dtype and D; --extended adds the plain pattern (identity map, nothing
 on), the forward with an fp32 out (the backward's recompute) and the
 one-token decode step.
+KV-cache decoding (see KVCACHE_* below): kvcache_forward's launches of
+_kvcache_split and _kvcache_merge, captured as for MoE, for 3 dtypes x
+D in {64, 128, 256} x {one-token causal decode, a 16-query window on a
+paged cache}.
 --quick is one config per kernel per arch (the tests'). --families picks
-the modules (default attention,moe,linear).
+the modules (default attention,moe,linear,kvcache).
 
 Prints registers, shared memory, spills and stack per kernel (and config).
 Exits non-zero, naming them, when any kernel spills, fails to compile, or

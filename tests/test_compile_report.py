@@ -103,7 +103,8 @@ def test_triton_matrix_covers_the_shipped_configs():
     assert sorted((c["kernel"], c["cap"]) for c in quick) == sorted(
         (k, cap) for k in cr.TRITON_KERNELS for cap in (80, 90))
     # every family by default
-    assert cr.triton_configs(ARCHS) == full + cr.moe_configs(ARCHS) + cr.linear_configs(ARCHS)
+    assert cr.triton_configs(ARCHS) == (full + cr.moe_configs(ARCHS) + cr.linear_configs(ARCHS)
+                                        + cr.kvcache_configs(ARCHS))
 
 
 def test_triton_shipped_matrix_compiles_without_spills_for_sm80_sm90():
