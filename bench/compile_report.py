@@ -427,6 +427,8 @@ def _attention_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
         v.update(drop_key=0, drop_threshold=0, drop_scale=1.0)
     # dropout's head index h·rounds + round: LSH's 4 hash rounds, round 1
     v["rounds"], v["rnd"] = (4, 1) if pat["PREDICATES"] else (1, 0)
+    # the call's place in the grid whose keep mask it draws (tfk.dropout.Window): the whole call
+    v.update(drop_h0=0, drop_heads=H, drop_q0=0, drop_k0=0)
     meta = dict(pat, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, 1 << (D - 1).bit_length()),
                 BLOCK_DV=max(16, 1 << (DV - 1).bit_length()), PRECISION=cfg["precision"],
                 COUNT_TILES=False, **launch)

@@ -24,7 +24,9 @@ bfloat16, for every op, checked the same way and not timed: the layer emulates a
 (bench/report_varlen.py), KV-cache decoding (bench/report_kvcache.py,
 forward only), the MoE ops (bench/report_moe.py),
 the linear-attention ops (bench/report_linear.py; the csrc/linear/
-kernels on cuda-sim), and the LSH-attention ops (bench/report_lsh.py).
+kernels on cuda-sim), the LSH-attention ops (bench/report_lsh.py), and
+context-parallel attention and expert-parallel experts on 2 gloo processes
+(bench/report_distributed.py).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from tfk import dropout as drop
 from tfk import patterns as P
 from tfk.ops.attention import attention_reference
 
-from . import report_kvcache, report_linear, report_lsh, report_moe, report_varlen
+from . import report_distributed, report_kvcache, report_linear, report_lsh, report_moe, report_varlen
 from .table import Col, fmt, format_table
 
 # Relative tolerance per dtype: fp32 is absolute-relative; fp16/bf16 add this
@@ -333,7 +335,7 @@ def _check_all(ops, device, dtypes, **kw):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     names = [o.name for o in OPS + report_varlen.OPS + report_kvcache.OPS + report_moe.OPS + report_linear.OPS
-             + report_lsh.OPS]
+             + report_lsh.OPS + report_distributed.OPS]
     ap.add_argument("--only", nargs="+", metavar="OP", help=f"ops to run, from: {', '.join(names)}")
     ap.add_argument("--backend", default="auto", help="backend to check (default: auto)")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per measurement on CPU (median)")
@@ -342,6 +344,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     ops, varlen_ops, kv_ops = OPS, report_varlen.OPS, report_kvcache.OPS
     moe_ops, linear_ops, lsh_ops = report_moe.OPS, report_linear.OPS, report_lsh.OPS
+    dist_ops = report_distributed.OPS
     if args.only:
         missing = [n for n in args.only if n not in names]
         if missing:
@@ -352,6 +355,7 @@ def main(argv=None):
         moe_ops = [o for o in report_moe.OPS if o.name in args.only]
         linear_ops = [o for o in report_linear.OPS if o.name in args.only]
         lsh_ops = [o for o in report_lsh.OPS if o.name in args.only]
+        dist_ops = [o for o in report_distributed.OPS if o.name in args.only]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
 
@@ -386,6 +390,9 @@ def main(argv=None):
         (report_lsh, lsh_ops, "LSH attention (tfk.lsh_attention); err grads: the larger over qk and value:",
          "The LSH ops the CUDA attention kernels take (csrc/attention/; 64-wide tiles: chunks of 64), on the CPU: "
          "backend cuda-sim, untimed:", report_lsh.cuda_kernels_take),
+        (report_distributed, dist_ops, f"Past one device (tfk.distributed) on {report_distributed.WORLD} gloo "
+         "processes on the CPU; err: the largest over ranks of each rank's shard; times: the slowest rank's:",
+         "", lambda op: False),
     ]
     for module, family_ops, title, sim_title, sim_takes in sections:
         if not family_ops:
@@ -404,7 +411,7 @@ def main(argv=None):
     print()
     for op in ops:
         print(f"  {op.name:<26} B={op.B} H={op.H} Lq={op.Lq} Lk={op.Lk} D={op.D}: {op.describe()}")
-    for op in varlen_ops + kv_ops + moe_ops + linear_ops + lsh_ops:
+    for op in varlen_ops + kv_ops + moe_ops + linear_ops + lsh_ops + dist_ops:
         print(f"  {op.name:<26} {op.describe()}")
     for r in rows:
         if r.get("error"):

@@ -8,6 +8,8 @@ kernel to a handful of uint32 operations. Words are held in int64 here with
 multipliers below 2**31, so no product overflows; kernels compute the same
 bits with wrapping uint32 arithmetic.
 """
+from dataclasses import dataclass
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -46,10 +48,30 @@ def kernel_args(seed, p):
     return seed_key(seed), threshold(p), 1.0 / (1.0 - p)
 
 
-def keep(seed, b, h, i, j, H, p):
+@dataclass(frozen=True)
+class Window:
+    """Where a call's scores sit in a larger call's score grid, so that the
+    call draws that call's keep mask: its head h is head ``head_offset + h``
+    of ``heads`` (None: the call's own H), its query i and key j are
+    positions ``q_offset + i`` and ``k_offset + j``. Context parallelism
+    computes one call in pieces on several devices; each piece draws its
+    part of the one mask."""
+    head_offset: int = 0
+    heads: int | None = None
+    q_offset: int = 0
+    k_offset: int = 0
+
+
+WHOLE = Window()
+
+
+def keep(seed, b, h, i, j, H, p, window=WHOLE):
     """Bool tensor, broadcast over int64 tensors b, h, i, j (positions in a
-    (B, H, Lq, Lk) score grid): True where the score is kept under dropout
-    probability ``p``."""
+    (B, H, Lq, Lk) score grid, or in ``window`` of a larger one): True where
+    the score is kept under dropout probability ``p``."""
+    if window is not WHOLE:
+        h, i, j = h + window.head_offset, i + window.q_offset, j + window.k_offset
+        H = window.heads or H
     row = _mix32(i ^ _mix32((b * H + h) ^ seed_key(seed)))
     return _mix32(j ^ row) >= threshold(p)
 

@@ -805,3 +805,43 @@ def bigbird(block, window_blocks, global_blocks, random_blocks, seed=0):
     ``random_blocks`` blocks drawn for qb (from ``seed``, among the blocks the
     window and globals leave out; the same for every head)."""
     return BigBird(block, window_blocks, global_blocks, random_blocks, seed)
+
+
+class Shifted(Pattern):
+    """``pattern`` on a window of a ``length`` x ``length`` square: query i is
+    position ``q_start + i`` and key j position ``k_start + j`` of the whole
+    sequence. What one device computes of a sequence split across devices
+    (``tfk.distributed``): its plan lists only the window's tiles."""
+
+    def __init__(self, pattern, q_start: int, k_start: int, length: int):
+        self.pattern = pattern if pattern is not None else DENSE
+        self.q_start, self.k_start, self.length = int(q_start), int(k_start), int(length)
+        self.heads = self.pattern.heads
+        self.shift_invariant = self.pattern.shift_invariant  # i - j + (q_start - k_start)
+
+    @property
+    def key(self):
+        return ("shifted", self.pattern.key, self.q_start, self.k_start, self.length)
+
+    def __repr__(self):
+        return f"shifted({self.pattern!r}, q_start={self.q_start}, k_start={self.k_start}, length={self.length})"
+
+    def check_lengths(self, lq, lk):
+        if self.q_start + lq > self.length or self.k_start + lk > self.length:
+            raise ValueError(f"a window of {lq} queries at {self.q_start} and {lk} keys at {self.k_start} "
+                             f"does not fit in {self.length} positions")
+        self.pattern.check_lengths(self.length, self.length)
+
+    def mask(self, h, i, j, lq, lk):
+        return self.pattern.mask(h, i + self.q_start, j + self.k_start, self.length, self.length)
+
+    def _shift(self, b, by):
+        return tf.Blocks(b.lo + by, b.hi + by, b.step, b.count)
+
+    def tile_facts(self, h, q, k, lq, lk):
+        return self.pattern.tile_facts(h, self._shift(q, self.q_start), self._shift(k, self.k_start),
+                                       self.length, self.length)
+
+    def tile_kind(self, h, q, k, lq, lk):
+        return self.pattern.tile_kind(h, self._shift(q, self.q_start), self._shift(k, self.k_start),
+                                      self.length, self.length)

@@ -219,6 +219,7 @@ def _attn_fwd(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
     smb, smh, smm, smn, sch, scm, sbh, sbm, sqi, ski,
     H, G, lq2, lk2, D, DV, qk_scale, drop_key, drop_threshold, drop_scale, rounds, rnd,
+    drop_h0, drop_heads, drop_q0, drop_k0,
     HAS_QIDX: tl.constexpr, HAS_KIDX: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, PREDICATES: tl.constexpr,
@@ -258,7 +259,8 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _keep(drop_key, drop_threshold, b, h * rounds + rnd, q_pos, k_pos, H * rounds)
+            keep = _keep(drop_key, drop_threshold, b, (h + drop_h0) * rounds + rnd, q_pos + drop_q0,
+                         k_pos + drop_k0, drop_heads * rounds)
             p = tl.where(keep, p * drop_scale, 0.0)
         v = _load_rows(V, b, hk, svb, svh, svn, cols, col_ok, dv, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -283,6 +285,7 @@ def _attn_bwd_dq(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
     smb, smh, smm, smn, sch, scm, sbh, sbm, sqi, ski,
     H, G, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale, rounds, rnd,
+    drop_h0, drop_heads, drop_q0, drop_k0,
     HAS_QIDX: tl.constexpr, HAS_KIDX: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, SPLIT_N: tl.constexpr, PREDICATES: tl.constexpr,
@@ -323,7 +326,8 @@ def _attn_bwd_dq(
             p = _probs(s, lse2, origin, PREDICATES)
             dp = tl.dot(do, vT, input_precision=PRECISION)
             if DROPOUT:
-                keep = _keep(drop_key, drop_threshold, b, h * rounds + rnd, q_pos, k_pos, H * rounds)
+                keep = _keep(drop_key, drop_threshold, b, (h + drop_h0) * rounds + rnd, q_pos + drop_q0,
+                         k_pos + drop_k0, drop_heads * rounds)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = _self_constant(p * (dp - delta[:, None]), q_pos, k_pos, PREDICATES)
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -337,6 +341,7 @@ def _attn_bwd_dkdv(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
     smb, smh, smm, smn, sch, scm, sbh, sbm, sqi, ski,
     H, Hkv, G, lq2, lk2, D, DV, qk_scale, scale, drop_key, drop_threshold, drop_scale, rounds, rnd,
+    drop_h0, drop_heads, drop_q0, drop_k0,
     HAS_QIDX: tl.constexpr, HAS_KIDX: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, SPLIT_N: tl.constexpr, PREDICATES: tl.constexpr,
@@ -380,7 +385,8 @@ def _attn_bwd_dkdv(
             p = _probs(s, lse2, origin, PREDICATES)
             dp = tl.dot(do, vT, input_precision=PRECISION)
             if DROPOUT:
-                keep = _keep(drop_key, drop_threshold, b, h * rounds + rnd, q_pos, k_pos, H * rounds)
+                keep = _keep(drop_key, drop_threshold, b, (h + drop_h0) * rounds + rnd, q_pos + drop_q0,
+                         k_pos + drop_k0, drop_heads * rounds)
                 pd = tl.where(keep, p * drop_scale, 0.0)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             else:
@@ -425,13 +431,15 @@ def _kernel_meta(D, DV, dtype, mask_kind, dropout, count_tiles, block_m, block_n
 class _Launch:
     """What the kernels of one call share: sizes, tiles, dropout, the mask."""
 
-    def __init__(self, q, k, v, plan, mask, scale, dropout_p, seed):
+    def __init__(self, q, k, v, plan, mask, scale, dropout_p, seed, window=drop.WHOLE):
         self.B, self.H, self.Lq, self.D = q.shape
         self.Hkv, self.Lk, self.DV = k.shape[1], k.shape[2], v.shape[-1]
         self.G = self.H // self.Hkv
         self.scale, self.qk_scale = scale, scale * LOG2E
-        # dropout: the hash key of tfk.dropout.keep, and its threshold
+        # dropout: the hash key of tfk.dropout.keep, its threshold, and where
+        # this call's scores sit in the grid whose mask it draws (tfk.dropout.Window)
         self.dropout = _NO_DROPOUT if dropout_p == 0 else drop.kernel_args(seed, dropout_p)
+        self.window = (window.head_offset, window.heads or self.H, window.q_offset, window.k_offset)
         # a user mask is read through broadcast strides: a stride of 0 repeats
         if mask is None:
             self.mask, self.mask_strides, mask_kind = q, (0, 0, 0, 0), 0
@@ -490,7 +498,7 @@ def _index_stride(index):
     return index.stride(1)
 
 
-def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
+def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed, window=drop.WHOLE):
     """out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 over ``plan``.
 
     q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), contiguous;
@@ -498,7 +506,7 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
     gathers its layout (NATTEN's way: the kernels then read contiguous tiles),
     and sub-passes merge by log-sum-exp.
     """
-    a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed)
+    a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed, window)
 
     def run(sp, q_l, k_l, v_l, o, l):
         args, strides, rounds, meta = a.subpass(sp, "_attn_fwd")
@@ -506,17 +514,17 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p, seed):
             q_l, k_l, v_l, o, l, a.mask, *args,
             *q_l.stride()[:3], *k_l.stride()[:3], *v_l.stride()[:3], *o.stride()[:3], *l.stride()[:2],
             *a.mask_strides, *strides,
-            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, *a.dropout, *rounds, **meta)
+            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, *a.dropout, *rounds, *a.window, **meta)
 
     result = forward_over_plan(plan, q, k, v, a.DV, run)
     a.finish()
     return result
 
 
-def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed):
+def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed, window=drop.WHOLE):
     """dq, dk, dv for ``attention_forward``'s result, given dout and lse's
     gradient dlse. Every sub-pass recomputes its tiles with the merged lse."""
-    a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed)
+    a = _Launch(q, k, v, plan, mask, scale, dropout_p, seed, window)
     dout = dout.contiguous()
 
     def run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l):
@@ -525,11 +533,11 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout
         args, sched, rounds, meta = a.subpass(sp, "_attn_bwd_dq")
         _attn_bwd_dq[(sp.kv_count.shape[1], a.B * a.H)](
             q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, a.mask, *args, *strides, *sched,
-            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, *rounds, **meta)
+            a.H, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, *rounds, *a.window, **meta)
         args, sched, rounds, meta = a.subpass(sp, "_attn_bwd_dkdv")
         _attn_bwd_dkdv[(sp.q_count.shape[1] * meta["SPLIT_N"], a.B * a.Hkv)](
             q_l, k_l, v_l, do_l, lse_l, delta_l, dk_l, dv_l, a.mask, *args, *strides, *sched,
-            a.H, a.Hkv, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, *rounds, **meta)
+            a.H, a.Hkv, a.G, sp.lq, sp.lk, a.D, a.DV, a.qk_scale, scale, *a.dropout, *rounds, *a.window, **meta)
 
     dq, dk, dv = backward_over_plan(plan, q, k, v, dout, lse, delta_of(out, dout, dlse), run)
     a.finish()

@@ -159,6 +159,9 @@ class CudaBackend(Backend):
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
         return attention_fwd(q, k, v, call.attn_mask, plan, call.scale, call.dropout_p, seed)
 
+    def block_functions(self, call):
+        return (BLOCK, BLOCK), attention_forward, attention_backward
+
 
 class CudaSimBackend(CudaBackend):
     """The same kernels on CPU tensors through the host-execution layer (tfk._sim)."""

@@ -210,10 +210,11 @@ class _Engine:
     head hk, stacked along the rows of each matmul; with per-head schedules hq
     is the chunk's own head (G = 1)."""
 
-    def __init__(self, q, k, v, plan, attn_mask, scale, dropout_p, seed):
+    def __init__(self, q, k, v, plan, attn_mask, scale, dropout_p, seed, window=drop.WHOLE):
         self.dtype = _compute_dtype(q.dtype)
         self.q, self.k, self.v = (t.to(self.dtype) for t in (q, k, v))
         self.plan, self.scale, self.dropout_p, self.seed = plan, scale, dropout_p, seed
+        self.window = window
         self.B, self.H, self.Lq, self.D = q.shape
         self.Hkv, self.Lk = k.shape[1], k.shape[2]
         self.Dv = v.shape[-1]
@@ -314,7 +315,7 @@ class _Engine:
                 else:
                     s4.add_(m.to(s.dtype) * LOG2E)
             if self.dropout_p > 0:
-                kept = drop.keep(self.seed, b, h, i, j, self.H, self.dropout_p)
+                kept = drop.keep(self.seed, b, h, i, j, self.H, self.dropout_p, self.window)
                 mult = (kept.to(s.dtype) / (1.0 - self.dropout_p)).view(s.shape)
         return s, mult
 
@@ -426,13 +427,13 @@ class _Engine:
         return dq, dk.mul_(self.scale), dv
 
 
-def _forward(q, k, v, plan, mask, scale, dropout_p, seed):
-    out, lse = _Engine(q, k, v, plan, mask, scale, dropout_p, seed).forward()
+def _forward(q, k, v, plan, mask, scale, dropout_p, seed, window=drop.WHOLE):
+    out, lse = _Engine(q, k, v, plan, mask, scale, dropout_p, seed, window).forward()
     return out.to(q.dtype), lse
 
 
-def _backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed):
-    dq, dk, dv = _Engine(q, k, v, plan, mask, scale, dropout_p, seed).backward(out, lse, dout, dlse)
+def _backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed, window=drop.WHOLE):
+    dq, dk, dv = _Engine(q, k, v, plan, mask, scale, dropout_p, seed, window).backward(out, lse, dout, dlse)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -444,6 +445,7 @@ torch_attention_fwd = attention_ops("torch_attention", _forward, _backward)
 
 class TorchBackend(Backend):
     name = "torch"
+    dropout_windows = True
     priority = 10
 
     def reasons(self, call):
@@ -457,6 +459,9 @@ class TorchBackend(Backend):
         ident = plan_id(call.pattern, q.shape[2], k.shape[2], *tiles_for(call.pattern), q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
         return torch_attention_fwd(q, k, v, call.attn_mask, ident, call.scale, call.dropout_p, seed)
+
+    def block_functions(self, call):
+        return tiles_for(call.pattern), _forward, _backward
 
 
 register_backend(TorchBackend())

@@ -38,12 +38,12 @@ def _plan(pattern, lq, lk, head_dim, dtype, device):
     return op_plan(pattern, lq, lk, *_kernels().tile_config(head_dim, dtype), device)
 
 
-def _forward(q, k, v, plan, mask, scale, dropout_p, seed):
-    return _kernels().attention_forward(q, k, v, plan, mask, scale, dropout_p, seed)
+def _forward(q, k, v, plan, mask, scale, dropout_p, seed, window=drop.WHOLE):
+    return _kernels().attention_forward(q, k, v, plan, mask, scale, dropout_p, seed, window)
 
 
-def _backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed):
-    return _kernels().attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed)
+def _backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed, window=drop.WHOLE):
+    return _kernels().attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed, window)
 
 
 # out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32; dq, dk, dv.
@@ -52,6 +52,7 @@ attention_fwd = attention_ops("triton_attention", _forward, _backward)
 
 class TritonBackend(Backend):
     name = "triton"
+    dropout_windows = True
     priority = 20
 
     def reasons(self, call):
@@ -67,6 +68,10 @@ class TritonBackend(Backend):
         plan = _plan(call.pattern, q.shape[2], k.shape[2], max(q.shape[-1], v.shape[-1]), q.dtype, q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
         return attention_fwd(q, k, v, call.attn_mask, plan, call.scale, call.dropout_p, seed)
+
+    def block_functions(self, call):
+        tiles = _kernels().tile_config(max(call.q.shape[-1], call.v.shape[-1]), call.q.dtype)
+        return tuple(tiles), _forward, _backward
 
 
 def device_reasons(q):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from ...backends import Backend, register_backend, select_backend
 from . import torch_backend
@@ -175,7 +174,11 @@ def _int(name, v, low, high=None):
     return v
 
 
-def _check_experts(x, experts, weights, gate_up_proj, down_proj, activation, capacity):
+def _check_experts(x, experts, weights, gate_up_proj, down_proj, activation, capacity, num_experts=None,
+                   where=""):
+    """Validates an experts call; returns the capacity as an int or None.
+    ``num_experts``: the id range when it is not gate_up_proj's E (expert
+    parallel: the global E = P * E_loc; ``where`` says so in the message)."""
     for name, t in (("hidden_states", x), ("experts", experts), ("weights", weights),
                     ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         _tensor(name, t)
@@ -209,12 +212,14 @@ def _check_experts(x, experts, weights, gate_up_proj, down_proj, activation, cap
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if capacity is not None:
         capacity = _int("capacity", capacity, 0)
+    if num_experts is not None:
+        E = num_experts
     if not torch.compiler.is_compiling() and experts.numel():
         bad = (experts < -1) | (experts > E)
         if bool(bad.any()):
             t, s = (int(i) for i in torch.nonzero(bad)[0])
             raise ValueError(f"experts[{t}, {s}] = {int(experts[t, s])} is out of range: ids must be in [0, {E}) "
-                             f"(num_experts = {E}), or the sentinels {E} and -1 for no expert")
+                             f"(num_experts = {E}{where}), or the sentinels {E} and -1 for no expert")
     return capacity
 
 
@@ -374,7 +379,7 @@ def grouped_mm(a, b, offs, *, backend="auto"):
 
 
 def experts(hidden_states, experts, weights, gate_up_proj, down_proj, *, activation="silu", capacity=None,
-            backend="auto"):
+            backend="auto", group=None):
     """Mixture-of-experts feed-forward, Hugging Face 5.x layout.
 
     hidden_states (T, H); experts (T, k) int ids; weights (T, k) float;
@@ -388,7 +393,41 @@ def experts(hidden_states, experts, weights, gate_up_proj, down_proj, *, activat
     first choices before second choices) until an expert has ``capacity``,
     the rest contribute 0. None is dropless.
     Differentiable w.r.t. hidden_states, weights, gate_up_proj and down_proj.
+
+    group: None (one process), or a torch.distributed process group
+    (``torch.distributed.group.WORLD`` for the default one) of P ranks for
+    expert parallelism (tfk/distributed/expert_parallel.py). Rank r then
+    holds experts [r*E_loc, (r+1)*E_loc): gate_up_proj (E_loc, 2I, H) and
+    down_proj (E_loc, H, I) are its own, the global E = P * E_loc;
+    hidden_states (T_r, H), experts (T_r, k) GLOBAL ids in [0, E) or the
+    sentinels E and -1, weights (T_r, k): rank r's tokens (T_r may differ
+    per rank, and be 0). Every rank of the group must call it (and run the
+    backward): the tokens go to their experts' ranks and back by
+    all_to_all_single. out (T_r, H) and the gradients are rank r's rows (and
+    expert slices) of this op on every rank's tokens concatenated in rank
+    order and the experts concatenated in rank order; the capacity order
+    counts global token indices (rank r's start after the lower ranks').
     """
+    if group is not None:
+        return _experts_parallel(hidden_states, experts, weights, gate_up_proj, down_proj, activation, capacity,
+                                 backend, group)
     capacity = _check_experts(hidden_states, experts, weights, gate_up_proj, down_proj, activation, capacity)
     call = ExpertsCall(hidden_states, experts, weights, gate_up_proj, down_proj, activation, capacity)
     return select_backend(backend, call, "moe").experts(call)
+
+
+def _experts_parallel(hidden_states, experts, weights, gate_up_proj, down_proj, activation, capacity, backend,
+                      group):
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("experts: group is given but torch.distributed is not initialised: call "
+                           "torch.distributed.init_process_group first (or pass group=None for one process)")
+    _tensor("gate_up_proj", gate_up_proj)
+    world = dist.get_world_size(group)
+    E_loc = gate_up_proj.shape[0] if gate_up_proj.dim() == 3 else 0
+    capacity = _check_experts(hidden_states, experts, weights, gate_up_proj, down_proj, activation, capacity,
+                              num_experts=world * E_loc,
+                              where=f" over the group: {E_loc} local experts x {world} ranks")
+    from ...distributed.expert_parallel import experts_parallel
+    return experts_parallel(hidden_states, experts, weights, gate_up_proj, down_proj, activation=activation,
+                            capacity=capacity, backend=backend, group=group)
