@@ -17,7 +17,7 @@ from tfk.backends import AttentionCall, get_backend
 from tfk.distributed import context_parallel_attention, count_communication, shard
 from tolerances import FACTOR, FLOOR, max_err
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 def pattern_of(name, length):
@@ -47,7 +47,7 @@ def pattern_of(name, length):
 
 
 def case_id(c):
-    extra = "".join(f"-{key}{c[key]}" for key in ("dropout", "backend") if c.get(key))
+    extra = "".join(f"-{key}{c[key]}" for key in ("dropout", "backend", "device") if c.get(key))
     return f"{c['world']}ranks-{c['method']}-{c['layout']}-{c['pattern']}-{c['dtype']}{extra}"
 
 
@@ -90,14 +90,16 @@ def run_case(rank, world, c):
     ref = _whole("reference", *(t.double() for t in (q, k, v)), pattern, mask, do.double(), dl.double(), p)
     low = _whole("torch", *(t.to(dtype) for t in (q, k, v)), pattern, mask, do.to(dtype), dl, p)
     layout = c["layout"]
-    qs, ks, vs = (shard(t.to(dtype), layout=layout).requires_grad_() for t in (q, k, v))
+    device = torch.device("cuda", rank) if c.get("device") == "cuda" else torch.device("cpu")
+    qs, ks, vs = (shard(t.to(device, dtype), layout=layout).requires_grad_() for t in (q, k, v))
     torch.manual_seed(SEED)   # every rank as the one process: the first rank's draw is the seed
     with count_communication() as counts:
         out, lse = context_parallel_attention(qs, ks, vs, pattern, method=c["method"], layout=layout,
-                                              attn_mask=mask, return_lse=True, dropout_p=p,
-                                              backend=c.get("backend", "auto"))
-        _loss(out, lse, shard(do.to(dtype), layout=layout), shard(dl, layout=layout, dim=2)).backward()
-    got = (out, lse, qs.grad, ks.grad, vs.grad)
+                                              attn_mask=None if mask is None else mask.to(device),
+                                              return_lse=True, dropout_p=p, backend=c.get("backend", "auto"))
+        _loss(out, lse, shard(do.to(device, dtype), layout=layout),
+              shard(dl.to(device), layout=layout, dim=2)).backward()
+    got = tuple(x.cpu() for x in (out, lse, qs.grad, ks.grad, vs.grad))
     result = dict(counts=dict(counts), errors={})
     for name, x, r, lo in zip(names, got, ref, low):
         r, lo = shard(r.detach(), layout=layout), shard(lo.detach(), layout=layout)
@@ -112,6 +114,8 @@ def run_case(rank, world, c):
 def run_cases(rank, world, cases):
     """Each case's result (or its traceback): one failing case fails its test, not the others."""
     torch.manual_seed(0)
+    if any(c.get("device") == "cuda" for c in cases):
+        torch.cuda.set_device(rank)
     out = {}
     for c in cases:
         try:
@@ -134,7 +138,9 @@ def cases_for(world):
                     cases.append(dict(method="ulysses", layout=layout, pattern=pat, dtype=dtype))
         for pat in ("strided", "fixed", "bigbird", "per_head"):
             cases.append(dict(method="ring", layout="zigzag", pattern=pat, dtype="fp32"))
-        cases.append(dict(method="ring", layout="zigzag", pattern="global", dtype="fp64"))
+        cases += [dict(method="ring", layout="zigzag", pattern="global", dtype="fp64"),
+                  dict(method="ring", layout="zigzag", pattern="causal", dtype="bf16"),
+                  dict(method="ring", layout="contiguous", pattern="window", dtype="bf16", backend="cuda-sim")]
         # dropout: every piece draws its window of the one process's keep mask
         cases += [dict(method="ring", layout="zigzag", pattern="causal", dtype="fp32", dropout=0.3),
                   dict(method="ring", layout="contiguous", pattern="global", dtype="fp16", dropout=0.2),
@@ -155,4 +161,16 @@ def cases_for(world):
                   dict(method="ulysses", layout="zigzag", pattern="causal", dtype="fp16", dropout=0.2)]
     for c in cases:
         c.update(world=world, length=L)
+    return cases
+
+
+def gpu_cases():
+    """On 2 GPUs over NCCL (tests/distributed/test_gpu.py): the default engine
+    (Triton), the CUDA kernels, bf16 and fp16, dropout."""
+    cases = [dict(method="ring", layout="zigzag", pattern="causal", dtype="bf16"),
+             dict(method="ring", layout="contiguous", pattern="global", dtype="fp16", dropout=0.2),
+             dict(method="ring", layout="zigzag", pattern="window", dtype="bf16", backend="cuda"),
+             dict(method="ulysses", layout="zigzag", pattern="causal", dtype="fp16")]
+    for c in cases:
+        c.update(world=2, length=512, device="cuda")
     return cases
