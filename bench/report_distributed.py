@@ -44,7 +44,7 @@ class DistOp:
 
     def describe(self):
         if self.kind == "cp":
-            return (f"context_parallel_attention({self.method}, {self.layout}, {self.pattern}, B=1, H=4, Hkv=2, "
+            return (f"context_parallel_attention({self.method}, {self.layout}, {_pattern(self.pattern)!r}, B=1, H=4, Hkv=2, "
                     f"L={self.L}, D=32, {WORLD} ranks)")
         cap = f", capacity={self.capacity}" if self.capacity is not None else ""
         return f"experts(group of {WORLD}, T={self.T} a rank, E={self.E}, k={self.k}, H=48, I=32{cap})"

@@ -68,17 +68,14 @@ class Backend:
         """((block_q, block_k), forward, backward): the tiles of this backend's
         plans for ``call`` and the functions ``run`` wraps in autograd, for
         callers that drive the engine piece by piece (context parallelism).
-        forward(q, k, v, plan, mask, scale, dropout_p, seed) -> (out, lse);
-        backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p,
-        seed) -> (dq, dk, dv), where out and lse may be those of a larger
-        call that this one is a piece of (the gradients are then this piece's
-        share). None for a backend without them."""
+        forward(q, k, v, plan, mask, scale, dropout_p, seed, window) -> (out,
+        lse); backward(dout, dlse, q, k, v, out, lse, plan, mask, scale,
+        dropout_p, seed, window) -> (dq, dk, dv), where out and lse may be
+        those of a larger call that this one is a piece of (the gradients are
+        then this piece's share), and ``window`` (a tfk.dropout.Window,
+        default the whole call) places the piece in that call's dropout mask.
+        None for a backend without them."""
         return None
-
-    # Whether block_functions' forward and backward take ``window=`` (a
-    # tfk.dropout.Window: the piece's place in the larger call whose dropout
-    # mask it draws).
-    dropout_windows = False
 
 
 _BACKENDS: dict[str, Backend] = {}

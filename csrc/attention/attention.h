@@ -80,6 +80,11 @@ struct Params {
   uint32_t drop_threshold = 0;
   float drop_scale = 1.f;
   int drop_rounds = 1, drop_round = 0;
+  // The call's place in a larger call's grid (tfk.dropout.Window; context
+  // parallelism): head h hashes as drop_head0 + h of drop_heads (0: heads),
+  // positions i and j as drop_q0 + i and drop_k0 + j.
+  int drop_head0 = 0, drop_heads = 0;
+  uint32_t drop_q0 = 0, drop_k0 = 0;
   // Optional int32[3]: tiles visited by the forward, dQ and dK/dV kernels,
   // counted by the kernels (tests prove no tile outside the plan is touched).
   int32_t* tiles = nullptr;

@@ -25,13 +25,13 @@ constexpr const char* kFwdSchema =
     "attention_fwd_(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_index, Tensor? kv_index, "
     "Tensor kv_count, Tensor kv_blocks, Tensor kv_partial, Tensor partial_masks, float scale, "
     "Tensor(a!) out, Tensor(b!) lse, int drop_key=0, int drop_threshold=0, float drop_scale=1., "
-    "Tensor(c!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0) -> ()";
+    "Tensor(c!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0, int[] drop_window=[]) -> ()";
 constexpr const char* kBwdSchema =
     "attention_bwd_(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor? mask, "
     "Tensor? q_index, Tensor? kv_index, Tensor kv_count, Tensor kv_blocks, Tensor kv_partial, "
     "Tensor q_count, Tensor q_blocks, Tensor q_partial, Tensor partial_masks, float scale, "
     "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, int drop_key=0, int drop_threshold=0, float drop_scale=1., "
-    "Tensor(d!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0) -> ()";
+    "Tensor(d!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0, int[] drop_window=[]) -> ()";
 
 namespace ops {
 
@@ -105,7 +105,7 @@ inline void common(const Checker& c, Params& p, const at::Tensor& q, const at::T
                    const at::Tensor& kv_blocks, const at::Tensor& kv_partial, const at::Tensor& partial_masks,
                    double scale, int64_t drop_key, int64_t drop_threshold, double drop_scale,
                    const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
-                   int64_t drop_round) {
+                   int64_t drop_round, at::IntArrayRef drop_window) {
   p.dtype = kernel_dtype(c, q);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, c.op, ": q, k, v must be (B, H, L, head_dim), got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
@@ -145,6 +145,19 @@ inline void common(const Checker& c, Params& p, const at::Tensor& q, const at::T
               ": drop_round must be in [0, drop_rounds), got ", drop_round, " of ", drop_rounds);
   p.drop_rounds = static_cast<int>(drop_rounds);
   p.drop_round = static_cast<int>(drop_round);
+  // (head offset, heads, query offset, key offset): the call's place in the
+  // larger call whose dropout mask it draws (tfk.dropout.Window); empty: none
+  TORCH_CHECK(drop_window.empty() || (drop_window.size() == 4 && drop_window[0] >= 0 && drop_window[1] >= 0 &&
+                                      drop_window[2] >= 0 && drop_window[3] >= 0),
+              c.op, ": drop_window must be empty or 4 offsets >= 0, got ", drop_window);
+  if (!drop_window.empty()) {
+    TORCH_CHECK(drop_window[1] == 0 || drop_window[0] + H <= drop_window[1], c.op, ": drop_window's heads ",
+                drop_window[1], " do not hold heads ", drop_window[0], " + ", H);
+    p.drop_head0 = static_cast<int>(drop_window[0]);
+    p.drop_heads = static_cast<int>(drop_window[1]);
+    p.drop_q0 = static_cast<uint32_t>(drop_window[2]);
+    p.drop_k0 = static_cast<uint32_t>(drop_window[3]);
+  }
   if (mask) {
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.device() == c.device, c.op, ": mask is on ", m.device(), ", expected ", c.device);
@@ -183,11 +196,11 @@ inline FwdParams fwd_params(const char* op, const at::Tensor& q, const at::Tenso
                             const at::Tensor& partial_masks, double scale, const at::Tensor& out,
                             const at::Tensor& lse, int64_t drop_key, int64_t drop_threshold, double drop_scale,
                             const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
-                            int64_t drop_round) {
+                            int64_t drop_round, at::IntArrayRef drop_window) {
   const Checker c{op, q.device()};
   FwdParams p;
   common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, drop_key,
-         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round);
+         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round, drop_window);
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == q.scalar_type(), c.op,
               ": out must be float32 or q's dtype, got ", out.scalar_type());
   c.tensor(out, "out", out.scalar_type(), q.sizes());
@@ -207,11 +220,11 @@ inline BwdParams bwd_params(const char* op, const at::Tensor& dout, const at::Te
                             const at::Tensor& partial_masks, double scale, const at::Tensor& dq,
                             const at::Tensor& dk, const at::Tensor& dv, int64_t drop_key, int64_t drop_threshold,
                             double drop_scale, const c10::optional<at::Tensor>& tiles, int64_t predicates,
-                            int64_t drop_rounds, int64_t drop_round) {
+                            int64_t drop_rounds, int64_t drop_round, at::IntArrayRef drop_window) {
   const Checker c{op, q.device()};
   BwdParams p;
   common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, drop_key,
-         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round);
+         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round, drop_window);
   c.tensor(dout, "dout", q.scalar_type(), q.sizes());
   c.tensor(lse, "lse", at::kFloat, q.sizes().slice(0, 3));
   c.tensor(delta, "delta", at::kFloat, q.sizes().slice(0, 3));
@@ -242,12 +255,12 @@ void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const at::Tensor& kv_partial, const at::Tensor& partial_masks, double scale, const at::Tensor& out,
                    const at::Tensor& lse, int64_t drop_key, int64_t drop_threshold, double drop_scale,
                    const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
-                   int64_t drop_round) {
+                   int64_t drop_round, at::IntArrayRef drop_window) {
   void* const stream = Device::stream(q);
   const typename Device::Guard guard(q.device());
   const auto p = fwd_params(Device::kFwdName, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial,
                             partial_masks, scale, out, lse, drop_key, drop_threshold, drop_scale, tiles, predicates,
-                            drop_rounds, drop_round);
+                            drop_rounds, drop_round, drop_window);
   fwd_launch(p, stream);
   Device::after_launch();
 }
@@ -261,12 +274,12 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& partial_masks, double scale, const at::Tensor& dq, const at::Tensor& dk,
                    const at::Tensor& dv, int64_t drop_key, int64_t drop_threshold, double drop_scale,
                    const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
-                   int64_t drop_round) {
+                   int64_t drop_round, at::IntArrayRef drop_window) {
   void* const stream = Device::stream(q);
   const typename Device::Guard guard(q.device());
   const auto p = bwd_params(Device::kBwdName, dout, q, k, v, lse, delta, mask, q_index, kv_index, kv_count,
                             kv_blocks, kv_partial, q_count, q_blocks, q_partial, partial_masks, scale, dq, dk, dv,
-                            drop_key, drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round);
+                            drop_key, drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round, drop_window);
   bwd_launch(p, stream);
   Device::after_launch();
 }

@@ -265,17 +265,20 @@ struct Dropout {
   float scale;
   const int64_t* q_index;
   const int64_t* kv_index;
+  uint32_t q0, k0;   // the call's place in a larger call's grid (Params::drop_q0, drop_k0)
 
   __device__ __forceinline__ Dropout(const Params& p, int b, int h)
-      : head_word(mix32(static_cast<uint32_t>((b * p.heads + h) * p.drop_rounds + p.drop_round) ^ p.drop_key)),
-        threshold(p.drop_threshold), scale(p.drop_scale), q_index(q_table(p, b, h)), kv_index(kv_table(p, b, h)) {}
+      : head_word(mix32(static_cast<uint32_t>((b * (p.drop_heads ? p.drop_heads : p.heads) + p.drop_head0 + h) *
+                                                  p.drop_rounds + p.drop_round) ^ p.drop_key)),
+        threshold(p.drop_threshold), scale(p.drop_scale), q_index(q_table(p, b, h)), kv_index(kv_table(p, b, h)),
+        q0(p.drop_q0), k0(p.drop_k0) {}
 
   __device__ __forceinline__ bool on() const { return threshold != 0; }
   __device__ __forceinline__ uint32_t row_word(int row) const {
-    return mix32(static_cast<uint32_t>(original(q_index, row)) ^ head_word);
+    return mix32((static_cast<uint32_t>(original(q_index, row)) + q0) ^ head_word);
   }
   __device__ __forceinline__ bool keep(uint32_t row_word, int col) const {
-    return mix32(static_cast<uint32_t>(original(kv_index, col)) ^ row_word) >= threshold;
+    return mix32((static_cast<uint32_t>(original(kv_index, col)) + k0) ^ row_word) >= threshold;
   }
 
   // The words of this thread's two fragment rows, tile rows row0 + g and

@@ -148,7 +148,9 @@ def cases_for(world):
         # the kernel backends' pieces: Triton (interpreted) and the CUDA kernels on the CPU
         cases += [dict(method="ring", layout="zigzag", pattern="causal", dtype="fp16", backend="triton", dropout=0.2),
                   dict(method="ulysses", layout="contiguous", pattern="window", dtype="fp32", backend="triton"),
-                  dict(method="ring", layout="zigzag", pattern="global", dtype="fp16", backend="cuda-sim")]
+                  dict(method="ring", layout="zigzag", pattern="global", dtype="fp16", backend="cuda-sim", dropout=0.2),
+                  dict(method="ulysses", layout="zigzag", pattern="causal", dtype="bf16", backend="cuda-sim",
+                       dropout=0.2)]
     else:
         for dtype in ("fp32", "fp16"):
             for layout in ("zigzag", "contiguous"):

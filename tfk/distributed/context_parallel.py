@@ -352,7 +352,7 @@ def context_parallel_attention(query, key, value, pattern=None, *, group=None, m
         (all-to-all to head shards: H and Hkv divisible by P).
     dropout_p: dropout on the probabilities with the keep mask one process
         would draw (the seed from every rank's torch generator, the first
-        rank's taken); on the "torch" and "triton" engines.
+        rank's taken).
     backend: the engine each rank runs ("auto", "torch", "triton", "cuda",
         "cuda-sim").
     Every rank of the group must call it with the same pattern, mask and
@@ -391,7 +391,7 @@ def context_parallel_attention(query, key, value, pattern=None, *, group=None, m
     first = next((p for row in links for link in row for p in link.pieces), None)
     if first is None:   # nothing allowed anywhere
         first = sched.Piece(0, n, 0, 0, n, 0)
-    ring = _Ring(links, _PeersCache.get(group), pattern, length, scale, mask, dropout_p, seed)
+    ring = _Ring(links, _Peers(group), pattern, length, scale, mask, dropout_p, seed)
     call = AttentionCall(query[:, :, :first.q_len], key[:, :, :first.k_len], value[:, :, :first.k_len],
                          Shifted(pattern, first.q_global, first.k_global, length), ring.piece_mask(first),
                          scale, dropout_p, True)
@@ -407,9 +407,6 @@ def _engine(backend, call):
     if functions is None:
         raise BackendUnavailable(f"backend {chosen.name!r} cannot run context-parallel attention (it has no "
                                  "block functions): use 'torch', 'triton', 'cuda' or 'cuda-sim'")
-    if call.dropout_p > 0 and not chosen.dropout_windows:
-        raise BackendUnavailable(f"backend {chosen.name!r} cannot draw a window of a larger call's dropout mask "
-                                 "(context-parallel dropout): use 'torch' or 'triton', or dropout_p=0")
     return functions
 
 
@@ -419,17 +416,6 @@ def _shared_seed(group, device):
     seed = torch.tensor([drop.draw_seed()], dtype=torch.int64, device=device)
     dist.broadcast(seed, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
     return int(seed)
-
-
-class _PeersCache:
-    _by_group: dict = {}
-
-    @classmethod
-    def get(cls, group):
-        peers = cls._by_group.get(group)
-        if peers is None:
-            peers = cls._by_group[group] = _Peers(group)
-        return peers
 
 
 def _ulysses(q, k, v, pattern, mask, group, P, layout, scale, dropout_p, seed, backend, return_lse):

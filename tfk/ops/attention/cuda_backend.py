@@ -63,11 +63,15 @@ _DROPOUT_ARGS = ("drop_key", "drop_threshold", "drop_scale")
 _NO_DROPOUT = dict(zip(_DROPOUT_ARGS, drop.kernel_args(0, 0.0)))  # threshold 0: the kernels skip dropout
 
 
-def _dropout_args(dropout_p, seed):
-    """The ops' drop_key, drop_threshold, drop_scale (tfk.dropout's hash)."""
+def _dropout_args(dropout_p, seed, window=drop.WHOLE):
+    """The ops' drop_key, drop_threshold, drop_scale (tfk.dropout's hash), and
+    drop_window: the call's place in the grid whose mask it draws."""
     if dropout_p == 0:
         return _NO_DROPOUT
-    return dict(zip(_DROPOUT_ARGS, drop.kernel_args(seed, dropout_p)))
+    args = dict(zip(_DROPOUT_ARGS, drop.kernel_args(seed, dropout_p)))
+    if window != drop.WHOLE:
+        args["drop_window"] = [window.head_offset, window.heads or 0, window.q_offset, window.k_offset]
+    return args
 
 
 def _schedules(sp, backward):
@@ -96,13 +100,13 @@ def _count(tiles):
         backends.add_kernel_tiles(tiles)
 
 
-def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0):
+def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0, window=drop.WHOLE):
     """out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 over ``plan``
     (64 x 64 tiles). q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv);
     mask None, or bool/float broadcastable to (B, H, Lq, Lk); dropout on the
-    probabilities with ``seed`` (tfk.dropout)."""
+    probabilities with ``seed`` (tfk.dropout), drawing ``window`` of a larger call's mask."""
     hd, ops, m, tiles = _prepare(q, k, v, mask)
-    dropout = _dropout_args(dropout_p, seed)
+    dropout = _dropout_args(dropout_p, seed, window)
 
     def run(sp, q_l, k_l, v_l, o, l):
         ops.attention_fwd_(q_l, k_l, v_l, m, sp.q_index, sp.kv_index, *_schedules(sp, False),
@@ -115,10 +119,10 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0):
     return (out if Dv == hd else out[..., :Dv].contiguous()), lse
 
 
-def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p=0.0, seed=0):
+def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p=0.0, seed=0, window=drop.WHOLE):
     """dq, dk, dv for ``attention_forward``'s result, given dout and lse's gradient dlse."""
     hd, ops, m, tiles = _prepare(q, k, v, mask)
-    dropout = _dropout_args(dropout_p, seed)
+    dropout = _dropout_args(dropout_p, seed, window)
 
     def run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l):
         ops.attention_bwd_(do_l, q_l, k_l, v_l, lse_l, delta_l, m, sp.q_index, sp.kv_index,

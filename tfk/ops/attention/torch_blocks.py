@@ -445,7 +445,6 @@ torch_attention_fwd = attention_ops("torch_attention", _forward, _backward)
 
 class TorchBackend(Backend):
     name = "torch"
-    dropout_windows = True
     priority = 10
 
     def reasons(self, call):

@@ -52,7 +52,6 @@ attention_fwd = attention_ops("triton_attention", _forward, _backward)
 
 class TritonBackend(Backend):
     name = "triton"
-    dropout_windows = True
     priority = 20
 
     def reasons(self, call):
