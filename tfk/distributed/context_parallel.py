@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
