@@ -76,10 +76,7 @@ def attention_all_gather(q, k, v, pattern, layout, group=None, backend="auto"):
     r, world = lay.group_info(group)
     n = q.shape[2]
     length = n * world
-    order = torch.cat([lay.positions(layout, s, world, n) for s in range(world)])
-    natural = torch.empty_like(order)
-    natural[order] = torch.arange(length)
-    natural = natural.to(q.device)
+    natural = lay.natural_order(layout, world, n, q.device)
     k_all, v_all = (_AllGather.apply(x.movedim(2, 0).contiguous(), group).movedim(0, 2).index_select(2, natural)
                     for x in (k, v))
     outs = [tfk.attention(q[:, :, loc:loc + m], k_all, v_all, Shifted(pattern, g, 0, length), backend=backend)

@@ -243,23 +243,23 @@ class _Ring:
             _add_rows(dv, ranges, recvs[1][0])
 
 
-class _RingAttention(torch.autograd.Function):
+class _Attention(torch.autograd.Function):
+    """(out, lse) of ``runner.forward(q, k, v)``; the backward is
+    ``runner.backward(q, k, v, out, lse, dout, dlse)`` (a _Ring, or _Local)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, ring):
-        out, lse = ring.forward(q, k, v)
+    def forward(ctx, q, k, v, runner):
+        out, lse = runner.forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring = ring
+        ctx.runner = runner
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if dlse is None:
-            dlse = torch.zeros_like(lse)
-        dq, dk, dv = ctx.ring.backward(q, k, v, out, lse, dout.contiguous(), dlse)
-        return dq, dk, dv, None
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        return (*ctx.runner.backward(q, k, v, out, lse, dout, dlse), None)
 
 
 def _seq_to_heads(x, group, layout):
@@ -272,7 +272,7 @@ def _seq_to_heads(x, group, layout):
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)                           # by source (sequence shard)
     y = recv.movedim(0, 2).reshape(B, Hx // P, P * n, *rest)                  # shards end to end
-    return y.index_select(2, _natural_order(layout, P, n, x.device))
+    return y.index_select(2, lay.natural_order(layout, P, n, x.device))
 
 
 def _heads_to_seq(y, group, layout):
@@ -281,23 +281,11 @@ def _heads_to_seq(y, group, layout):
     B, Hp, L = y.shape[:3]
     rest = y.shape[3:]
     n = L // P
-    shards = y.index_select(2, _shard_order(layout, P, n, y.device))
+    shards = y.index_select(2, lay.shard_order(layout, P, n, y.device))
     send = shards.reshape(B, Hp, P, n, *rest).movedim(2, 0).contiguous()      # by destination (sequence shard)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)                           # by source (head group)
     return recv.transpose(0, 1).reshape(B, P * Hp, n, *rest)
-
-
-def _shard_order(layout, P, n, device):
-    """The global positions of the P shards end to end."""
-    return torch.cat([lay.positions(layout, r, P, n) for r in range(P)]).to(device)
-
-
-def _natural_order(layout, P, n, device):
-    order = _shard_order(layout, P, n, "cpu")
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel())
-    return inverse.to(device)
 
 
 class _Reshard(torch.autograd.Function):
@@ -397,7 +385,7 @@ def context_parallel_attention(query, key, value, pattern=None, *, group=None, m
                          Shifted(pattern, first.q_global, first.k_global, length), ring.piece_mask(first),
                          scale, dropout_p, True)
     ring.tiles, ring.fwd, ring.bwd = _engine(backend, call)
-    out, lse = _RingAttention.apply(query, key, value, ring)
+    out, lse = _Attention.apply(query, key, value, ring)
     return (out, lse) if return_lse else out
 
 
@@ -435,29 +423,21 @@ def _ulysses(q, k, v, pattern, mask, group, P, layout, scale, dropout_p, seed, b
     tiles, forward, backward = _engine(backend, call)
     kw = dict(window=drop.Window(head_offset=rank * (H // P), heads=H)) if dropout_p > 0 else {}
     plan = get_plan(pattern, qh.shape[2], kh.shape[2], *tiles, q.device)
-    out, lse = _Local.apply(qh, kh, vh, (forward, backward, plan, mask, scale, dropout_p, seed, kw))
+    local = _Local(forward, backward, plan, mask, scale, dropout_p, seed, kw)
+    out, lse = _Attention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), local)
     out = _Reshard.apply(out, group, layout, False)
     return (out, _Reshard.apply(lse, group, layout, False)) if return_lse else out
 
 
-class _Local(torch.autograd.Function):
+class _Local:
     """A backend's block functions on a rank's whole problem (ulysses' heads),
     with its place in the whole call's dropout mask."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, args):
-        forward, backward, plan, mask, scale, dropout_p, seed, kw = args
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = forward(q, k, v, plan, mask, scale, dropout_p, seed, **kw)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = args
-        return out, lse
+    def __init__(self, forward, backward, plan, mask, scale, dropout_p, seed, kw):
+        self.fwd, self.bwd, self.args, self.kw = forward, backward, (plan, mask, scale, dropout_p, seed), kw
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        forward, backward, plan, mask, scale, dropout_p, seed, kw = ctx.args
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        dlse = torch.zeros_like(lse) if dlse is None else dlse
-        dq, dk, dv = backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed, **kw)
-        return dq, dk, dv, None
+    def forward(self, q, k, v):
+        return self.fwd(q, k, v, *self.args, **self.kw)
+
+    def backward(self, q, k, v, out, lse, dout, dlse):
+        return self.bwd(dout, dlse, q, k, v, out, lse, *self.args, **self.kw)

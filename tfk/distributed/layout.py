@@ -33,6 +33,20 @@ def positions(layout: str, rank: int, world: int, n: int, device=None) -> torch.
     return torch.cat([torch.arange(g, g + m, device=device) for g, _, m in runs(layout, rank, world, n)])
 
 
+def shard_order(layout: str, world: int, n: int, device=None) -> torch.Tensor:
+    """int64 (world * n,): the global positions of every rank's shard, end to end."""
+    return torch.cat([positions(layout, r, world, n) for r in range(world)]).to(device)
+
+
+def natural_order(layout: str, world: int, n: int, device=None) -> torch.Tensor:
+    """int64 (world * n,): where each global position lies in the shards end
+    to end (``shards.index_select(dim, natural_order(...))`` is the sequence)."""
+    order = shard_order(layout, world, n)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return inverse.to(device)
+
+
 def group_info(group):
     """(rank, world size) of this process in ``group`` (None: the default group)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -67,11 +81,7 @@ class _Unshard(torch.autograd.Function):
         ctx.group, ctx.layout, ctx.dim = group, layout, dim
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous(), group=group)
-        n = x.shape[dim]
-        order = torch.cat([positions(layout, r, world, n) for r in range(world)])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel())
-        return torch.cat(parts, dim).index_select(dim, inverse.to(x.device))
+        return torch.cat(parts, dim).index_select(dim, natural_order(layout, world, x.shape[dim], x.device))
 
     @staticmethod
     def backward(ctx, grad):
