@@ -316,12 +316,23 @@ TRITON_PATTERNS = {
     "all": dict(HAS_QIDX=True, HAS_KIDX=True, MASK_KIND=2, DROPOUT=True, PREDICATES=0),
     "lsh": dict(HAS_QIDX=2, HAS_KIDX=2, MASK_KIND=1, DROPOUT=True, PREDICATES=2),
     "bool": dict(HAS_QIDX=False, HAS_KIDX=False, MASK_KIND=1, DROPOUT=False, PREDICATES=0),
+    # score modifiers (tfk.scores): a softcap and a distance bias, whose
+    # gradient the dK/dV kernel reduces per tile diagonal (DBIAS=1, natural order).
+    # Head dims up to 128 (triton_kernels.attention.MODS_MAX_HEAD_DIM): at
+    # D=256 dK/dV with modifiers spilled (24-104 bytes; Triton 3.8, sm_80 and
+    # sm_90a), so the backend refuses modifiers there.
+    "mods": dict(HAS_QIDX=False, HAS_KIDX=False, MASK_KIND=0, DROPOUT=False, PREDICATES=0, SOFTCAP=True,
+                 HAS_BIAS=True),
+    # every feature of "all" and the modifiers: in a reordered layout the dK/dV
+    # kernel stores its bias gradient per element (DBIAS=2)
+    "mods_all": dict(HAS_QIDX=True, HAS_KIDX=True, MASK_KIND=2, DROPOUT=True, PREDICATES=0, SOFTCAP=True,
+                     HAS_BIAS=True),
 }
-TRITON_PATTERNS_DEFAULT = ("plain", "all", "lsh")
-# --quick: one config per kernel per arch: every feature on, fp16, head dim
+TRITON_PATTERNS_DEFAULT = ("plain", "all", "lsh", "mods", "mods_all")
+# --quick: one config per kernel per arch: every feature on (score modifiers too), fp16, head dim
 # 128 (the common training config): 12 s on 2 cores (measured, see above),
 # cheap enough for a test.
-TRITON_QUICK = (("fp16", "ieee"), 128, "all")
+TRITON_QUICK = (("fp16", "ieee"), 128, "mods_all")
 
 # The representative call: B=2, H=8 query heads over Hkv=2 key heads (G=4),
 # Lq = Lk = 1000 (not a multiple of 16, so lengths get no divisibility hint);
@@ -346,8 +357,11 @@ def attention_configs(archs: list[str], quick: bool = False, extended: bool = Fa
         dtypes, dims, patterns = TRITON_DTYPES, TRITON_HEAD_DIMS, tuple(TRITON_PATTERNS)
     else:
         dtypes, dims, patterns = TRITON_DTYPES, TRITON_HEAD_DIMS, TRITON_PATTERNS_DEFAULT
+    # the modifiers' variants ship up to MODS_MAX_HEAD_DIM (the backend refuses them above)
+    from triton_kernels.attention import MODS_MAX_HEAD_DIM
     return [dict(family="attention", kernel=k, dtype=dt, precision=prec, head_dim=d, pattern=p, cap=cap)
-            for cap in caps for k in TRITON_KERNELS for (dt, prec) in dtypes for d in dims for p in patterns]
+            for cap in caps for k in TRITON_KERNELS for (dt, prec) in dtypes for d in dims for p in patterns
+            if not (p.startswith("mods") and d > MODS_MAX_HEAD_DIM)]
 
 
 def _config_name(cfg: dict) -> str:
@@ -366,12 +380,13 @@ def _attention_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
 
     T = lambda name: MockTensor(getattr(torch, name))
     dt = _TORCH_DTYPES[cfg["dtype"]]
-    pat = TRITON_PATTERNS[cfg["pattern"]]
+    pat = dict(TRITON_PATTERNS[cfg["pattern"]])
+    softcap, has_bias = bool(pat.pop("SOFTCAP", False)), bool(pat.pop("HAS_BIAS", False))
     D = DV = cfg["head_dim"]
     tdtype = getattr(torch, dt)
     bm, bn = mod.tile_config(D, tdtype, pat["PREDICATES"])
     launch = mod.launch_config(cfg["kernel"], D, tdtype, bool(pat["MASK_KIND"] or pat["DROPOUT"] or pat["PREDICATES"]),
-                               bn)
+                               bn, softcap or has_bias)
     H, Hkv, L = _CALL["H"], _CALL["Hkv"], _CALL["L"]
     lq2 = _CALL["L_IDX"] if pat["HAS_QIDX"] else L
     lk2 = _CALL["L_IDX"] if pat["HAS_KIDX"] else L
@@ -429,9 +444,20 @@ def _attention_launch_args(mod, cfg: dict) -> tuple[dict, dict]:
     v["rounds"], v["rnd"] = (4, 1) if pat["PREDICATES"] else (1, 0)
     # the call's place in the grid whose keep mask it draws (tfk.dropout.Window): the whole call
     v.update(drop_h0=0, drop_heads=H, drop_q0=0, drop_k0=0)
+    # score modifiers (_Launch.mod_args): the base-2 bias (H, 2L - 1) float32,
+    # q fills the slot without one; the softcap's factors (1.0 without)
+    v["Bias"] = T("float32" if has_bias else dt)
+    v.update(sbias=2 * L - 1, lq_full=L, cap_scale=D ** -0.5 / 30.0 if softcap else 1.0,
+             cap2=30.0 * _LOG2E if softcap else 1.0)
+    if kernel == "_attn_bwd_dkdv":
+        # the bias gradient's per-tile shares (float32 values, int32 indices); q_l fills the slots without
+        v["DBias"], v["DBiasIdx"] = (T("float32"), T("int32")) if has_bias else (T(dt), T(dt))
+        v.update(dslots=cols, nbias=2 * L - 1)
+    extra = mod.mods_meta(kernel, has_bias, softcap, int(pat["HAS_QIDX"]), int(pat["HAS_KIDX"]), bm, bn,
+                          launch.get("SPLIT_N", 1))
     meta = dict(pat, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, 1 << (D - 1).bit_length()),
                 BLOCK_DV=max(16, 1 << (DV - 1).bit_length()), PRECISION=cfg["precision"],
-                COUNT_TILES=False, **launch)
+                COUNT_TILES=False, **extra, **launch)
     return v, meta
 
 

@@ -4,7 +4,8 @@
 
 For each op (the SDPA drop-in: dense, causal, bool mask, float mask, GQA,
 3-D input, dropout; ``tfk.attention`` with each pattern kind, a union, an
-intersection, a per-head block layout, GQA, dropout), at a moderate size with
+intersection, a per-head block layout, GQA, dropout, the grid patterns, the
+score modifiers of ``tfk.scores``), at a moderate size with
 awkward lengths (197, 263, 1025; head dims 40 and 80), it prints the backend
 ``backend="auto"`` chooses, the error of out, dq, dk and dv against the
 float64 reference (for dropout: the reference given the keep mask the call
@@ -19,7 +20,7 @@ float32 otherwise.
 
 Without a GPU a second table runs the CUDA kernels (csrc/attention/) on the
 CPU through backend "cuda-sim" (tfk's host-execution layer) in float16 and
-bfloat16, for every op, checked the same way and not timed: the layer emulates a GPU, its speed says nothing about one.
+bfloat16, for every op whose modifiers the kernels fuse, checked the same way and not timed: the layer emulates a GPU, its speed says nothing about one.
 ``--no-sim`` skips it. Then the same for packed sequences
 (bench/report_varlen.py), KV-cache decoding (bench/report_kvcache.py,
 forward only), the MoE ops (bench/report_moe.py),
@@ -79,6 +80,8 @@ class Op:
     is_causal: bool = False
     dropout_p: float = 0.0
     rank3: bool = False
+    # score_mod(H, Lq, Lk, D, device, dtype) -> a tfk.scores modifier (or list), the same values at any dtype
+    score_mod: Callable | None = field(default=None, compare=False)
 
     def describe(self):
         if self.kind == "sdpa":
@@ -90,8 +93,37 @@ class Op:
             return "sdpa(" + ", ".join(bits) + ")"
         p = self.pattern()
         extra = f", dropout_p={self.dropout_p}" if self.dropout_p else ""
+        if self.score_mod is not None:
+            mods = tfk.scores.canonical(self.score_mod(self.H, self.Lq, self.Lk, self.D, "cpu", torch.float32))
+            extra += f", score_mod={list(mods.values())!r}"
         gqa = f", GQA {self.H}/{self.Hkv}" if self.H != self.Hkv else ""
         return f"attention({p!r}{gqa}{extra})"
+
+
+def _param(seed, *shape, scale=1.0):
+    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _mods(kind):
+    """A score_mod builder for Op (module doc of tfk.scores)."""
+    S = tfk.scores
+
+    def build(H, Lq, Lk, D, device, dtype):
+        f32 = torch.float64 if dtype == torch.float64 else torch.float32
+        if kind == "alibi":
+            return S.alibi(S.alibi_slopes(H).to(device, f32))
+        if kind == "t5":
+            return S.relative_bias(_param(1, 32, H, scale=0.5).to(device, f32))
+        if kind == "softcap+alibi":
+            return [S.softcap(2.0), S.alibi(S.alibi_slopes(H).to(device, f32))]
+        if kind == "span":
+            return S.adaptive_span(torch.tensor([30.0, 100.0, 300.0, 700.0][:H]).to(device, f32), 32.0)
+        if kind == "xl":
+            return S.transformer_xl(*(t.to(device, dtype) for t in (_param(2, H, Lq + Lk - 1, D, scale=0.3),
+                                                                    _param(3, H, D, scale=0.3),
+                                                                    _param(4, H, D, scale=0.3))))
+        raise ValueError(kind)
+    return build
 
 
 def _per_head_layout():
@@ -128,7 +160,31 @@ OPS = [
     Op("gqa_window", "attention", 1, 8, 2, 1025, 1025, 40, pattern=lambda: P.sliding_window(100, 100)),
     Op("window_dropout", "attention", 1, 4, 4, 1025, 1025, 40, pattern=lambda: P.sliding_window(64),
        dropout_p=0.1),
+    # grid patterns (rows x cols, frames x rows x cols)
+    Op("neighborhood_2d", "attention", 1, 4, 2, 1073, 1073, 40, pattern=lambda: P.neighborhood((29, 37), 7)),
+    Op("neighborhood_3d_dilated", "attention", 1, 4, 4, 990, 990, 40,
+       pattern=lambda: P.neighborhood((9, 10, 11), 3, dilation=(1, 2, 2))),
+    Op("axial_causal", "attention", 1, 4, 4, 1073, 1073, 80, pattern=lambda: P.axial((29, 37), axis=0, causal=True)),
+    Op("local_blocks&causal", "attention", 1, 4, 4, 1073, 1073, 40,
+       pattern=lambda: P.local_blocks((29, 37), (8, 8), 3) & P.causal()),
+    # score modifiers (tfk.scores)
+    Op("alibi_causal", "attention", 1, 4, 4, 1025, 1025, 40, pattern=lambda: P.causal(), score_mod=_mods("alibi")),
+    Op("t5_bias", "attention", 2, 4, 4, 197, 263, 80, pattern=lambda: P.Dense(), score_mod=_mods("t5")),
+    Op("softcap+alibi_window", "attention", 1, 4, 2, 1025, 1025, 40, pattern=lambda: P.sliding_window(128),
+       score_mod=_mods("softcap+alibi")),
+    Op("adaptive_span", "attention", 1, 4, 4, 1025, 1025, 40, pattern=lambda: P.causal(), score_mod=_mods("span")),
+    Op("transformer_xl_memory", "attention", 1, 4, 4, 197, 460, 40, pattern=lambda: P.causal(bottom_right=True),
+       score_mod=_mods("xl")),
 ]
+
+
+def cuda_kernels_take(op):
+    """Whether the CUDA kernels fuse the op's modifiers (cuda-sim's table)."""
+    if op.score_mod is None:
+        return True
+    kinds = tfk.backends.get_backend("cuda-sim").score_mods
+    mods = tfk.scores.canonical(op.score_mod(op.H, op.Lq, op.Lk, op.D, "cpu", torch.float32))
+    return kinds is True or all(k in kinds for k in mods)
 
 
 # ---------------------------------------------------------------------------
@@ -188,7 +244,8 @@ def build_case(op: Op, device, dtype) -> Case:
         allowed = dense.unsqueeze(0) if dense.dim() == 3 else dense
 
         def call(q, k, v, backend):
-            return tfk.attention(q, k, v, pattern, dropout_p=op.dropout_p, backend=backend)
+            mod = None if op.score_mod is None else op.score_mod(H, Lq, Lk, D, q.device, q.dtype)
+            return tfk.attention(q, k, v, pattern, dropout_p=op.dropout_p, backend=backend, score_mod=mod)
 
     def reference(q, k, v):
         if op.rank3:
@@ -198,8 +255,11 @@ def build_case(op: Op, device, dtype) -> Case:
             torch.manual_seed(DROPOUT_SEED)
             seed = drop.draw_seed()
             keep = drop.dense_keep_mask(seed, q.shape[0], q.shape[1], Lq, Lk, op.dropout_p, device=q.device)
+        mods = None
+        if op.score_mod is not None:
+            mods = tfk.scores.canonical(op.score_mod(H, Lq, Lk, D, q.device, q.dtype))
         out, _ = attention_reference(q, k, v, allowed, None if bias is None else bias.to(q.dtype),
-                                     dropout_p=op.dropout_p, keep=keep)
+                                     dropout_p=op.dropout_p, keep=keep, score_mod=mods)
         return out.squeeze(1) if op.rank3 else out
 
     return Case((q, k, v), dout, call, reference)
@@ -372,7 +432,8 @@ def main(argv=None):
         if sim:
             print("\nThe CUDA kernels on the CPU: backend cuda-sim (the csrc/attention/ sources through tfk's "
                   "host-execution layer), untimed:", flush=True)
-            sim_rows = _check_all(ops, device, SIM_DTYPES, backend="cuda-sim", time_it=False)
+            sim_rows = _check_all([o for o in ops if cuda_kernels_take(o)], device, SIM_DTYPES, backend="cuda-sim",
+                                  time_it=False)
             print(format_rows(sim_rows))
             rows += sim_rows
     sections = [  # (module, its ops, title, title of its cuda-sim table, which ops cuda-sim takes)

@@ -157,3 +157,46 @@ def test_generate_bench_same_tokens():
     for r in rows:
         assert r["same_tokens"] and r["same_generate"] and r["ms"] > 0, r
     assert "patch_torch" in generate.format_table(rows)
+
+
+def test_score_mods_bench_runs_every_kind(monkeypatch, capsys):
+    """bench.score_mods end to end on tiny shapes of every kind: each
+    implementation runs (flex off: its compile takes minutes here), tfk's
+    tiles are counted and the T5 memory line is measured."""
+    from bench import score_mods as sm
+    tiny = {
+        "alibi_8k": sm.Shape("alibi_8k", 128, 128, 2, 16, "alibi"),
+        "t5_4096": sm.Shape("t5_4096", 96, 96, 2, 16, "t5"),
+        "span_4096": sm.Shape("span_4096", 128, 128, 2, 16, "span"),
+        "xl_2k_mem2k": sm.Shape("xl_2k_mem2k", 64, 128, 2, 16, "xl"),
+        "nbhd_128": sm.Shape("nbhd_128", 256, 256, 2, 16, "grid", (16, 16), "neighborhood"),
+        "axial_128": sm.Shape("axial_128", 256, 256, 2, 16, "grid", (16, 16), "axial"),
+    }
+    monkeypatch.setattr(sm, "SHAPES", tiny)
+    rows = sm.main(["--shapes", *tiny, "--reps", "1", "--no-flex", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert {r["shape"] for r in rows} == set(tiny) and len(rows) == 2 * len(tiny)
+    for r in rows:
+        assert isinstance(r["tfk_s"], float) and isinstance(r["sdpa_s"], float), r
+        assert 0 < r["tiles"] <= r["dense_tiles"]
+    assert "peak MiB of live tensors, t5_4096" in out
+    assert "target: 7x7 neighbourhood on 128x128" in out
+
+
+def test_score_mods_bench_peers_compute_the_same_function():
+    """What bench.score_mods times as SDPA's equivalent (a dense float mask;
+    Transformer-XL's term computed densely and shifted) gives tfk's output:
+    the bench compares like with like."""
+    import argparse
+
+    from bench import score_mods as sm
+    args = argparse.Namespace(sdpa_max_scores=1 << 30, no_flex=True)
+    for s in (sm.Shape("a", 100, 100, 2, 16, "alibi"), sm.Shape("t", 96, 96, 2, 16, "t5"),
+              sm.Shape("s", 128, 128, 2, 16, "span"), sm.Shape("x", 64, 128, 2, 16, "xl"),
+              sm.Shape("n", 169, 169, 2, 16, "grid", (13, 13), "neighborhood"),
+              sm.Shape("ax", 169, 169, 2, 16, "grid", (13, 13), "axial")):
+        q, k, v, _ = sm.make_inputs(s)
+        with torch.no_grad():
+            got = sm.impl_fn("tfk", s, args)(q, k, v)
+            want = sm.impl_fn("sdpa", s, args)(q, k, v)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{s.name}: {m}")

@@ -40,6 +40,8 @@ class AttentionCall:
     scale: float
     dropout_p: float
     return_lse: bool
+    # {kind: modifier} of tfk.scores (validated against q, k), or None
+    score_mod: dict | None = None
 
 
 class Backend:
@@ -49,6 +51,9 @@ class Backend:
     # True for a backend that "auto" takes only for the calls it can run: its
     # refusals route a call on to the next backend, and are no fallback
     routes_only = False
+    # The tfk.scores modifier kinds (attention's score_mod) this backend fuses:
+    # True for all, else a set of kinds
+    score_mods = frozenset()
 
     def reasons(self, call: AttentionCall) -> list[str]:
         """Why this backend cannot run ``call``; empty when it can."""
@@ -239,7 +244,7 @@ def _select(name: str, call: AttentionCall, family: str = "attention") -> Backen
             name = "auto"  # another family's backend: this family's "auto"
     if name != "auto":
         backend = get_backend(name, family)
-        why = backend.reasons(call)
+        why = _reasons(backend, call)
         if why:
             raise BackendUnavailable(f"backend {name!r} cannot run this call: " + "; ".join(why))
         return backend
@@ -248,7 +253,7 @@ def _select(name: str, call: AttentionCall, family: str = "attention") -> Backen
         backend = _FAMILIES[family][n]
         if not backend.auto_for(call):
             continue
-        why = backend.reasons(call)
+        why = _reasons(backend, call)
         if not why:
             if refused:
                 _warn_fallback(n, refused)
@@ -256,6 +261,16 @@ def _select(name: str, call: AttentionCall, family: str = "attention") -> Backen
         if not backend.routes_only:
             refused.append(f"{n}: " + "; ".join(why))
     raise BackendUnavailable("no backend can run this call: " + " | ".join(refused))
+
+
+def _reasons(backend, call):
+    why = backend.reasons(call)
+    mods = getattr(call, "score_mod", None)
+    if mods and backend.score_mods is not True:
+        missing = [kind for kind in mods if kind not in backend.score_mods]
+        if missing:
+            why = why + [f"score_mod ({', '.join(missing)}) is not fused in this backend"]
+    return why
 
 
 class FallbackWarning(UserWarning):

@@ -30,7 +30,7 @@ from . import tile_facts as tf
 
 __all__ = [
     "Pattern", "causal", "sliding_window", "global_tokens", "strided", "fixed",
-    "bigbird", "block_layout",
+    "bigbird", "block_layout", "axial", "neighborhood", "local_blocks", "GridTiled",
 ]
 
 
@@ -845,3 +845,7 @@ class Shifted(Pattern):
     def tile_kind(self, h, q, k, lq, lk):
         return self.pattern.tile_kind(h, self._shift(q, self.q_start), self._shift(k, self.k_start),
                                       self.length, self.length)
+
+
+# Grid patterns (images, video) live in their own module.
+from .grid_patterns import GridTiled, axial, local_blocks, neighborhood  # noqa: E402

@@ -40,14 +40,15 @@ class Layouts:
         if self.empty:
             return
         depth = max(self.nqb - 1, self.nkb - 1, 0).bit_length()
-        self.q_levels = [tf.describe(self.q_index, bq)]
+        # grid layouts (tfk.grid_patterns.GridTiled) give blocks coordinate boxes
+        self.q_levels = [tf.describe(self.q_index, bq, getattr(region.q_layout, "grid", None))]
         for _ in range(depth):
             self.q_levels.append(tf.coarser(self.q_levels[-1]))
         self.q_shape = _shapes(self.q_index, self.q_levels[0], bq)
         if same:
             self.k_levels, self.k_shape = self.q_levels, self.q_shape
             return
-        self.k_levels = [tf.describe(self.kv_index, bk)]
+        self.k_levels = [tf.describe(self.kv_index, bk, getattr(region.kv_layout, "grid", None))]
         for _ in range(depth):
             self.k_levels.append(tf.coarser(self.k_levels[-1]))
         self.k_shape = _shapes(self.kv_index, self.k_levels[0], bk)

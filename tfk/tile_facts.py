@@ -35,6 +35,13 @@ class Blocks:
     hi: torch.Tensor
     step: torch.Tensor
     count: torch.Tensor
+    # Optional, for positions that are row-major indices of a grid of shape
+    # ``grid``: each block's least and greatest coordinate per dimension, int64
+    # (n, dims). Every position's coordinates lie in the box [box_lo, box_hi];
+    # the box holds exactly the block's positions when count equals its volume.
+    grid: tuple | None = None
+    box_lo: torch.Tensor | None = None
+    box_hi: torch.Tensor | None = None
 
     @property
     def contiguous(self):
@@ -43,12 +50,26 @@ class Blocks:
 
     def take(self, index):
         # (index_select: several times faster than indexing with a tensor)
-        return Blocks(*(t.index_select(0, index) for t in (self.lo, self.hi, self.step, self.count)))
+        box = ()
+        if self.box_lo is not None:
+            box = (self.grid, self.box_lo.index_select(0, index), self.box_hi.index_select(0, index))
+        return Blocks(*(t.index_select(0, index) for t in (self.lo, self.hi, self.step, self.count)), *box)
 
 
-def describe(positions, block):
+def grid_coords(x, grid):
+    """Coordinates (..., dims) of row-major positions ``x`` on a grid of shape ``grid``."""
+    cols, rest = [], x
+    for n in reversed(grid):
+        cols.append(rest % n)
+        rest = rest // n
+    return torch.stack(cols[::-1], -1)
+
+
+def describe(positions, block, grid=None):
     """Blocks of ``block`` consecutive entries of ``positions`` (a layout's
-    positions in layout order; the last block may be short)."""
+    positions in layout order; the last block may be short). With ``grid`` (a
+    shape whose row-major indices the positions are) each block also gets its
+    coordinates' bounding box."""
     n = positions.numel()
     nb = -(-n // block)
     x = positions.to(torch.int64)
@@ -63,18 +84,27 @@ def describe(positions, block):
             g = torch.cat([g, g.new_zeros(nb, 1)], 1)
         half = g.shape[1] // 2
         g = torch.gcd(g[:, :half], g[:, half:])
-    return Blocks(lo, hi, g.view(-1), count)
+    if grid is None:
+        return Blocks(lo, hi, g.view(-1), count)
+    grid = tuple(int(s) for s in grid)
+    c = grid_coords(x, grid)   # (nb, block, dims)
+    return Blocks(lo, hi, g.view(-1), count, grid, c.amin(1), c.amax(1))
 
 
 def coarser(b):
     """Blocks of two consecutive blocks of ``b`` (an odd last one alone)."""
+    has_box = b.box_lo is not None
     if b.lo.numel() % 2:
+        box = (b.grid, *(torch.cat([t, t[-1:]]) for t in (b.box_lo, b.box_hi))) if has_box else ()
         b = Blocks(*(torch.cat([t, t[-1:]]) for t in (b.lo, b.hi, b.step)),
-                   torch.cat([b.count, b.count.new_zeros(1)]))
+                   torch.cat([b.count, b.count.new_zeros(1)]), *box)
     lo0, lo1 = b.lo[0::2], b.lo[1::2]
     step = torch.gcd(torch.gcd(b.step[0::2], b.step[1::2]), (lo1 - lo0).abs())
+    box = ()
+    if has_box:
+        box = (b.grid, torch.minimum(b.box_lo[0::2], b.box_lo[1::2]), torch.maximum(b.box_hi[0::2], b.box_hi[1::2]))
     return Blocks(torch.minimum(lo0, lo1), torch.maximum(b.hi[0::2], b.hi[1::2]), step,
-                  b.count[0::2] + b.count[1::2])
+                  b.count[0::2] + b.count[1::2], *box)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ namespace attention {
 // The plan's tile, fixed: 4 warps of 16 query rows (or 16 keys in dK/dV).
 constexpr int kBlockM = 64;  // queries per tile
 constexpr int kBlockN = 64;  // keys per tile
+constexpr int kDiagonals = kBlockM + kBlockN - 1;  // diagonals of a tile (the per-tile bias gradient)
 constexpr int kThreads = 128;
 // Kernels declare __launch_bounds__(kThreads, 1): their shared memory (40-97
 // KiB) allows only 1-3 blocks per SM anyway, and without the minimum ptxas
@@ -85,6 +86,15 @@ struct Params {
   // positions i and j as drop_q0 + i and drop_k0 + j.
   int drop_head0 = 0, drop_heads = 0;
   uint32_t drop_q0 = 0, drop_k0 = 0;
+  // Score modifiers (tfk.scores, fused): softcap s = cap * tanh(s / cap) on
+  // the scaled scores (natural units; 0: off), then the distance bias
+  // s += bias[h * bias_stride + j - i + bias_offset] (natural units; i, j
+  // original positions; null: off; -inf masks the pair), then the masks.
+  float softcap = 0.f;
+  const float* bias = nullptr;   // (heads, bias_stride) float32
+  int64_t bias_stride = 0;       // Lq + Lk - 1 of the whole call
+  int64_t bias_offset = 0;       // Lq - 1 of the whole call
+  bool mods() const { return softcap > 0.f || bias != nullptr; }
   // Optional int32[3]: tiles visited by the forward, dQ and dK/dV kernels,
   // counted by the kernels (tests prove no tile outside the plan is touched).
   int32_t* tiles = nullptr;
@@ -104,6 +114,23 @@ struct BwdParams : Params {
   float* dk = nullptr;          // like k, float32
   float* dv = nullptr;          // like v, float32
   Schedule q_schedule;          // per key block: query blocks (dK/dV)
+  // With a bias: the dQ kernel's share of the bias's gradient, per element
+  // of each visited tile: dbias[slot * kBlockM * kBlockN + row * kBlockN +
+  // col] = dS of (row, col) (natural units; 0 outside the sequence or masked)
+  // and dbias_index[...] = h * bias_stride + j - i + bias_offset (0 where the
+  // value is 0), slot = ((b * heads + h) * n_qblocks + qb) * kv_schedule
+  // width + it. The host sums them in a fixed order (no float atomics).
+  // Unvisited slots are left as they are (the host zero-fills).
+  // With dbias_diagonal (only for a sub-pass in natural order: q_index and
+  // kv_index null, so a tile's diagonals are distances) the kernel reduces
+  // each tile instead: dbias[slot * kDiagonals + t] = the sum of dS over the
+  // tile's (row, col) with col - row = t - (kBlockM - 1), inside the sequence,
+  // in row order, and dbias_index[slot] = the flat index of diagonal 0
+  // (h * bias_stride + k0 - q0 - (kBlockM - 1) + bias_offset; diagonal t's is
+  // that + t; may fall outside the head's row where no pair of the tile does).
+  float* dbias = nullptr;
+  int32_t* dbias_index = nullptr;
+  bool dbias_diagonal = false;
 };
 
 // Dynamic shared memory of each kernel (bytes), for the bindings' checks.

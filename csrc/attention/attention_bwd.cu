@@ -17,7 +17,17 @@ namespace tfk {
 namespace attention {
 namespace bwd {
 
-template <typename T, int HD>
+// The bias's gradient slot of query block blk's tile it (BwdParams::dbias).
+template <typename Blk>
+__device__ __forceinline__ int64_t dbias_slot(const BwdParams& p, const Blk& blk, int it) {
+  return (static_cast<int64_t>(blk.b * p.heads + blk.h) * ((p.lq + kBlockM - 1) / kBlockM) + blockIdx.x) *
+             p.kv_schedule.width + it;
+}
+
+// kMods: the score modifiers (Params::softcap, bias) are on: dS of the
+// modified scores goes to the bias's gradient (BwdParams::dbias) and, times
+// 1 - tanh^2 under a softcap, to dQ and dK.
+template <typename T, bool kMods, int HD>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const BwdParams p) {
   constexpr int kTile = kBlockM * HD;
   constexpr int kN = kBlockN / 8;
@@ -39,6 +49,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Bwd
   const float scale_log2 = p.scale * kLog2e;
   const UserMask user = user_mask(p, blk.b, blk.h);
   const Dropout drop(p, blk.b, blk.h);
+  const ScoreMods mods(p, blk.b, blk.h);
   float delta[2];
   const RowProb prob[2] = {RowProb(warp * 16 + g < q_valid ? p.lse[q_row0 + warp * 16 + g] : -INFINITY,
                                    p.predicates),
@@ -63,7 +74,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Bwd
     gemm_abt<HD, kN>(s, sQ, warp * 16, sK + buf * kTile, 0);
     gemm_abt<HD, kN>(dp, sdO, warp * 16, sV + buf * kTile, 0);
     const int k0 = sched.blocks[it] * kBlockN;
-    scale_and_mask<false>(s, p, user, sched.partial[it], blk.q0, k0, warp * 16, 0, scale_log2);
+    [[maybe_unused]] float fac[kN][4];  // 1 - tanh^2 (kMods only)
+    if constexpr (kMods) {
+      scale_and_mask_mods<false, true>(s, fac, p, user, mods, sched.partial[it], blk.q0, k0, warp * 16, 0,
+                                       scale_log2);
+    } else {
+      scale_and_mask<false>(s, p, user, sched.partial[it], blk.q0, k0, warp * 16, 0, scale_log2);
+    }
     if (drop.on()) drop.apply(dp, drop_row, k0, p.lk);
     TFK_UNROLL
     for (int n = 0; n < kN; ++n) {
@@ -74,9 +91,57 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Bwd
           const int row = warp * 16 + g + 8 * (i >> 1), col = k0 + n * 8 + 2 * t + (i & 1);
           if (row < q_valid && col < p.lk && user.self_pair(blk.q0 + row, col)) s[n][i] = 0.f;
         }
+        if constexpr (kMods) {
+          if (p.dbias) {  // this tile's share of the bias's gradient
+            const int row = warp * 16 + g + 8 * (i >> 1), col = n * 8 + 2 * t + (i & 1);
+            const bool in = row < q_valid && k0 + col < p.lk;
+            if (p.dbias_diagonal) {
+              dp[n][i] = in ? s[n][i] : 0.f;  // kept for the per-diagonal sums below
+            } else {  // element by element
+              const int64_t off = dbias_slot(p, blk, it) * (kBlockM * kBlockN) + row * kBlockN + col;
+              p.dbias[off] = in ? s[n][i] : 0.f;
+              p.dbias_index[off] = in ? mods.bias_index(p, blk.h, blk.q0 + row, k0 + col) : 0;
+            }
+          }
+          s[n][i] *= fac[n][i];  // the gradient of the raw score (times scale, below)
+        }
       }
     }
     gemm_pb<HD, kBlockN / 16>(dq, s, sK + buf * kTile, 0);
+    if constexpr (kMods) {
+      if (p.dbias && p.dbias_diagonal) {  // block-uniform
+        // This buffer's K and V are done with once every warp is past gemm_pb
+        // (the next copy into it starts at it + 1's await_kv, after the
+        // __syncthreads below): dS (float) goes there, rows 0-31 over K's and
+        // 32-63 over V's, columns swizzled by row against bank conflicts.
+        static_assert(kTile * sizeof(T) >= (kBlockM / 2) * kBlockN * sizeof(float), "dS staging");
+        float* const lo = reinterpret_cast<float*>(sK + buf * kTile);
+        float* const hi = reinterpret_cast<float*>(sV + buf * kTile);
+        auto at = [&](int row, int col) -> float& {
+          return (row < kBlockM / 2 ? lo + row * kBlockN : hi + (row - kBlockM / 2) * kBlockN)[col ^ ((row & 7) << 3)];
+        };
+        __syncthreads();
+        TFK_UNROLL
+        for (int n = 0; n < kN; ++n) {
+          TFK_UNROLL
+          for (int i = 0; i < 4; ++i) at(warp * 16 + g + 8 * (i >> 1), n * 8 + 2 * t + (i & 1)) = dp[n][i];
+        }
+        __syncthreads();
+        const int64_t slot = dbias_slot(p, blk, it);
+        if (threadIdx.x < kDiagonals) {  // diagonal d: col - row = d - (kBlockM - 1), summed in row order
+          const int d = threadIdx.x, shift = d - (kBlockM - 1);
+          const int k_valid = min(kBlockN, p.lk - k0);
+          const int a0 = max(0, -shift), a1 = min(q_valid, k_valid - shift);  // rows [a0, a1) in the sequence
+          float sum = 0.f;
+          for (int a = a0; a < a1; ++a) sum += at(a, a + shift);
+          p.dbias[slot * kDiagonals + d] = sum;
+        }
+        if (threadIdx.x == 0) {
+          p.dbias_index[slot] =
+              static_cast<int32_t>(blk.h * p.bias_stride + p.bias_offset + k0 - blk.q0 - (kBlockM - 1));
+        }
+      }
+    }
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -118,7 +183,7 @@ struct Cursor {
   }
 };
 
-template <typename T, int HD>
+template <typename T, bool kMods, int HD>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const BwdParams p) {
   constexpr int kTile = kBlockM * HD;
   // Query columns per step: 16 x kQC scores and dP per warp beside the dK and
@@ -189,7 +254,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const B
       float dp[kN][4] = {};  // dP^T
       gemm_abt<HD, kN>(s, sK, warp * 16, q, c0);
       gemm_abt<HD, kN>(dp, sV, warp * 16, dO, c0);
-      scale_and_mask<true>(s, p, user, cur.pid(), q0, k0, warp * 16, c0, scale_log2);
+      [[maybe_unused]] float fac[kN][4];  // 1 - tanh^2 (kMods only)
+      if constexpr (kMods) {
+        scale_and_mask_mods<true, true>(s, fac, p, user, ScoreMods(p, b, cur.h()), cur.pid(), q0, k0, warp * 16, c0,
+                                        scale_log2);
+      } else {
+        scale_and_mask<true>(s, p, user, cur.pid(), q0, k0, warp * 16, c0, scale_log2);
+      }
       TFK_UNROLL
       for (int n = 0; n < kN; ++n) {
         TFK_UNROLL
@@ -203,6 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const B
           }
           dp[n][i] = pr * (z * dp[n][i] - delta[col]);  // dS^T
           if (p.predicates != 0 && q0 + col < p.lq && key < p.lk && user.self_pair(q0 + col, key)) dp[n][i] = 0.f;
+          if constexpr (kMods) dp[n][i] *= fac[n][i];
           s[n][i] = z * pr;                             // (c Z * P)^T, for dV
         }
       }
@@ -228,14 +300,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const B
 }
 
 struct Launcher {
+  template <typename T, int HD, bool kMods>
+  static void run_kernels(const BwdParams& p, stream_t s) {
+    launch(attention_bwd_dq_kernel<T, kMods, HD>, dim3((p.lq + kBlockM - 1) / kBlockM, p.heads, p.batch),
+           dim3(kThreads), bwd_dq_smem_bytes(HD), s, p);
+    if (p.lk > 0) {
+      launch(attention_bwd_dkdv_kernel<T, kMods, HD>, dim3((p.lk + kBlockN - 1) / kBlockN, p.kv_heads, p.batch),
+             dim3(kThreads), bwd_dkdv_smem_bytes(HD), s, p);
+    }
+  }
   template <typename T, int HD>
   static void run(const BwdParams& p, void* stream) {
     const stream_t s = static_cast<stream_t>(stream);
-    launch(attention_bwd_dq_kernel<T, HD>, dim3((p.lq + kBlockM - 1) / kBlockM, p.heads, p.batch),
-           dim3(kThreads), bwd_dq_smem_bytes(HD), s, p);
-    if (p.lk > 0) {
-      launch(attention_bwd_dkdv_kernel<T, HD>, dim3((p.lk + kBlockN - 1) / kBlockN, p.kv_heads, p.batch),
-             dim3(kThreads), bwd_dkdv_smem_bytes(HD), s, p);
+    if (p.mods()) {
+      run_kernels<T, HD, true>(p, s);
+    } else {
+      run_kernels<T, HD, false>(p, s);
     }
   }
 };

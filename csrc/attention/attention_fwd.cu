@@ -14,7 +14,9 @@ namespace attention {
 // Named (not anonymous) so kernel names in ptxas reports and profilers are stable.
 namespace fwd {
 
-template <typename T, int HD>
+// kMods: the score modifiers (Params::softcap, bias) are on; the plain
+// kernels are instantiated without them.
+template <typename T, bool kMods, int HD>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const FwdParams p) {
   constexpr int kTile = kBlockM * HD;  // elements of one shared tile
   constexpr int kN = kBlockN / 8;      // n-tiles of scores per warp
@@ -32,6 +34,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const FwdPar
   const float scale_log2 = p.scale * kLog2e;
   const UserMask user = user_mask(p, blk.b, blk.h);
   const Dropout drop(p, blk.b, blk.h);
+  const ScoreMods mods(p, blk.b, blk.h);
   const int rows[2] = {warp * 16 + g, warp * 16 + g + 8};  // this thread's rows in the tile
   uint32_t drop_row[2] = {0, 0};
   if (drop.on()) drop.row_words(drop_row, blk.q0, warp * 16, blk.q_valid);
@@ -47,8 +50,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const FwdPar
     float s[kN][4] = {};
     gemm_abt<HD, kN>(s, sQ, warp * 16, sK + buf * kTile, 0);
 
-    scale_and_mask<false>(s, p, user, sched.partial[it], blk.q0, sched.blocks[it] * kBlockN, warp * 16, 0,
-                          scale_log2);
+    if constexpr (kMods) {
+      scale_and_mask_mods<false, false>(s, s, p, user, mods, sched.partial[it], blk.q0,
+                                        sched.blocks[it] * kBlockN, warp * 16, 0, scale_log2);
+    } else {
+      scale_and_mask<false>(s, p, user, sched.partial[it], blk.q0, sched.blocks[it] * kBlockN, warp * 16, 0,
+                            scale_log2);
+    }
 
     TFK_UNROLL
     for (int r = 0; r < 2; ++r) {
@@ -106,8 +114,13 @@ struct Launcher {
   template <typename T, int HD>
   static void run(const FwdParams& p, void* stream) {
     const dim3 grid((p.lq + kBlockM - 1) / kBlockM, p.heads, p.batch);
-    launch(attention_fwd_kernel<T, HD>, grid, dim3(kThreads), fwd_smem_bytes(HD), static_cast<stream_t>(stream),
-           p);
+    if (p.mods()) {
+      launch(attention_fwd_kernel<T, true, HD>, grid, dim3(kThreads), fwd_smem_bytes(HD),
+             static_cast<stream_t>(stream), p);
+    } else {
+      launch(attention_fwd_kernel<T, false, HD>, grid, dim3(kThreads), fwd_smem_bytes(HD),
+             static_cast<stream_t>(stream), p);
+    }
   }
 };
 

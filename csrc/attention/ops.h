@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -25,13 +26,16 @@ constexpr const char* kFwdSchema =
     "attention_fwd_(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_index, Tensor? kv_index, "
     "Tensor kv_count, Tensor kv_blocks, Tensor kv_partial, Tensor partial_masks, float scale, "
     "Tensor(a!) out, Tensor(b!) lse, int drop_key=0, int drop_threshold=0, float drop_scale=1., "
-    "Tensor(c!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0, int[] drop_window=[]) -> ()";
+    "Tensor(c!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0, int[] drop_window=[], "
+    "float softcap=0., Tensor? bias=None, int bias_offset=0) -> ()";
 constexpr const char* kBwdSchema =
     "attention_bwd_(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor? mask, "
     "Tensor? q_index, Tensor? kv_index, Tensor kv_count, Tensor kv_blocks, Tensor kv_partial, "
     "Tensor q_count, Tensor q_blocks, Tensor q_partial, Tensor partial_masks, float scale, "
     "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, int drop_key=0, int drop_threshold=0, float drop_scale=1., "
-    "Tensor(d!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0, int[] drop_window=[]) -> ()";
+    "Tensor(d!)? tiles=None, int predicates=0, int drop_rounds=1, int drop_round=0, int[] drop_window=[], "
+    "float softcap=0., Tensor? bias=None, int bias_offset=0, Tensor(e!)? dbias=None, "
+    "Tensor(f!)? dbias_index=None, bool dbias_diagonal=False) -> ()";
 
 namespace ops {
 
@@ -105,7 +109,8 @@ inline void common(const Checker& c, Params& p, const at::Tensor& q, const at::T
                    const at::Tensor& kv_blocks, const at::Tensor& kv_partial, const at::Tensor& partial_masks,
                    double scale, int64_t drop_key, int64_t drop_threshold, double drop_scale,
                    const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
-                   int64_t drop_round, at::IntArrayRef drop_window) {
+                   int64_t drop_round, at::IntArrayRef drop_window, double softcap,
+                   const c10::optional<at::Tensor>& bias, int64_t bias_offset) {
   p.dtype = kernel_dtype(c, q);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, c.op, ": q, k, v must be (B, H, L, head_dim), got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
@@ -158,6 +163,26 @@ inline void common(const Checker& c, Params& p, const at::Tensor& q, const at::T
     p.drop_q0 = static_cast<uint32_t>(drop_window[2]);
     p.drop_k0 = static_cast<uint32_t>(drop_window[3]);
   }
+  // Score modifiers: softcap (0: none) on the scaled scores; the distance
+  // bias (H, Lq + Lk - 1 of the whole call) float32, entry j - i + bias_offset
+  // for original positions i, j (every original position must index inside it).
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), c.op, ": softcap must be finite and >= 0 (0: none), got ",
+              softcap);
+  p.softcap = static_cast<float>(softcap);
+  if (bias) {
+    const at::Tensor& t = *bias;
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == H, c.op, ": bias must be (", H, ", Lq + Lk - 1), got ", t.sizes());
+    c.tensor(t, "bias", at::kFloat, t.sizes());
+    TORCH_CHECK(bias_offset >= 0 && bias_offset < t.size(1), c.op, ": bias_offset ", bias_offset,
+                " outside the bias's ", t.size(1), " entries");
+    TORCH_CHECK(q_index || bias_offset + 1 >= Lq, c.op, ": bias_offset ", bias_offset, " below Lq - 1 = ", Lq - 1);
+    TORCH_CHECK(kv_index || t.size(1) - bias_offset >= Lk, c.op, ": bias has ", t.size(1),
+                " entries, too few for ", Lk, " keys at offset ", bias_offset);
+    TORCH_CHECK(H * t.size(1) <= std::numeric_limits<int32_t>::max(), c.op, ": bias too large for int32 indices");
+    p.bias = t.data_ptr<float>();
+    p.bias_stride = t.size(1);
+    p.bias_offset = bias_offset;
+  }
   if (mask) {
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.device() == c.device, c.op, ": mask is on ", m.device(), ", expected ", c.device);
@@ -196,11 +221,13 @@ inline FwdParams fwd_params(const char* op, const at::Tensor& q, const at::Tenso
                             const at::Tensor& partial_masks, double scale, const at::Tensor& out,
                             const at::Tensor& lse, int64_t drop_key, int64_t drop_threshold, double drop_scale,
                             const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
-                            int64_t drop_round, at::IntArrayRef drop_window) {
+                            int64_t drop_round, at::IntArrayRef drop_window, double softcap,
+                            const c10::optional<at::Tensor>& bias, int64_t bias_offset) {
   const Checker c{op, q.device()};
   FwdParams p;
   common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, drop_key,
-         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round, drop_window);
+         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round, drop_window, softcap, bias,
+         bias_offset);
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == q.scalar_type(), c.op,
               ": out must be float32 or q's dtype, got ", out.scalar_type());
   c.tensor(out, "out", out.scalar_type(), q.sizes());
@@ -220,11 +247,15 @@ inline BwdParams bwd_params(const char* op, const at::Tensor& dout, const at::Te
                             const at::Tensor& partial_masks, double scale, const at::Tensor& dq,
                             const at::Tensor& dk, const at::Tensor& dv, int64_t drop_key, int64_t drop_threshold,
                             double drop_scale, const c10::optional<at::Tensor>& tiles, int64_t predicates,
-                            int64_t drop_rounds, int64_t drop_round, at::IntArrayRef drop_window) {
+                            int64_t drop_rounds, int64_t drop_round, at::IntArrayRef drop_window, double softcap,
+                            const c10::optional<at::Tensor>& bias, int64_t bias_offset,
+                            const c10::optional<at::Tensor>& dbias, const c10::optional<at::Tensor>& dbias_index,
+                            bool dbias_diagonal) {
   const Checker c{op, q.device()};
   BwdParams p;
   common(c, p, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial, partial_masks, scale, drop_key,
-         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round, drop_window);
+         drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round, drop_window, softcap, bias,
+         bias_offset);
   c.tensor(dout, "dout", q.scalar_type(), q.sizes());
   c.tensor(lse, "lse", at::kFloat, q.sizes().slice(0, 3));
   c.tensor(delta, "delta", at::kFloat, q.sizes().slice(0, 3));
@@ -240,6 +271,24 @@ inline BwdParams bwd_params(const char* op, const at::Tensor& dout, const at::Te
   p.q_schedule = schedule(c, q_count, q_blocks, q_partial, q.size(1), (k.size(2) + kBlockN - 1) / kBlockN,
                           "q schedule");
   TORCH_CHECK(q_count.size(0) == kv_count.size(0), c.op, ": the kv and q schedules disagree on heads");
+  // The bias's gradient shares (BwdParams::dbias), per (batch, head, query
+  // block, kv schedule slot): one (64, 64) tile of values and indices, or with
+  // dbias_diagonal (natural order only) kDiagonals values and one base index;
+  // both or neither, with a bias.
+  TORCH_CHECK(dbias.has_value() == dbias_index.has_value(), c.op, ": pass both dbias and dbias_index, or neither");
+  if (dbias) {
+    TORCH_CHECK(bias, c.op, ": dbias needs a bias");
+    TORCH_CHECK(!dbias_diagonal || (!q_index && !kv_index), c.op,
+                ": dbias_diagonal needs the natural order (no q_index, kv_index)");
+    const int64_t slots = q.size(0) * q.size(1) * ((q.size(2) + kBlockM - 1) / kBlockM) * p.kv_schedule.width;
+    c.tensor(*dbias, "dbias", at::kFloat, {slots * (dbias_diagonal ? kDiagonals : kBlockM * kBlockN)});
+    c.tensor(*dbias_index, "dbias_index", at::kInt, {dbias_diagonal ? slots : slots * kBlockM * kBlockN});
+    p.dbias = dbias->data_ptr<float>();
+    p.dbias_index = dbias_index->data_ptr<int32_t>();
+    p.dbias_diagonal = dbias_diagonal;
+  } else {
+    TORCH_CHECK(!dbias_diagonal, c.op, ": dbias_diagonal needs dbias");
+  }
   return p;
 }
 
@@ -255,12 +304,13 @@ void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const at::Tensor& kv_partial, const at::Tensor& partial_masks, double scale, const at::Tensor& out,
                    const at::Tensor& lse, int64_t drop_key, int64_t drop_threshold, double drop_scale,
                    const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
-                   int64_t drop_round, at::IntArrayRef drop_window) {
+                   int64_t drop_round, at::IntArrayRef drop_window, double softcap,
+                   const c10::optional<at::Tensor>& bias, int64_t bias_offset) {
   void* const stream = Device::stream(q);
   const typename Device::Guard guard(q.device());
   const auto p = fwd_params(Device::kFwdName, q, k, v, mask, q_index, kv_index, kv_count, kv_blocks, kv_partial,
                             partial_masks, scale, out, lse, drop_key, drop_threshold, drop_scale, tiles, predicates,
-                            drop_rounds, drop_round, drop_window);
+                            drop_rounds, drop_round, drop_window, softcap, bias, bias_offset);
   fwd_launch(p, stream);
   Device::after_launch();
 }
@@ -274,12 +324,15 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& partial_masks, double scale, const at::Tensor& dq, const at::Tensor& dk,
                    const at::Tensor& dv, int64_t drop_key, int64_t drop_threshold, double drop_scale,
                    const c10::optional<at::Tensor>& tiles, int64_t predicates, int64_t drop_rounds,
-                   int64_t drop_round, at::IntArrayRef drop_window) {
+                   int64_t drop_round, at::IntArrayRef drop_window, double softcap,
+                   const c10::optional<at::Tensor>& bias, int64_t bias_offset, const c10::optional<at::Tensor>& dbias,
+                   const c10::optional<at::Tensor>& dbias_index, bool dbias_diagonal) {
   void* const stream = Device::stream(q);
   const typename Device::Guard guard(q.device());
   const auto p = bwd_params(Device::kBwdName, dout, q, k, v, lse, delta, mask, q_index, kv_index, kv_count,
                             kv_blocks, kv_partial, q_count, q_blocks, q_partial, partial_masks, scale, dq, dk, dv,
-                            drop_key, drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round, drop_window);
+                            drop_key, drop_threshold, drop_scale, tiles, predicates, drop_rounds, drop_round, drop_window,
+                            softcap, bias, bias_offset, dbias, dbias_index, dbias_diagonal);
   bwd_launch(p, stream);
   Device::after_launch();
 }

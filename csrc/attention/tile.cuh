@@ -248,6 +248,70 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[N][4], const Params& p
   }
 }
 
+// The score modifiers of one (batch, head) (Params::softcap, bias): the raw
+// score q.k of layout positions (row, col) to its modified score, log2 units.
+struct ScoreMods {
+  float cap_scale;    // scale / cap: tanh's argument per raw score
+  float cap_log2;     // cap * log2(e)
+  const float* bias;  // the head's row at offset bias_offset (null: none)
+  const int64_t* q_index;
+  const int64_t* kv_index;
+
+  __device__ __forceinline__ ScoreMods(const Params& p, int b, int h)
+      : cap_scale(p.softcap > 0.f ? p.scale / p.softcap : 0.f), cap_log2(p.softcap * kLog2e),
+        bias(p.bias ? p.bias + h * p.bias_stride + p.bias_offset : nullptr), q_index(q_table(p, b, h)),
+        kv_index(kv_table(p, b, h)) {}
+
+  // The score (log2 units) of raw score s at (row, col), inside the sequence;
+  // f gets d(capped score) / d(scale * s) = 1 - tanh^2 (1 without a cap).
+  __device__ __forceinline__ float operator()(float s, float scale_log2, int row, int col, float& f) const {
+    float x;
+    if (cap_scale != 0.f) {
+      const float t = tanhf(s * cap_scale);
+      f = 1.f - t * t;
+      x = t * cap_log2;
+    } else {
+      f = 1.f;
+      x = s * scale_log2;
+    }
+    if (bias) x += bias[original(kv_index, col) - original(q_index, row)] * kLog2e;
+    return x;
+  }
+  // The flat index of (row, col)'s bias entry in the (heads, bias_stride) vector.
+  __device__ __forceinline__ int32_t bias_index(const Params& p, int h, int row, int col) const {
+    return static_cast<int32_t>(h * p.bias_stride + p.bias_offset + original(kv_index, col) - original(q_index, row));
+  }
+};
+
+// scale_and_mask with the score modifiers: the same masks, on the modified
+// scores; with kGrad, f gets each element's 1 - tanh^2 (0 where masked).
+// Every tile goes element by element (the bias depends on the position).
+template <bool kTransposed, bool kGrad, int N>
+__device__ __forceinline__ void scale_and_mask_mods(float (&s)[N][4], float (&f)[N][4], const Params& p,
+                                                    const UserMask& user, const ScoreMods& mods, int pid, int q0,
+                                                    int k0, int row0, int col0, float scale_log2) {
+  const uint8_t* pm = pid >= 0 ? p.partial_masks + static_cast<int64_t>(pid) * kBlockM * kBlockN : nullptr;
+  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+  TFK_UNROLL
+  for (int n = 0; n < N; ++n) {
+    TFK_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const int a = row0 + g + 8 * (i >> 1), c = col0 + n * 8 + 2 * t + (i & 1);
+      const int qr = kTransposed ? c : a, kr = kTransposed ? a : c;
+      float x, fx = 0.f;
+      if (q0 + qr >= p.lq || k0 + kr >= p.lk || (pm && !pm[qr * kBlockN + kr])) {
+        x = -INFINITY;
+      } else {
+        x = mods(s[n][i], scale_log2, q0 + qr, k0 + kr, fx);
+        if (p.mask_kind != 0) x += user.bias(q0 + qr, k0 + kr);
+        if (p.predicates != 0) x = user.predicate(x, p.predicates, q0 + qr, k0 + kr);
+      }
+      s[n][i] = x;
+      if (kGrad) f[n][i] = fx;
+    }
+  }
+}
+
 // tfk/dropout.py's 32-bit finaliser (uint32 multiplication wraps).
 __device__ __forceinline__ uint32_t mix32(uint32_t x) {
   x ^= x >> 16;

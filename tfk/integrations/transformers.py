@@ -16,23 +16,29 @@ import warnings
 
 import torch
 
-from .. import patterns
+from .. import patterns, scores
 from ..ops.attention.api import scaled_dot_product_attention
 from ..ops.attention.varlen import Packed, attention_varlen
 from ..ops.kvcache.api import attention_with_kvcache
 
 
 def tfk_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                          is_causal=None, position_bias=None, **kwargs):
+                          is_causal=None, position_bias=None, softcap=None, **kwargs):
     """transformers' attention-function signature: (B, H, L, D) in,
-    ((B, L, H, Dv), None) out. Masks come from transformers' SDPA mask builder;
-    a ``position_bias`` (T5-style models) joins the mask as transformers'
-    "sdpa" joins it."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='tfk' does not support softcap yet")
+    ((B, L, H, Dv), None) out. Masks come from transformers' SDPA mask builder.
+    ``softcap`` (Gemma 2) is fused (``tfk.scores.softcap``); T5's relative
+    bias is fused (``tfk.scores.relative_bias`` on the layer's own table)
+    where the layer made ``position_bias`` itself, else a ``position_bias``
+    joins the mask as transformers' "sdpa" joins it."""
+    score_mod = [] if softcap is None else [scores.softcap(softcap)]
+    t5 = _t5_relative_bias(module, query, key, position_bias)
+    if t5 is not None:
+        score_mod.append(t5)
+        position_bias = None
+    score_mod = score_mod or None
     groups = getattr(module, "num_key_value_groups", 1)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if position_bias is None:
+    if position_bias is None and score_mod is None:
         decode = _cached_decode(query, key, value, attention_mask, dropout, is_causal, kwargs)
         if decode is not None:
             seqlens, pattern = decode
@@ -61,9 +67,31 @@ def tfk_attention_forward(module, query, key, value, attention_mask, dropout=0.0
             attention_mask = attention_mask.reshape(attention_mask.shape[0], -1, groups, attention_mask.shape[-1])
         groups = 1
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                       scale=scaling, is_causal=is_causal, enable_gqa=groups > 1)
+                                       scale=scaling, is_causal=is_causal, enable_gqa=groups > 1,
+                                       score_mod=score_mod)
     out = out.reshape(out.shape[0], -1, q_len, out.shape[-1])  # undoes the packing above
     return out.transpose(1, 2).contiguous(), None
+
+
+def _t5_relative_bias(module, query, key, position_bias):
+    """T5's bias as ``tfk.scores.relative_bias`` on the first layer's table, or None.
+
+    The first layer of a T5 stack makes ``position_bias`` from its own table
+    (for queries and keys at the same positions: no cache offset) and the
+    stack hands that same tensor to every later layer: the modifier made for
+    the first is kept on the tensor, so the later ones fuse it too."""
+    if position_bias is None:
+        return None
+    mod = getattr(position_bias, "_tfk_score_mod", None)
+    if mod is not None or not getattr(module, "has_relative_attention_bias", False):
+        return mod
+    table = getattr(getattr(module, "relative_attention_bias", None), "weight", None)
+    if table is None or query.shape[2] != key.shape[2] or table.shape[1] != query.shape[1]:
+        return None
+    mod = scores.relative_bias(table, module.relative_attention_num_buckets, module.relative_attention_max_distance,
+                               bidirectional=not module.is_decoder)
+    position_bias._tfk_score_mod = mod
+    return mod
 
 
 def _cached_decode(query, key, value, attention_mask, dropout, is_causal, kwargs):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ...backends import _BACKENDS, _RECORDERS, AttentionCall, Backend, register_backend, select_backend
-from ...patterns import Pattern, causal
+from ...patterns import Pattern, _Diagonals, causal
+from ... import scores
 from ... import dropout as drop
 from .reference import attention_reference
 
@@ -78,7 +79,30 @@ def _run(call, backend, return_lse):
     return (out, lse) if return_lse else out
 
 
-def attention(query, key, value, pattern=None, *, scale=None, dropout_p=0.0, backend="auto", return_lse=False):
+# adaptive_span's plan window is rounded up to this many keys, so a span
+# that moves while it learns keeps its cached plan
+SPAN_QUANTUM = 64
+
+
+def _score_mods(score_mod, q, k, pattern):
+    """{kind: modifier} of ``score_mod``, checked against q and k, and the
+    pattern narrowed to an adaptive span's window; (None, pattern) without
+    modifiers."""
+    mods = scores.canonical(score_mod)
+    if not mods:
+        return None, pattern
+    B, H, Lq, D = q.shape
+    for m in mods.values():
+        m.check(H, Lq, k.shape[2], D, q)
+    if "adaptive_span" in mods:   # m = 0 at i - j >= span for every head: those keys are not visited
+        span = -(-mods["adaptive_span"].span() // SPAN_QUANTUM) * SPAN_QUANTUM
+        window = _Diagonals(hi=span - 1)
+        pattern = window if pattern is None else pattern & window
+    return mods, pattern
+
+
+def attention(query, key, value, pattern=None, *, scale=None, dropout_p=0.0, backend="auto", return_lse=False,
+              score_mod=None):
     """Attention under a pattern.
 
     Args:
@@ -91,6 +115,10 @@ def attention(query, key, value, pattern=None, *, scale=None, dropout_p=0.0, bac
         backend: "auto", or a name from ``tfk.backend_names()``.
         return_lse: also return lse (B, H, Lq), the natural log of each row's
             softmax denominator (float32; float64 for float64 inputs).
+        score_mod: a ``tfk.scores`` modifier (alibi, relative_bias, softcap,
+            adaptive_span, transformer_xl) or a sequence of them, one of each
+            kind at most, fused into the kernels with gradients to their
+            parameters.
     Returns:
         out (B, H, Lq, Dv), or (out, lse). A query that may attend to no key
         gets out = 0 and lse = -inf.
@@ -107,12 +135,13 @@ def attention(query, key, value, pattern=None, *, scale=None, dropout_p=0.0, bac
             raise ValueError(f"pattern has {pattern.heads} heads but query has {query.shape[1]}")
         pattern.check_lengths(query.shape[2], key.shape[2])
     scale = _check_common(scale, dropout_p, query.shape[-1])
-    call = AttentionCall(query, key, value, pattern, None, scale, float(dropout_p), bool(return_lse))
+    mods, pattern = _score_mods(score_mod, query, key, pattern)
+    call = AttentionCall(query, key, value, pattern, None, scale, float(dropout_p), bool(return_lse), mods)
     return _run(call, backend, return_lse)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, backend="auto"):
+                                 scale=None, enable_gqa=False, *, backend="auto", score_mod=None):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Shapes as torch's: query (..., L, E), key (..., S, E), value (..., S, Ev)
@@ -123,9 +152,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     or float (added to the scores; float32 or query's dtype), broadcastable to
     (..., L, S). ``is_causal`` is top-left aligned (key j for query i when
     j <= i) and excludes ``attn_mask``. A query with no allowed key gets 0, as
-    with torch. ``backend`` picks the implementation ("auto" by default).
+    with torch. ``backend`` picks the implementation ("auto" by default);
+    ``score_mod`` takes ``tfk.scores`` modifiers, as ``tfk.attention``.
     """
-    if backend == "auto" and _direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if backend == "auto" and score_mod is None and _direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         for names in _RECORDERS:
             names.append("sdpa")
         return torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
@@ -139,7 +169,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
         mask = _canonical_mask(attn_mask, query, (*lead, q.shape[2], k.shape[2]))
     scale = _check_common(scale, dropout_p, q.shape[-1])
-    call = AttentionCall(q, k, v, _CAUSAL if is_causal else None, mask, scale, float(dropout_p), False)
+    mods, pattern = _score_mods(score_mod, q, k, _CAUSAL if is_causal else None)
+    call = AttentionCall(q, k, v, pattern, mask, scale, float(dropout_p), False, mods)
     out = _run(call, backend, False)
     return out if out.shape[:2] == lead else out.reshape(*lead, *out.shape[2:])
 
@@ -265,6 +296,7 @@ class ReferenceBackend(Backend):
     memory. Chosen by "auto" only when nothing else can run."""
     name = "reference"
     priority = 0
+    score_mods = True
 
     def reasons(self, call):
         return []
@@ -288,7 +320,7 @@ class ReferenceBackend(Backend):
             keep = drop.dense_keep_mask(drop.draw_seed(), B, H, Lq, Lk, call.dropout_p, device=q.device)
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out, lse = attention_reference(q.to(dtype), k.to(dtype), v.to(dtype), allowed, bias,
-                                       call.scale, call.dropout_p, keep)
+                                       call.scale, call.dropout_p, keep, call.score_mod)
         return out.to(q.dtype), lse
 
 

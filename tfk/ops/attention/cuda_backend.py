@@ -10,10 +10,13 @@ chosen by "auto", and slow (a 4-warp block's threads are fibers).
 Both take float16 and bfloat16, head dims up to 128 (the kernels are built for
 64 and 128; smaller head dims are padded with zeros), any D != Dv, GQA,
 Lq != Lk, every pattern, user masks and dropout (tfk.dropout's counter hash,
-the same keep mask as every backend). Tiles are 64 x 64.
+the same keep mask as every backend), and the score modifiers softcap, alibi,
+relative_bias and adaptive_span (tfk.scores: a softcap float and one distance
+bias vector, fused in the kernels; not Transformer-XL). Tiles are 64 x 64.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import torch
@@ -22,7 +25,9 @@ import torch.nn.functional as F
 from ... import backends
 from ... import dropout as drop
 from ...backends import AttentionCall, Backend, register_backend
-from .engine import attention_ops, backward_over_plan, delta_of, forward_over_plan, kernel_reasons, op_plan
+from ...plan import Plan, get_plan
+from .engine import (attention_ops, backward_over_plan, delta_of, forward_over_plan, kernel_reasons, op_plan,
+                     run_modified, sum_by_index)
 
 BLOCK = 64            # kBlockM = kBlockN in csrc/attention/attention.h
 HEAD_DIMS = (64, 128)  # the instantiated kernels
@@ -100,18 +105,69 @@ def _count(tiles):
         backends.add_kernel_tiles(tiles)
 
 
-def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0, window=drop.WHOLE):
+def _mod_args(mods, q, k):
+    """The ops' softcap, bias and bias_offset for ``mods`` (tfk.scores.Fused
+    or None): the bias (H, Lq + Lk - 1) as float32, natural units (the
+    kernels take it to base 2), entry j - i + Lq - 1."""
+    if mods is None:
+        return {}
+    if mods.qv is not None or mods.r is not None:
+        raise NotImplementedError("cuda: Transformer-XL's relative term is not fused in these kernels "
+                                  "(backend='torch' runs it)")
+    args = {}
+    if mods.softcap:
+        args["softcap"] = float(mods.softcap)
+    if mods.bias is not None:
+        Lq, Lk = q.shape[2], k.shape[2]
+        if tuple(mods.bias.shape) != (q.shape[1], Lq + Lk - 1):
+            raise ValueError(f"cuda: the distance bias must be (H, Lq + Lk - 1) = ({q.shape[1]}, {Lq + Lk - 1}), "
+                             f"got {tuple(mods.bias.shape)}")
+        args["bias"] = mods.bias.detach().to(device=q.device, dtype=torch.float32).contiguous()
+        args["bias_offset"] = Lq - 1
+    return args
+
+
+DIAGONALS = 2 * BLOCK - 1   # kDiagonals: a tile's diagonals, the per-tile bias gradient in natural order
+
+
+def _dbias_buffers(sp, B, H, lq, device):
+    """The dQ kernel's bias-gradient shares for sub-pass ``sp`` (zero-filled:
+    unvisited slots add 0), one slot per (batch, head, query block, kv
+    schedule entry): (values, index, diagonal). In natural order (sp.q_index,
+    sp.kv_index None) a tile's diagonals are distances: DIAGONALS sums and one
+    base index per slot; in a permuted layout a value and an index per
+    element of the tile (BLOCK * BLOCK per slot)."""
+    slots = B * H * -(-lq // BLOCK) * sp.kv_blocks.shape[-1]
+    diagonal = sp.q_index is None and sp.kv_index is None
+    values = torch.zeros(slots * (DIAGONALS if diagonal else BLOCK * BLOCK), dtype=torch.float32, device=device)
+    index = torch.zeros(slots if diagonal else slots * BLOCK * BLOCK, dtype=torch.int32, device=device)
+    return values, index, diagonal
+
+
+def _share_indices(index, diagonal, n):
+    """Flat int64 indices into the (H * (Lq + Lk - 1)) bias of one sub-pass's
+    shares: per element as given, or per tile its base + 0 .. DIAGONALS - 1,
+    clamped into range (diagonals outside the head's row hold no pair: 0)."""
+    if not diagonal:
+        return index.long()
+    steps = torch.arange(DIAGONALS, dtype=torch.long, device=index.device)
+    return (index.long()[:, None] + steps).clamp_(0, n - 1).view(-1)
+
+
+def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0, window=drop.WHOLE, mods=None):
     """out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 over ``plan``
     (64 x 64 tiles). q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv);
     mask None, or bool/float broadcastable to (B, H, Lq, Lk); dropout on the
-    probabilities with ``seed`` (tfk.dropout), drawing ``window`` of a larger call's mask."""
+    probabilities with ``seed`` (tfk.dropout), drawing ``window`` of a larger call's mask;
+    ``mods`` (tfk.scores.Fused, not Transformer-XL): softcap and the distance bias."""
     hd, ops, m, tiles = _prepare(q, k, v, mask)
     dropout = _dropout_args(dropout_p, seed, window)
+    mod_args = _mod_args(mods, q, k)
 
     def run(sp, q_l, k_l, v_l, o, l):
         ops.attention_fwd_(q_l, k_l, v_l, m, sp.q_index, sp.kv_index, *_schedules(sp, False),
                            sp.partial_masks.view(torch.uint8), scale, o, l, **dropout, tiles=tiles,
-                           **_subpass_options(sp))
+                           **_subpass_options(sp), **mod_args)
 
     out, lse = forward_over_plan(plan, _pad(q, hd), _pad(k, hd), _pad(v, hd), hd, run)
     _count(tiles)
@@ -119,21 +175,47 @@ def attention_forward(q, k, v, plan, mask, scale, dropout_p=0.0, seed=0, window=
     return (out if Dv == hd else out[..., :Dv].contiguous()), lse
 
 
-def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p=0.0, seed=0, window=drop.WHOLE):
-    """dq, dk, dv for ``attention_forward``'s result, given dout and lse's gradient dlse."""
+def attention_backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p=0.0, seed=0, window=drop.WHOLE,
+                       mods=None):
+    """dq, dk, dv for ``attention_forward``'s result, given dout and lse's
+    gradient dlse. With ``mods`` (tfk.scores.Fused) also their gradients
+    (d qv, d r, d bias): d qv and d r None (no Transformer-XL here), d bias
+    (H, Lq + Lk - 1) float32 (None without a bias), summed on the host in a
+    fixed order from the dQ kernel's shares of every sub-pass (per tile
+    diagonal in natural order, per element in a permuted layout)."""
     hd, ops, m, tiles = _prepare(q, k, v, mask)
     dropout = _dropout_args(dropout_p, seed, window)
+    mod_args = _mod_args(mods, q, k)
+    shares = []   # (values, indices, diagonal) of the bias's gradient, per sub-pass
 
     def run(sp, q_l, k_l, v_l, do_l, lse_l, delta_l, dq_l, dk_l, dv_l):
+        extra = {}
+        if "bias" in mod_args:
+            B, H, lq = q_l.shape[:3]
+            values, index, diagonal = _dbias_buffers(sp, B, H, lq, q_l.device)
+            extra = {"dbias": values, "dbias_index": index, "dbias_diagonal": diagonal}
+            shares.append((values, index, diagonal))
         ops.attention_bwd_(do_l, q_l, k_l, v_l, lse_l, delta_l, m, sp.q_index, sp.kv_index,
                            *_schedules(sp, True), sp.partial_masks.view(torch.uint8), scale, dq_l, dk_l, dv_l,
-                           **dropout, tiles=tiles, **_subpass_options(sp))
+                           **dropout, tiles=tiles, **_subpass_options(sp), **mod_args, **extra)
 
     dq, dk, dv = backward_over_plan(plan, _pad(q, hd), _pad(k, hd), _pad(v, hd), _pad(dout, hd), lse,
                                     delta_of(out, dout, dlse), run)
     _count(tiles)
     D, Dv = q.shape[-1], v.shape[-1]
-    return dq[..., :D].to(q.dtype), dk[..., :D].to(k.dtype), dv[..., :Dv].to(v.dtype)
+    grads = dq[..., :D].to(q.dtype), dk[..., :D].to(k.dtype), dv[..., :Dv].to(v.dtype)
+    if mods is None:
+        return grads
+    dbias = None
+    if "bias" in mod_args:
+        H, nbias = mod_args["bias"].shape
+        if shares:
+            values = torch.cat([x for x, _, _ in shares])
+            index = torch.cat([_share_indices(i, d, H * nbias) for _, i, d in shares])
+            dbias = sum_by_index(values, index, H * nbias).view(H, nbias)
+        else:   # no tile visited
+            dbias = torch.zeros(H, nbias, dtype=torch.float32, device=q.device)
+    return grads + ((None, None, dbias),)
 
 
 # out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32; dq, dk, dv.
@@ -146,6 +228,9 @@ class CudaBackend(Backend):
     # Below "triton" under "auto" until the kernels are measured on a GPU.
     priority = 15
     module = "_C"
+    # fused in the kernels: a softcap float and the distance bias (alibi,
+    # relative_bias, adaptive_span summed); Transformer-XL is refused
+    score_mods = frozenset({"softcap", "alibi", "relative_bias", "adaptive_span"})
 
     def reasons(self, call):
         q = call.q
@@ -161,6 +246,11 @@ class CudaBackend(Backend):
         q, k, v = call.q.contiguous(), call.k.contiguous(), call.v.contiguous()
         plan = op_plan(call.pattern, q.shape[2], k.shape[2], BLOCK, BLOCK, q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
+        if call.score_mod:
+            if not isinstance(plan, Plan):   # under torch.compile op_plan gives an id: run_modified takes a Plan
+                plan = get_plan(call.pattern, q.shape[2], k.shape[2], BLOCK, BLOCK, q.device)
+            return run_modified(dataclasses.replace(call, q=q, k=k, v=v), plan, attention_forward,
+                                attention_backward, seed)
         return attention_fwd(q, k, v, call.attn_mask, plan, call.scale, call.dropout_p, seed)
 
     def block_functions(self, call):

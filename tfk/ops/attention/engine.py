@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ...backends import new_output
+from ... import scores
 from ...plan import Plan, add_from_layout, from_layout, get_plan, plan_by_id, plan_id, to_layout
 from .merge import merge_partials
 
@@ -186,3 +187,70 @@ def attention_ops(name, forward, backward):
 
     run.op = fwd
     return run
+
+
+class _Modified(torch.autograd.Function):
+    """Attention with score modifiers (tfk.scores) on a backend's engine
+    functions: gradients to q, k, v and to the modifiers' tensors (qv, r,
+    the distance bias), from which autograd reaches their parameters."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, qv, r, bias, mask, plan, scale, cap, dropout_p, seed, forward, backward):
+        fused = scores.Fused(cap, bias, qv, r)
+        out, lse = forward(q, k, v, plan, mask, scale, dropout_p, seed, mods=fused)
+        ctx.save_for_backward(q, k, v, qv, r, bias, mask, out, lse)
+        ctx.args = (plan, scale, cap, dropout_p, seed, backward)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, qv, r, bias, mask, out, lse = ctx.saved_tensors
+        plan, scale, cap, dropout_p, seed, backward = ctx.args
+        if dlse is None:
+            dlse = torch.zeros_like(lse)
+        fused = scores.Fused(cap, bias, qv, r)
+        dq, dk, dv, (dqv, dr, dbias) = backward(dout.contiguous(), dlse, q, k, v, out, lse, plan, mask, scale,
+                                                dropout_p, seed, mods=fused)
+        if dbias is not None:
+            dbias = dbias.to(bias.dtype)
+        return dq, dk, dv, dqv, dr, dbias, None, None, None, None, None, None, None, None
+
+
+def run_modified(call, plan, forward, backward, seed):
+    """(out, lse) of ``call`` with its score modifiers on a backend's engine
+    functions (forward/backward as ``Backend.block_functions`` gives them,
+    taking ``mods=``). Transformer-XL's u and v enter as q + u (the content
+    term) and qv = q + v (the position term), so autograd gives their
+    gradients; the distance modifiers are summed into one bias vector."""
+    mods = call.score_mod
+    q, k, v = call.q, call.k, call.v
+    B, H, Lq, D = q.shape
+    qv = r = None
+    if "transformer_xl" in mods:
+        if any(sp.q_index is not None or sp.kv_index is not None for sp in plan.subpasses):
+            raise ValueError("transformer_xl: the pattern's plan reorders tokens (a dilated window, a grid "
+                             "pattern...); Transformer-XL's relative term needs one in natural order (dense, "
+                             "causal, sliding windows, global tokens, block layouts)")
+        xl = mods["transformer_xl"]
+        qv, r = q + xl.v.view(1, H, 1, D), xl.r
+        q = q + xl.u.view(1, H, 1, D)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bias = scores.distance_bias(mods, Lq, k.shape[2], dtype, q.device)
+    cap = mods["softcap"].cap if "softcap" in mods else 0.0
+    return _Modified.apply(q, k, v, qv, r, bias, call.attn_mask, plan, call.scale, cap, call.dropout_p, seed,
+                           forward, backward)
+
+
+def sum_by_index(values, index, n, sort=None):
+    """out[i] = the sum of values[index == i], out (n,), in a fixed order: on
+    CPU ``index_add_`` (sequential); elsewhere (index_add_'s float atomics
+    vary run to run) a stable sort by index, then a segmented sum of each
+    index's run. ``sort`` forces the sorted way. The kernel backends add
+    their per-tile shares of the distance bias's gradient with it."""
+    if sort is None:
+        sort = values.device.type != "cpu"
+    if not sort:
+        return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+    order = torch.sort(index, stable=True).indices
+    lengths = torch.bincount(index, minlength=n)
+    return torch.segment_reduce(values[order], "sum", lengths=lengths, unsafe=True, initial=0.0)

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from ... import dropout as drop
 from ... import backends
 from ...backends import AttentionCall, Backend, register_backend
-from ...plan import from_layout, plan_id, to_layout
-from .engine import attention_ops
+from ...plan import from_layout, plan_by_id, plan_id, to_layout
+from .engine import attention_ops, run_modified
 from .merge import merge_partials
+from .torch_mods import Mods as _Mods
 from .varlen import Packed
 
 BLOCK_Q = 64
@@ -210,11 +211,12 @@ class _Engine:
     head hk, stacked along the rows of each matmul; with per-head schedules hq
     is the chunk's own head (G = 1)."""
 
-    def __init__(self, q, k, v, plan, attn_mask, scale, dropout_p, seed, window=drop.WHOLE):
+    def __init__(self, q, k, v, plan, attn_mask, scale, dropout_p, seed, window=drop.WHOLE, mods=None):
         self.dtype = _compute_dtype(q.dtype)
         self.q, self.k, self.v = (t.to(self.dtype) for t in (q, k, v))
         self.plan, self.scale, self.dropout_p, self.seed = plan, scale, dropout_p, seed
         self.window = window
+        self.mods = _Mods(mods, self.dtype, plan) if mods is not None and not mods.empty else None
         self.B, self.H, self.Lq, self.D = q.shape
         self.Hkv, self.Lk = k.shape[1], k.shape[2]
         self.Dv = v.shape[-1]
@@ -226,6 +228,7 @@ class _Engine:
 
     def setup(self, sp):
         """Per sub-pass: head groups, chunks, lengths padded to whole blocks."""
+        self.sp = sp
         self.shared = sp.kv_count.shape[0] == 1
         self.G = self.H // self.Hkv if self.shared else 1
         self.nqb, self.nkb = sp.kv_count.shape[1], sp.q_count.shape[1]
@@ -297,13 +300,28 @@ class _Engine:
         for j in range(c.n):  # tile column j of every row: blocks kb0 + j + step*r
             blocks[c.kb0 + j:c.kb0 + j + c.step * (c.R - 1) + 1:c.step].add_(val[:, j])
 
-    def scores(self, qc, kc, b, hq, c):
+    def scores(self, qc, kc, b, hq, c, qvc=None):
         """Masked base-2 scores (R, G*bq, n*bk) of chunk c at batch b, heads hq,
-        from query rows qc and keys kc; and the dropout multiplier (or None)."""
-        s = torch.baddbmm(self.zero, qc, kc.transpose(1, 2), beta=0, alpha=self.scale * LOG2E)
+        from query rows qc and keys kc (and Transformer-XL's qvc); the dropout
+        multiplier (or None); and, under a softcap, tanh of the raw scores
+        over the cap (else None)."""
+        mods, capped = self.mods, None
+        if mods is None:
+            s = torch.baddbmm(self.zero, qc, kc.transpose(1, 2), beta=0, alpha=self.scale * LOG2E)
+        else:
+            s = torch.bmm(qc, kc.transpose(1, 2))
+            if mods.r is not None:
+                s.add_(mods.relative_scores(qvc, hq, c, self))
+            if mods.cap:
+                capped = s.mul_(self.scale / mods.cap).tanh_()
+                s = capped.mul(mods.cap * LOG2E)
+            else:
+                s.mul_(self.scale * LOG2E)
         s4 = s.view(c.R, self.G, self.bq, c.nbk)
         for j, bias in c.bias(s.dtype):
             s4[..., j * self.bk:(j + 1) * self.bk].add_(bias)
+        if mods is not None and mods.bias2 is not None:
+            s4.add_(mods.distance_bias(hq, c, self.sp))
         mult = None
         if self.mask is not None or self.dropout_p > 0:
             h = torch.arange(hq.start, hq.stop, device=s.device).view(1, -1, 1, 1)
@@ -317,7 +335,7 @@ class _Engine:
             if self.dropout_p > 0:
                 kept = drop.keep(self.seed, b, h, i, j, self.H, self.dropout_p, self.window)
                 mult = (kept.to(s.dtype) / (1.0 - self.dropout_p)).view(s.shape)
-        return s, mult
+        return s, mult, capped
 
     # -- forward --------------------------------------------------------------
 
@@ -327,6 +345,7 @@ class _Engine:
         for sp in self.plan.subpasses:
             self.setup(sp)
             ql = self.query_side(self.q, sp.q_index)
+            qvl = self.mods.query_side(self, sp) if self.mods is not None else None
             kl, vl = _padded(self.k, sp.kv_index, self.nkp), _padded(self.v, sp.kv_index, self.nkp)
             o_l = backends.new_output((B, H, self.nqb, self.bq, self.Dv), self.dtype, dev)
             lse_l = backends.new_output((B, H, self.nqb, self.bq, 1), self.dtype, dev)
@@ -336,9 +355,10 @@ class _Engine:
                 lse_l[:, hq, qb] = -math.inf
 
             def item(b, hq, hk, c):
-                s, mult = self.scores(self.rows(ql, b, hq, c), self.keys(kl, b, hk, c), b, hq, c)
+                qvc = None if qvl is None else self.rows(qvl, b, hq, c)
+                s, mult, _ = self.scores(self.rows(ql, b, hq, c), self.keys(kl, b, hk, c), b, hq, c, qvc)
                 m = s.amax(-1, keepdim=True)
-                check = c.may_empty or self.mask is not None
+                check = c.may_empty or self.mask is not None or self.mods is not None and self.mods.may_mask
                 if check:  # a row that saw no key: exp2(-inf - 0) = 0 and lse = log 0
                     m.masked_fill_(torch.isneginf(m), 0)
                 e = s.sub_(m).exp2_()
@@ -379,6 +399,8 @@ class _Engine:
         # in the inputs' strides, as the op's fake implementation says
         dq, dk, dv = torch.zeros_like(self.q), torch.zeros_like(self.k), torch.zeros_like(self.v)
         B, dev = self.B, self.q.device
+        if self.mods is not None:
+            self.mods.start_backward(self)
         for sp in self.plan.subpasses:
             self.setup(sp)
             ql, dol = self.query_side(self.q, sp.q_index), self.query_side(dout, sp.q_index)
@@ -391,17 +413,23 @@ class _Engine:
             dk_l = dk if direct_k else torch.zeros(kl.shape, dtype=self.dtype, device=dev)
             dv_l = dv if direct_k else torch.zeros(vl.shape, dtype=self.dtype, device=dev)
 
+            mods = self.mods
+            qvl = mods.query_side(self, sp) if mods is not None else None
+
             def item(b, hq, hk, c):
                 qc, doc = self.rows(ql, b, hq, c), self.rows(dol, b, hq, c)
                 kc, vc = self.keys(kl, b, hk, c), self.keys(vl, b, hk, c)
-                s, mult = self.scores(qc, kc, b, hq, c)
+                qvc = None if qvl is None else self.rows(qvl, b, hq, c)
+                s, mult, capped = self.scores(qc, kc, b, hq, c, qvc)
                 p = s.sub_(self.rows(lse_l, b, hq, c)).exp2_()
                 if mult is None:
                     pd, dp = p, torch.baddbmm(self.rows(delta_l, b, hq, c), doc, vc.transpose(1, 2), beta=-1)
                 else:
                     pd = p * mult
                     dp = torch.bmm(doc, vc.transpose(1, 2)).mul_(mult).sub_(self.rows(delta_l, b, hq, c))
-                ds = dp.mul_(p)
+                ds = dp.mul_(p)   # the gradient of the final (natural-log) scores
+                if mods is not None:
+                    ds = mods.backward(ds, capped, qvc, b, hq, c, self.sp, self)   # of the raw scores q.k (and XL's term)
                 dqc = self.direct(dq_l, b, hq, c)
                 if dqc is None:
                     self.put_rows(dq_l, b, hq, c, torch.baddbmm(self.rows(dq_l, b, hq, c), ds, kc, alpha=self.scale))
@@ -427,14 +455,20 @@ class _Engine:
         return dq, dk.mul_(self.scale), dv
 
 
-def _forward(q, k, v, plan, mask, scale, dropout_p, seed, window=drop.WHOLE):
-    out, lse = _Engine(q, k, v, plan, mask, scale, dropout_p, seed, window).forward()
+def _forward(q, k, v, plan, mask, scale, dropout_p, seed, window=drop.WHOLE, mods=None):
+    out, lse = _Engine(q, k, v, plan, mask, scale, dropout_p, seed, window, mods).forward()
     return out.to(q.dtype), lse
 
 
-def _backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed, window=drop.WHOLE):
-    dq, dk, dv = _Engine(q, k, v, plan, mask, scale, dropout_p, seed, window).backward(out, lse, dout, dlse)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+def _backward(dout, dlse, q, k, v, out, lse, plan, mask, scale, dropout_p, seed, window=drop.WHOLE, mods=None):
+    """dq, dk, dv; with score modifiers (tfk.scores.Fused) also their
+    gradients (d qv, d r, d bias), None where absent."""
+    engine = _Engine(q, k, v, plan, mask, scale, dropout_p, seed, window, mods)
+    dq, dk, dv = engine.backward(out, lse, dout, dlse)
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
+    if mods is None:
+        return grads
+    return grads + ((None, None, None) if engine.mods is None else engine.mods.grads(),)
 
 
 # out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) (float64 for float64
@@ -446,6 +480,7 @@ torch_attention_fwd = attention_ops("torch_attention", _forward, _backward)
 class TorchBackend(Backend):
     name = "torch"
     priority = 10
+    score_mods = True
 
     def reasons(self, call):
         why = []
@@ -457,6 +492,8 @@ class TorchBackend(Backend):
         q, k, v = call.q, call.k, call.v
         ident = plan_id(call.pattern, q.shape[2], k.shape[2], *tiles_for(call.pattern), q.device)
         seed = drop.draw_seed() if call.dropout_p > 0 else 0
+        if call.score_mod:
+            return run_modified(call, plan_by_id(ident), _forward, _backward, seed)
         return torch_attention_fwd(q, k, v, call.attn_mask, ident, call.scale, call.dropout_p, seed)
 
     def block_functions(self, call):
