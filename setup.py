@@ -79,22 +79,25 @@ def _cuda_skip_reason(build_env):
     return None
 
 
-def _sim_extension():
-    """tfk._sim, or None with a reason."""
+def _host_extensions():
+    """tfk._sim and tfk._cpu (none when torch is not importable, with the reason)."""
     try:
         from torch.utils.cpp_extension import CppExtension
     except ImportError as e:
-        print(f"tfk: skipping tfk._sim (the CUDA kernels on the CPU): torch is not importable ({e})",
+        print(f"tfk: skipping tfk._sim and tfk._cpu (the C++ kernels for the CPU): torch is not importable ({e})",
               file=sys.stderr)
-        return None
-    # kernels.cpp includes the .cu kernel sources: compiled as host C++, they
-    # run through the host-execution layer (csrc/common/host_exec.h).
-    return CppExtension(
-        name="tfk._sim",
-        sources=["csrc/sim/bindings.cpp", "csrc/sim/kernels.cpp"],
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O2"]},
-    )
+        return []
+    include = [os.path.join(ROOT, "csrc")]
+    return [
+        # kernels.cpp includes the .cu kernel sources: compiled as host C++, they
+        # run through the host-execution layer (csrc/common/host_exec.h).
+        CppExtension(name="tfk._sim", sources=["csrc/sim/bindings.cpp", "csrc/sim/kernels.cpp"],
+                     include_dirs=include, extra_compile_args={"cxx": ["-O2"]}),
+        # tfk's native CPU kernels (the torch backends' fast paths); -Wno-psabi:
+        # their vector helpers are always inlined, so no vector crosses an ABI
+        CppExtension(name="tfk._cpu", sources=["csrc/cpu/bindings.cpp", "csrc/moe/experts_cpu.cpp"],
+                     include_dirs=include, extra_compile_args={"cxx": ["-O3", "-Wno-psabi"]}),
+    ]
 
 
 def _cuda_extension(build_env):
@@ -161,9 +164,7 @@ def main():
               "torch and toolkit: CUDA_HOME=/path/to/cuda TFK_CUDA_ARCHS='8.0;9.0' "
               "pip install --no-build-isolation .")
     _write_build_config(reason)
-    sim = _sim_extension()
-    if sim is not None:
-        ext_modules.append(sim)
+    ext_modules += _host_extensions()
     cmdclass = {}
     if ext_modules:
         from torch.utils.cpp_extension import BuildExtension

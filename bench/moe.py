@@ -130,14 +130,19 @@ def make_impl(name, s: MoEShape, w1, w2, tfk_backend="torch"):
 
 def _gemms_impl(s: MoEShape, w1, w2):
     """The torch backend's two expert GEMMs alone, as its forward runs them
-    (its mode: torch's grouped_mm, a padded batch, or one mm per expert), on
-    rows already gathered by expert: no routing, permutation,
-    activation or combine. The bound of any implementation built on these
-    GEMMs: hf_eager's time over this one is the most such an implementation
-    can gain on eager. The inputs of the call are ignored (fixed ids)."""
+    (its mode: tfk._cpu's small-group kernel, torch's grouped_mm, a padded
+    batch, or one mm per expert), on rows already sorted by expert: no
+    routing, permutation or combine (the kernel gathers its rows and applies
+    the activation between the products, as in the forward). The bound of
+    any implementation built on these GEMMs: hf_eager's time over this one is
+    the most such an implementation can gain on eager. The inputs of the call
+    are ignored (fixed ids)."""
     from tfk.ops.moe import torch_backend as tb
-    x, ids, _, _, _, _ = make_inputs(s, device=w1.device, dtype=w1.dtype)
+    x, ids, w, _, _, _ = make_inputs(s, device=w1.device, dtype=w1.dtype)
     order, offsets, _, counts = tb.permute(ids, s.E)
+    if tb._rows_kernel_ok(x, w1, w2, order.numel(), sum(1 for c in counts if c)):
+        token, wrow = order // s.k, w.reshape(-1).index_select(0, order)
+        return lambda *_: (torch.ops.tfk_cpu.moe_experts_rows(x, token, offsets, wrow, w1, w2, "silu"),)
     rows = x.index_select(0, order // s.k)
     act = torch.randn(rows.shape[0], s.I, device=w1.device).to(w1.dtype)
     grouped = tb._grouped_ok(w1.dtype, w1, w2, rows=(s.H, 2 * s.I, s.I))

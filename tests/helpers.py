@@ -29,12 +29,13 @@ def stable_seed(*parts):
 
 
 def sim_missing_reason():
-    """Why backend "cuda-sim" cannot exist on this machine (no C++ compiler to
-    build tfk._sim), or None. Where it can exist it must import: a missing or
-    broken build fails the tests that need it instead of skipping them."""
+    """Why tfk's host extensions (tfk._sim, backend "cuda-sim"; tfk._cpu, the
+    native CPU kernels) cannot exist on this machine (no C++ compiler), or
+    None. Where they can exist they must import: a missing or broken build
+    fails the tests that need them instead of skipping them."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) to build tfk._sim"
+        return f"no C++ compiler ({compiler}) to build tfk._sim and tfk._cpu"
     return None
 
 

@@ -113,20 +113,21 @@ def test_moe_main_refuses_cuda_without_a_gpu():
         moe.main(["--device", "cuda"])
 
 
-# the torch backend's modes: (LOOP_COST_FLOPS, GROUPED_MM), as tests/moe/moe_cases.py
-MODES = {"loop": (-1.0, True), "grouped": (1e30, True), "padded": (1e30, False)}
+# the torch backend's modes, as tests/moe/moe_cases.py: (LOOP_COST_FLOPS, GROUPED_MM, ROWS_KERNEL_MAX_ROWS)
+MODES = {"loop": (-1.0, True, 0), "grouped": (1e30, True, 0), "padded": (1e30, False, 0), "rows": (1e30, True, 1e9)}
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype,mode", [(d, m) for d in (torch.float32, torch.float16) for m in MODES
+                                        if m != "rows" or d == torch.float32])
 def test_cpu_gemm_bound_runs_the_expert_gemms(dtype, mode, monkeypatch):
     """tfk_gemms (the CPU table's GEMM bound) computes both expert products of
     every routed row (gathered by expert), in each of the torch backend's
-    modes, against a float64 loop."""
+    modes, against a float64 loop: the gate_up product, or, from tfk._cpu's
+    kernel ("rows"), the weighted rows it ends with."""
     from tfk.ops.moe import torch_backend as tb
-    monkeypatch.setattr(tb, "LOOP_COST_FLOPS", MODES[mode][0])
-    monkeypatch.setattr(tb, "GROUPED_MM", MODES[mode][1])
-    x, ids, _, w1, w2, _ = moe.make_inputs(TINY, dtype=dtype)
+    for name, value in zip(("LOOP_COST_FLOPS", "GROUPED_MM", "ROWS_KERNEL_MAX_ROWS"), MODES[mode]):
+        monkeypatch.setattr(tb, name, value)
+    x, ids, w, w1, w2, _ = moe.make_inputs(TINY, dtype=dtype)
     fn, params = moe.make_impl("tfk_gemms", TINY, w1, w2)
     assert params == []
     out = fn(None, None, None)
@@ -134,6 +135,13 @@ def test_cpu_gemm_bound_runs_the_expert_gemms(dtype, mode, monkeypatch):
     expert = torch.repeat_interleave(torch.arange(TINY.E), torch.tensor(counts))
     rows = x.index_select(0, order // TINY.k).double()
     want_h = torch.stack([rows[r] @ w1[e].double().t() for r, e in enumerate(expert.tolist())])
+    if mode == "rows":
+        assert isinstance(out, tuple) and len(out) == 1
+        act = torch.nn.functional.silu(want_h[:, :TINY.I]) * want_h[:, TINY.I:]
+        want = torch.stack([act[r] @ w2[e].double().t() for r, e in enumerate(expert.tolist())])
+        want *= w.reshape(-1)[order].double()[:, None]
+        torch.testing.assert_close(out[0].double(), want, rtol=1e-4, atol=1e-5)
+        return
     got_h = out[0] if isinstance(out, tuple) else torch.cat([h for h, _ in out])
     assert got_h.shape == want_h.shape == (TINY.T * TINY.k, 2 * TINY.I)
     torch.testing.assert_close(got_h.double(), want_h, rtol=2e-2, atol=2e-2)

@@ -362,7 +362,7 @@ def test_build_info_reports_the_build_and_the_backends():
         assert f"built for archs {build['cuda_archs']}" in text
     else:
         assert "pip install --no-build-isolation" in text
-    assert info["extensions"]["_sim"] == "built"
+    assert info["extensions"]["_sim"] == info["extensions"]["_cpu"] == "built"
     assert info["backends"]["reference"]["runs"] == ["float16", "bfloat16", "float32"]
     assert info["backends"]["cuda-sim"]["runs"] == ([] if torch.cuda.is_available() else ["float16", "bfloat16"])
     moe = info["moe_backends"]

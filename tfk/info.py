@@ -76,7 +76,8 @@ def _usable(family, probes):
 def build_info(file=None) -> dict:
     """Print (to ``file``, default stdout) and return: versions, the build of
     the extensions (tfk._C: the CUDA kernels, with the archs and toolkit it was
-    compiled for; tfk._sim: the same kernels for the CPU), and, for each
+    compiled for; tfk._sim: the same kernels for the CPU; tfk._cpu: the native
+    CPU kernels), and, for each
     backend of each family (attention, moe, linear, lsh, kvcache), the dtypes it runs here
     or why it cannot."""
     try:
@@ -88,7 +89,7 @@ def build_info(file=None) -> dict:
     except ImportError:
         build = None
     extensions = {}
-    for name in ("_C", "_sim"):
+    for name in ("_C", "_sim", "_cpu"):
         try:
             importlib.import_module(f"tfk.{name}")
             extensions[name] = "built"
@@ -116,7 +117,7 @@ def build_info(file=None) -> dict:
     else:
         print(f"tfk._C: not built ({build['cuda_skip_reason']}); to build it: CUDA_HOME=/path/to/cuda "
               "TFK_CUDA_ARCHS='8.0;9.0' pip install --no-build-isolation .", file=out)
-    print(f"tfk._sim: {extensions['_sim']}", file=out)
+    print(f"tfk._sim: {extensions['_sim']}; tfk._cpu: {extensions['_cpu']}", file=out)
     device = "the GPU" if info["gpu"] else "the CPU"
     for family, table in (("attention", backends), ("moe", moe_backends), ("linear", linear_backends),
                           ("lsh", lsh_backends), ("kvcache", kvcache_backends)):

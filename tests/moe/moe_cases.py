@@ -12,17 +12,21 @@ from tolerances import FACTOR, FLOOR, max_err
 
 GRADS = ("dx", "dweights", "dgate_up", "ddown")
 
-# The torch backend's three ways of running groups, forced: one matmul per
-# non-empty expert ("loop"), torch's grouped GEMM over the weights in place
-# ("grouped"), one batched matmul over groups padded to the largest ("padded").
-MODES = {"loop": (-1.0, True), "grouped": (1e30, True), "padded": (1e30, False)}
+# The torch backend's ways of running groups, forced (its module settings):
+# one matmul per non-empty expert ("loop"), torch's grouped GEMM over the
+# weights in place ("grouped"), one batched matmul over groups padded to the
+# largest ("padded"); and, for the experts' float32 forward, tfk._cpu's
+# kernel ("rows"; its backward runs grouped).
+MODES = {"loop": dict(LOOP_COST_FLOPS=-1.0, GROUPED_MM=True, ROWS_KERNEL_MAX_ROWS=0),
+         "grouped": dict(LOOP_COST_FLOPS=1e30, GROUPED_MM=True, ROWS_KERNEL_MAX_ROWS=0),
+         "padded": dict(LOOP_COST_FLOPS=1e30, GROUPED_MM=False, ROWS_KERNEL_MAX_ROWS=0)}
+EXPERTS_MODES = {**MODES, "rows": dict(LOOP_COST_FLOPS=1e30, GROUPED_MM=True, ROWS_KERNEL_MAX_ROWS=1 << 62)}
 
 
 def force_mode(monkeypatch, mode):
     from tfk.ops.moe import torch_backend
-    cost, grouped = MODES[mode]
-    monkeypatch.setattr(torch_backend, "LOOP_COST_FLOPS", cost)
-    monkeypatch.setattr(torch_backend, "GROUPED_MM", grouped)
+    for name, value in EXPERTS_MODES[mode].items():
+        monkeypatch.setattr(torch_backend, name, value)
 
 
 def seed_of(*parts):

@@ -11,9 +11,14 @@ kernel backends share.
     4. combine:  out[t] = sum over s = 0..k-1, in that order, of row inverse[t*k+s]
                  (a zero row for none): a gather, never a scatter-add.
 
-Stages 2-3 run per group of rows: as one matmul per non-empty expert when the
-groups are large, or, when they are small (decode: many experts, few rows
-each), as one batched call: torch's grouped_mm (``torch._grouped_mm``: one
+Stages 2-3 of the forward, in float32 with a few rows per expert (decode:
+many experts, few rows each), run as one call of tfk._cpu's kernel
+(csrc/moe/experts_cpu.cpp: each expert's weights streamed once per block of
+up to 4 rows, the activation between the products; torch's GEMMs spend
+longer packing an expert's weights than multiplying them at these sizes).
+Otherwise, and in the backward, they run per group of rows: as one matmul
+per non-empty expert when the groups are large, or, when they are small, as
+one batched call: torch's grouped_mm (``torch._grouped_mm``: one
 torch.mm per group inside one op, the weights read in place, no padding;
 bitwise the per-group torch.mm, so deterministic) where it takes the dtype
 and layout (float32/16, bfloat16 on CPU, rows of 16-byte multiples), else
@@ -34,13 +39,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...backends import new_output
+from ...backends import import_error, new_output
 
 # A loop iteration over experts costs about this many flops of dispatch (tens
 # of microseconds at tens of GFLOP/s): padding wins while it wastes fewer.
 LOOP_COST_FLOPS = 3e6
 # Batched groups run through torch._grouped_mm where it can (see _grouped_ok).
 GROUPED_MM = True
+# The float32 forward runs tfk._cpu's kernel while an expert gets at most this
+# many rows on average: faster than torch's grouped GEMM below about 16-32
+# rows (bench.moe's decode shapes; see _rows_kernel_ok).
+ROWS_KERNEL_MAX_ROWS = 16
 _GROUPED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -167,6 +176,17 @@ class _GroupedMM:
         return out
 
 
+def _rows_kernel_ok(x, gate_up_proj, down_proj, rows, groups):
+    """Whether the forward's stages 2-3 run as tfk._cpu's kernel: float32 CPU
+    tensors, contiguous weights, at most ROWS_KERNEL_MAX_ROWS rows per
+    non-empty expert on average, and tfk._cpu built."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or rows > ROWS_KERNEL_MAX_ROWS * max(groups, 1):
+        return False
+    if not (gate_up_proj.is_contiguous() and down_proj.is_contiguous()):
+        return False
+    return import_error("_cpu") is None
+
+
 def _cumsum(counts):
     total = 0
     for c in counts:
@@ -278,6 +298,11 @@ def experts_forward(x, experts, weights, gate_up_proj, down_proj, activation, ca
         return out.zero_()
     token = order // k
     wrow = weights.reshape(-1).index_select(0, order).to(_acc(x.dtype))
+    if _rows_kernel_ok(x, gate_up_proj, down_proj, M, sum(1 for c in counts if c)):
+        rows = torch.ops.tfk_cpu.moe_experts_rows(x.contiguous(), token, offsets, wrow, gate_up_proj, down_proj,
+                                                  activation)
+        out.copy_(combine(_with_zero_row(rows), inverse, T, k))
+        return out
     grouped = _grouped_ok(x.dtype, gate_up_proj, down_proj, rows=(H, two_i, two_i // 2))
     groups = Groups(counts, 3 * H * two_i, x.device, grouped)
     if groups.grouped:
