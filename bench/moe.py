@@ -83,6 +83,7 @@ SHAPES = {s.name: s for s in [
     MoEShape("decode_T32", 32, 64, 6, 256, 128),
     # more: a single decode token, DeepSeek-like prefill, a small Mixtral-like layer
     MoEShape("decode_T1", 1, 64, 6, 256, 128, modes=("fwd",)),
+    MoEShape("decode_T32_bf16", 32, 64, 6, 256, 128, dtype="bf16", modes=("fwd",)),
     MoEShape("deepseek_T1024", 1024, 64, 6, 256, 128),
     MoEShape("mixtral_small_T512", 512, 8, 2, 512, 1024),
 ]}
@@ -140,7 +141,7 @@ def _gemms_impl(s: MoEShape, w1, w2):
     from tfk.ops.moe import torch_backend as tb
     x, ids, w, _, _, _ = make_inputs(s, device=w1.device, dtype=w1.dtype)
     order, offsets, _, counts = tb.permute(ids, s.E)
-    if tb._rows_kernel_ok(x, w1, w2, order.numel(), sum(1 for c in counts if c)):
+    if tb._cpu_kernel_ok(x, w1, w2, s.T * s.k, min(s.E, s.T * s.k)):   # as experts_forward decides
         token, wrow = order // s.k, w.reshape(-1).index_select(0, order)
         return lambda *_: (torch.ops.tfk_cpu.moe_experts_rows(x, token, offsets, wrow, w1, w2, "silu"),)
     rows = x.index_select(0, order // s.k)

@@ -117,8 +117,8 @@ def test_moe_main_refuses_cuda_without_a_gpu():
 MODES = {"loop": (-1.0, True, 0), "grouped": (1e30, True, 0), "padded": (1e30, False, 0), "rows": (1e30, True, 1e9)}
 
 
-@pytest.mark.parametrize("dtype,mode", [(d, m) for d in (torch.float32, torch.float16) for m in MODES
-                                        if m != "rows" or d == torch.float32])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cpu_gemm_bound_runs_the_expert_gemms(dtype, mode, monkeypatch):
     """tfk_gemms (the CPU table's GEMM bound) computes both expert products of
     every routed row (gathered by expert), in each of the torch backend's
@@ -140,7 +140,7 @@ def test_cpu_gemm_bound_runs_the_expert_gemms(dtype, mode, monkeypatch):
         act = torch.nn.functional.silu(want_h[:, :TINY.I]) * want_h[:, TINY.I:]
         want = torch.stack([act[r] @ w2[e].double().t() for r, e in enumerate(expert.tolist())])
         want *= w.reshape(-1)[order].double()[:, None]
-        torch.testing.assert_close(out[0].double(), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[0].double(), want, rtol=2e-2, atol=2e-2)
         return
     got_h = out[0] if isinstance(out, tuple) else torch.cat([h for h, _ in out])
     assert got_h.shape == want_h.shape == (TINY.T * TINY.k, 2 * TINY.I)

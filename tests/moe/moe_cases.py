@@ -15,8 +15,8 @@ GRADS = ("dx", "dweights", "dgate_up", "ddown")
 # The torch backend's ways of running groups, forced (its module settings):
 # one matmul per non-empty expert ("loop"), torch's grouped GEMM over the
 # weights in place ("grouped"), one batched matmul over groups padded to the
-# largest ("padded"); and, for the experts' float32 forward, tfk._cpu's
-# kernel ("rows"; its backward runs grouped).
+# largest ("padded"); and, for the experts' forward, tfk._cpu's kernel
+# ("rows"; its backward runs grouped).
 MODES = {"loop": dict(LOOP_COST_FLOPS=-1.0, GROUPED_MM=True, ROWS_KERNEL_MAX_ROWS=0),
          "grouped": dict(LOOP_COST_FLOPS=1e30, GROUPED_MM=True, ROWS_KERNEL_MAX_ROWS=0),
          "padded": dict(LOOP_COST_FLOPS=1e30, GROUPED_MM=False, ROWS_KERNEL_MAX_ROWS=0)}

@@ -44,15 +44,10 @@ def experts_fn(backend, activation, capacity):
                                                  backend=backend)
 
 
-def torch_modes(dtype):
-    """The torch backend's modes that run in ``dtype`` ("rows": float32 only)."""
-    return [m for m in EXPERTS_MODES if m != "rows" or dtype == torch.float32]
-
-
 def backend_dtype_modes():
     """The torch backend in each of its modes; a kernel backend has one."""
     return [pytest.param(b, dt, m, id=f"{b}-{str(dt).split('.')[-1]}" + (f"-{m}" if m else ""))
-            for b, dts in MOE_BACKENDS.items() for dt in dts for m in (torch_modes(dt) if b == "torch" else [None])]
+            for b, dts in MOE_BACKENDS.items() for dt in dts for m in (EXPERTS_MODES if b == "torch" else [None])]
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -11,11 +11,13 @@ kernel backends share.
     4. combine:  out[t] = sum over s = 0..k-1, in that order, of row inverse[t*k+s]
                  (a zero row for none): a gather, never a scatter-add.
 
-Stages 2-3 of the forward, in float32 with a few rows per expert (decode:
-many experts, few rows each), run as one call of tfk._cpu's kernel
-(csrc/moe/experts_cpu.cpp: each expert's weights streamed once per block of
-up to 4 rows, the activation between the products; torch's GEMMs spend
-longer packing an expert's weights than multiplying them at these sizes).
+The forward on the CPU with a few rows per expert (decode: many experts, few
+rows each) runs all four stages as one call of tfk._cpu's kernel
+(csrc/moe/experts_cpu.cpp: the same permutation and combine; each expert's
+weights streamed once per block of up to 4 rows, the activation between the
+products, float32 sums and rows for float32, bfloat16 and float16; torch's
+GEMMs spend longer packing an expert's weights than multiplying them at
+these sizes, and one call saves the dozen small ops around them).
 Otherwise, and in the backward, they run per group of rows: as one matmul
 per non-empty expert when the groups are large, or, when they are small, as
 one batched call: torch's grouped_mm (``torch._grouped_mm``: one
@@ -46,9 +48,10 @@ from ...backends import import_error, new_output
 LOOP_COST_FLOPS = 3e6
 # Batched groups run through torch._grouped_mm where it can (see _grouped_ok).
 GROUPED_MM = True
-# The float32 forward runs tfk._cpu's kernel while an expert gets at most this
-# many rows on average: faster than torch's grouped GEMM below about 16-32
-# rows (bench.moe's decode shapes; see _rows_kernel_ok).
+# The CPU forward runs tfk._cpu's kernel while an expert would get at most
+# this many rows were the T*k assignments spread evenly: faster than torch's
+# grouped GEMM below about 16-32 rows (bench.moe's decode shapes; see
+# _cpu_kernel_ok).
 ROWS_KERNEL_MAX_ROWS = 16
 _GROUPED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -176,11 +179,12 @@ class _GroupedMM:
         return out
 
 
-def _rows_kernel_ok(x, gate_up_proj, down_proj, rows, groups):
-    """Whether the forward's stages 2-3 run as tfk._cpu's kernel: float32 CPU
-    tensors, contiguous weights, at most ROWS_KERNEL_MAX_ROWS rows per
-    non-empty expert on average, and tfk._cpu built."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or rows > ROWS_KERNEL_MAX_ROWS * max(groups, 1):
+def _cpu_kernel_ok(x, gate_up_proj, down_proj, rows, groups):
+    """Whether the forward runs as tfk._cpu's kernel: CPU tensors in float32,
+    bfloat16 or float16, contiguous weights, ``rows`` assignments over
+    ``groups`` experts at most ROWS_KERNEL_MAX_ROWS each on average, and
+    tfk._cpu built."""
+    if x.dtype not in _GROUPED_DTYPES or x.device.type != "cpu" or not rows or rows > ROWS_KERNEL_MAX_ROWS * groups:
         return False
     if not (gate_up_proj.is_contiguous() and down_proj.is_contiguous()):
         return False
@@ -292,17 +296,16 @@ def experts_forward(x, experts, weights, gate_up_proj, down_proj, activation, ca
     E, two_i, _ = gate_up_proj.shape
     k = experts.shape[1]
     out = new_output((T, H), x.dtype, x.device)
+    if H and _cpu_kernel_ok(x, gate_up_proj, down_proj, T * k, min(E, T * k)):   # assignments spread evenly
+        return out.copy_(torch.ops.tfk_cpu.moe_experts_forward(
+            x.contiguous(), experts.long().contiguous(), weights.float().contiguous(), gate_up_proj, down_proj,
+            activation, -1 if capacity is None else capacity))
     order, offsets, inverse, counts = permute(experts, E, None if capacity is None or capacity < 0 else capacity)
     M = order.numel()
     if M == 0 or H == 0:
         return out.zero_()
     token = order // k
     wrow = weights.reshape(-1).index_select(0, order).to(_acc(x.dtype))
-    if _rows_kernel_ok(x, gate_up_proj, down_proj, M, sum(1 for c in counts if c)):
-        rows = torch.ops.tfk_cpu.moe_experts_rows(x.contiguous(), token, offsets, wrow, gate_up_proj, down_proj,
-                                                  activation)
-        out.copy_(combine(_with_zero_row(rows), inverse, T, k))
-        return out
     grouped = _grouped_ok(x.dtype, gate_up_proj, down_proj, rows=(H, two_i, two_i // 2))
     groups = Groups(counts, 3 * H * two_i, x.device, grouped)
     if groups.grouped:
