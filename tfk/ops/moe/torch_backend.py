@@ -18,7 +18,7 @@ weights streamed once per block of up to 4 rows, the activation between the
 products, float32 sums and rows for float32, bfloat16 and float16; torch's
 GEMMs spend longer packing an expert's weights than multiplying them at
 these sizes, and one call saves the dozen small ops around them).
-Otherwise, and in the backward, they run per group of rows: as one matmul
+Otherwise, and in the backward, stages 2-3 run per group of rows: as one matmul
 per non-empty expert when the groups are large, or, when they are small, as
 one batched call: torch's grouped_mm (``torch._grouped_mm``: one
 torch.mm per group inside one op, the weights read in place, no padding;
@@ -54,6 +54,7 @@ GROUPED_MM = True
 # _cpu_kernel_ok).
 ROWS_KERNEL_MAX_ROWS = 16
 _GROUPED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------- 1. permute
@@ -184,7 +185,7 @@ def _cpu_kernel_ok(x, gate_up_proj, down_proj, rows, groups):
     bfloat16 or float16, contiguous weights, ``rows`` assignments over
     ``groups`` experts at most ROWS_KERNEL_MAX_ROWS each on average, and
     tfk._cpu built."""
-    if x.dtype not in _GROUPED_DTYPES or x.device.type != "cpu" or not rows or rows > ROWS_KERNEL_MAX_ROWS * groups:
+    if x.dtype not in _CPU_KERNEL_DTYPES or x.device.type != "cpu" or not rows or rows > ROWS_KERNEL_MAX_ROWS * groups:
         return False
     if not (gate_up_proj.is_contiguous() and down_proj.is_contiguous()):
         return False
@@ -204,7 +205,7 @@ def _act_and_grad(gate, activation):
     """act(gate) and act'(gate), in gate's dtype (float32 here)."""
     if activation == "silu":
         s = torch.sigmoid(gate)
-        return gate * s, s * (1 + gate * (1 - s))
+        return gate * s, torch.sub(1, s).mul_(gate).add_(1).mul_(s)   # s * (1 + gate * (1 - s)), one buffer
     if activation == "relu":
         pos = (gate > 0).to(gate.dtype)
         return gate * pos, pos
@@ -266,7 +267,10 @@ def _block_backward(xb, w1, w2, wb, gb, activation, mm=_mm, mm_t=_mm_t):
     da = dA * wb.unsqueeze(-1)
     gw = (gb.to(acc) * wb.unsqueeze(-1)).to(dtype)
     dw2 = mm_t(gw, a.to(dtype))
-    dh = torch.cat([da * up * dact, da * act], -1).to(dtype)
+    dh = torch.empty(h.shape, dtype=acc, device=h.device)                # [dgate, dup], written in place
+    torch.mul(da, up, out=dh[..., :inter]).mul_(dact)
+    torch.mul(da, act, out=dh[..., inter:])
+    dh = dh.to(dtype)
     dw1 = mm_t(dh, xb)
     dxb = mm(dh, w1)
     return dxb, dweight, dw1, dw2
@@ -275,8 +279,11 @@ def _block_backward(xb, w1, w2, wb, gb, activation, mm=_mm, mm_t=_mm_t):
 # -------------------------------------------------------------- 4. combine
 
 def combine(rows, inverse, T, k):
-    """out (T, H): token t's k rows summed in slot order. ``rows`` has
-    one row per kept assignment plus a zero row at the end (for inverse == M)."""
+    """out (T, H): token t's k rows summed in slot order. ``rows`` (M, H) has
+    one row per kept assignment; inverse[t*k+s] == M for a dropped one (a zero
+    row is appended then; with M == T*k none was dropped)."""
+    if rows.shape[0] != inverse.numel():
+        rows = _with_zero_row(rows)
     idx = inverse.view(T, k)
     out = rows.index_select(0, idx[:, 0])
     for s in range(1, k):
@@ -320,7 +327,7 @@ def experts_forward(x, experts, weights, gate_up_proj, down_proj, activation, ca
         for g, s, e in groups.loop():
             rows[s:e] = _block_forward(x.index_select(0, token[s:e]), gate_up_proj[g], down_proj[g],
                                        wrow[s:e], activation)
-    out.copy_(combine(_with_zero_row(rows), inverse, T, k))
+    out.copy_(combine(rows, inverse, T, k))
     return out
 
 
@@ -369,7 +376,7 @@ def experts_backward(dout, x, experts, weights, gate_up_proj, down_proj, activat
             if not done[g]:
                 dw1[g].zero_()
                 dw2[g].zero_()
-    dx.copy_(combine(_with_zero_row(dx_rows.to(wrow.dtype)), inverse, T, k))
+    dx.copy_(combine(dx_rows.to(wrow.dtype), inverse, T, k))
     dweights.copy_(_with_zero_row(dw_rows).index_select(0, inverse).view(T, k))
     return dx, dweights, dw1, dw2
 
