@@ -141,7 +141,7 @@ def _gemms_impl(s: MoEShape, w1, w2):
     from tfk.ops.moe import torch_backend as tb
     x, ids, w, _, _, _ = make_inputs(s, device=w1.device, dtype=w1.dtype)
     order, offsets, _, counts = tb.permute(ids, s.E)
-    if tb._cpu_kernel_ok(x, w1, w2, s.T * s.k, min(s.E, s.T * s.k)):   # as experts_forward decides
+    if tb._cpu_kernel_ok(x, s.k, w1, w2):   # as experts_forward decides
         token, wrow = order // s.k, w.reshape(-1).index_select(0, order)
         return lambda *_: (torch.ops.tfk_cpu.moe_experts_rows(x, token, offsets, wrow, w1, w2, "silu"),)
     rows = x.index_select(0, order // s.k)

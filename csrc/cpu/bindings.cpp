@@ -33,14 +33,19 @@ struct Checker {
     TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
   }
 
+  struct Sizes {
+    int64_t T, H, E, I;
+    moe::cpu::Dtype dtype;
+  };
+
   // x (T, H), gate_up_proj (E, 2I, H) and down_proj (E, H, I) in one of the
-  // kernel's dtypes; sets T, H, E, I and the dtype.
-  void experts(const at::Tensor& x, const at::Tensor& gate_up_proj, const at::Tensor& down_proj, int64_t& T,
-               int64_t& H, int64_t& E, int64_t& I, moe::cpu::Dtype& dtype) const {
+  // kernel's dtypes.
+  Sizes experts(const at::Tensor& x, const at::Tensor& gate_up_proj, const at::Tensor& down_proj) const {
     TORCH_CHECK(x.dim() == 2 && gate_up_proj.dim() == 3, op, ": x must be (T, H) and gate_up_proj (E, 2I, H), "
                 "got shapes ", x.sizes(), " and ", gate_up_proj.sizes());
-    T = x.size(0), H = x.size(1), E = gate_up_proj.size(0), I = gate_up_proj.size(1) / 2;
+    const int64_t T = x.size(0), H = x.size(1), E = gate_up_proj.size(0), I = gate_up_proj.size(1) / 2;
     const at::ScalarType st = x.scalar_type();
+    moe::cpu::Dtype dtype;
     if (st == at::kFloat) {
       dtype = moe::cpu::Dtype::kFloat32;
     } else if (st == at::kBFloat16) {
@@ -53,6 +58,7 @@ struct Checker {
     (*this)(x, "x", st, {T, H});
     (*this)(gate_up_proj, "gate_up_proj", st, {E, 2 * I, H});
     (*this)(down_proj, "down_proj", st, {E, H, I});
+    return {T, H, E, I, dtype};
   }
 
   moe::cpu::Act act(c10::string_view name) const {
@@ -69,9 +75,7 @@ at::Tensor moe_experts_rows(const at::Tensor& x, const at::Tensor& token, const 
                             const at::Tensor& row_weight, const at::Tensor& gate_up_proj,
                             const at::Tensor& down_proj, c10::string_view act) {
   const Checker check{"tfk_cpu::moe_experts_rows"};
-  int64_t T, H, E, I;
-  moe::cpu::Dtype dtype;
-  check.experts(x, gate_up_proj, down_proj, T, H, E, I, dtype);
+  const auto [T, H, E, I, dtype] = check.experts(x, gate_up_proj, down_proj);
   TORCH_CHECK(token.dim() == 1, check.op, ": token must be (M,), got shape ", token.sizes());
   const int64_t M = token.size(0);
   check(token, "token", at::kLong, {M});
@@ -100,9 +104,7 @@ at::Tensor moe_experts_forward(const at::Tensor& x, const at::Tensor& experts, c
                                const at::Tensor& gate_up_proj, const at::Tensor& down_proj, c10::string_view act,
                                int64_t capacity) {
   const Checker check{"tfk_cpu::moe_experts_forward"};
-  int64_t T, H, E, I;
-  moe::cpu::Dtype dtype;
-  check.experts(x, gate_up_proj, down_proj, T, H, E, I, dtype);
+  const auto [T, H, E, I, dtype] = check.experts(x, gate_up_proj, down_proj);
   TORCH_CHECK(experts.dim() == 2, check.op, ": experts must be (T, k), got shape ", experts.sizes());
   const int64_t k = experts.size(1);
   check(experts, "experts", at::kLong, {T, k});

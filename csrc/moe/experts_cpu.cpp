@@ -82,19 +82,22 @@ struct F16 {  // IEEE half: exponent rebiased; subnormals renormalised by a floa
     o = (renorm & sub) | (o & ~sub);
     return bits<f8>(o | ((h & 0x8000u) << 16));
   }
-  static TFK_INLINE float one(uint16_t v) {
-    const uint32_t h = v;
-    uint32_t o = (h & 0x7fffu) << 13;
-    const uint32_t exp = o & (0x7c00u << 13);
-    o += (127u - 15u) << 23;
-    if (exp == (0x7c00u << 13)) {
-      o += (128u - 16u) << 23;
-    } else if (exp == 0) {
-      o = bits<uint32_t>(bits<float>(o + (1u << 23)) - bits<float>(113u << 23));
-    }
-    return bits<float>(o | ((h & 0x8000u) << 16));
+  static TFK_INLINE float one(uint16_t v) {  // the vector path on one lane: one conversion to trust
+    const uint16_t lanes[8] = {v};
+    return vec(lanes)[0];
   }
 };
+
+// dst[0 .. n) = src widened to float, 8 at a time.
+template <typename S>
+TFK_INLINE void widen(const typename S::T* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const f8 v = S::vec(src + j);
+    std::memcpy(dst + j, &v, sizeof v);
+  }
+  for (; j < n; ++j) dst[j] = S::one(src[j]);
+}
 
 TFK_INLINE float sum8(f8 v) {  // fixed order: halves, then the pairs
   f4 s = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
@@ -164,10 +167,7 @@ TFK_INLINE void rows(const ExpertsRows& p) {
     const int64_t end = p.ends[e];
     for (int64_t m = e == 0 ? 0 : p.ends[e - 1]; m < end; m += kRows) {
       const int n = static_cast<int>(std::min<int64_t>(kRows, end - m));
-      for (int r = 0; r < n; ++r) {
-        const T* row = x + p.token[m + r] * H;
-        for (int64_t j = 0; j < H; ++j) xs[r * H + j] = S::one(row[j]);
-      }
+      for (int r = 0; r < n; ++r) widen<S>(x + p.token[m + r] * H, &xs[r * H], H);
       float* out = p.rows + m * H;
       const float* rw = p.row_weight + m;
       static_assert(kRows == 4, "one case per block size");

@@ -180,12 +180,16 @@ class _GroupedMM:
         return out
 
 
-def _cpu_kernel_ok(x, gate_up_proj, down_proj, rows, groups):
-    """Whether the forward runs as tfk._cpu's kernel: CPU tensors in float32,
-    bfloat16 or float16, contiguous weights, ``rows`` assignments over
-    ``groups`` experts at most ROWS_KERNEL_MAX_ROWS each on average, and
-    tfk._cpu built."""
-    if x.dtype not in _CPU_KERNEL_DTYPES or x.device.type != "cpu" or not rows or rows > ROWS_KERNEL_MAX_ROWS * groups:
+def _cpu_kernel_ok(x, k, gate_up_proj, down_proj):
+    """Whether the forward of x (T, H) with k slots a token runs as tfk._cpu's
+    kernel: CPU tensors in float32, bfloat16 or float16, H > 0, contiguous
+    weights, the T*k assignments spread evenly over min(E, T*k) experts at
+    most ROWS_KERNEL_MAX_ROWS each, and tfk._cpu built."""
+    rows = x.shape[0] * k
+    groups = min(gate_up_proj.shape[0], rows)
+    if x.dtype not in _CPU_KERNEL_DTYPES or x.device.type != "cpu" or not rows or not x.shape[1]:
+        return False
+    if rows > ROWS_KERNEL_MAX_ROWS * groups:
         return False
     if not (gate_up_proj.is_contiguous() and down_proj.is_contiguous()):
         return False
@@ -303,7 +307,7 @@ def experts_forward(x, experts, weights, gate_up_proj, down_proj, activation, ca
     E, two_i, _ = gate_up_proj.shape
     k = experts.shape[1]
     out = new_output((T, H), x.dtype, x.device)
-    if H and _cpu_kernel_ok(x, gate_up_proj, down_proj, T * k, min(E, T * k)):   # assignments spread evenly
+    if _cpu_kernel_ok(x, k, gate_up_proj, down_proj):
         return out.copy_(torch.ops.tfk_cpu.moe_experts_forward(
             x.contiguous(), experts.long().contiguous(), weights.float().contiguous(), gate_up_proj, down_proj,
             activation, -1 if capacity is None else capacity))
